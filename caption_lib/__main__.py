@@ -1,0 +1,5 @@
+"""`python -m caption_lib ...` is the same as `caption-lib ...`."""
+
+from caption_lib.cli import main
+
+raise SystemExit(main())

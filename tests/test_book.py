@@ -1,0 +1,120 @@
+"""The book's structure and the notebook conventions every chapter follows.
+
+The conventions (see README, "Writing a chapter"): a chapter is `notebooks/NN_name.py`
+(jupytext percent) paired with `notebooks/NN_name.ipynb` committed with outputs; it opens
+with a title and "In this chapter you will learn"; its setup cell installs the package on
+Colab only; it never edits `sys.path`; no version or timing output is under an output check.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+CHAPTERS = ["01_dataset", "02_encoder", "03_attention", "04_decoder", "05_training", "06_inference"]
+
+
+def _tools():
+    spec = importlib.util.spec_from_file_location("nbtools", ROOT / "tools" / "notebooks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _toc_files() -> list[str]:
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    files = [toc["root"]]
+    for part in toc.get("parts", []):
+        files += [c["file"] for c in part["chapters"]]
+    return files
+
+
+def test_toc_files_exist_and_every_notebook_is_in_the_toc():
+    files = _toc_files()
+    for f in files:
+        assert (ROOT / f).with_suffix(".md").exists() or (ROOT / f).with_suffix(".ipynb").exists(), f
+    listed = {f.split("/")[-1] for f in files}
+    assert {nb.stem for nb in NOTEBOOKS} <= listed
+    chapters = [f.split("/")[-1] for f in files if f.startswith("notebooks/")]
+    assert chapters == [c for c in CHAPTERS if c in chapters], "chapters out of order"
+
+
+def test_config_has_execution_launch_buttons_and_bibliography():
+    config = yaml.safe_load((ROOT / "_config.yml").read_text())
+    assert config["execute"]["execute_notebooks"] in {"force", "cache"}
+    assert config["execute"]["timeout"] > 0
+    assert config["launch_buttons"]["colab_url"].startswith("https://colab.research.google.com")
+    assert config["repository"]["url"].startswith("https://github.com/")
+    bib = (ROOT / config["bibtex_bibfiles"][0]).read_text()
+    for key in ["xu2015show", "he2016deep", "bahdanau2015neural", "hochreiter1997long",
+                "papineni2002bleu", "vedantam2015cider", "karpathy2015deep"]:
+        assert f"{{{key}," in bib, key
+
+
+def test_notebooks_are_in_sync_with_their_scripts():
+    tools = _tools()
+    problems = [why for s, n in tools.pairs() if (why := tools.out_of_sync(s, n))]
+    assert not problems, problems
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_convention(path):
+    nb = nbformat.read(path, as_version=4)
+    cells = nb.cells
+    assert cells[0].cell_type == "markdown" and cells[0].source.startswith("# ")
+    assert "In this chapter you will learn" in cells[0].source
+    setup = next(c for c in cells if c.cell_type == "code")
+    assert '"google.colab" in sys.modules' in setup.source
+    repo = yaml.safe_load((ROOT / "_config.yml").read_text())["repository"]["url"]
+    assert f'REPO_URL = "{repo}"' in setup.source, "setup cell must install from _config.yml's repository"
+    for cell in cells:
+        if cell.cell_type != "code":
+            continue
+        src = cell.source
+        assert "sys.path.insert" not in src and "sys.path.append" not in src
+        assert cell.execution_count is not None, f"cell not executed: {src[:60]!r}"
+        assert not any(o.output_type == "error" for o in cell.outputs), src[:60]
+        if "NBVAL_CHECK_OUTPUT" in src:
+            assert not re.search(r"__version__|perf_counter|time\.time\(|\bdevice\b", src), (
+                f"environment-dependent output under a check: {src[:80]!r}")
+
+
+def _write_raising_notebook(folder: Path) -> Path:
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [nbformat.v4.new_markdown_cell("# A chapter that breaks"),
+                nbformat.v4.new_code_cell("raise RuntimeError('planted failure')")]
+    path = folder / "broken.ipynb"
+    nbformat.write(nb, path)
+    return path
+
+
+def test_a_raising_cell_fails_nbval(tmp_path):
+    path = _write_raising_notebook(tmp_path)
+    run = subprocess.run([sys.executable, "-m", "pytest", str(path), "--nbval-lax",
+                          "--nbval-current-env", "-p", "no:cacheprovider", "-q"],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode != 0
+    assert "planted failure" in run.stdout
+
+
+def test_a_raising_cell_fails_the_book_build(tmp_path):
+    _write_raising_notebook(tmp_path)
+    (tmp_path / "_config.yml").write_text(
+        "title: broken\nexecute:\n  execute_notebooks: force\n  timeout: 60\n")
+    (tmp_path / "_toc.yml").write_text("format: jb-book\nroot: broken\n")
+    jb = Path(sys.executable).with_name("jupyter-book")
+    run = subprocess.run([str(jb), "build", "-W", "-n", "--keep-going", str(tmp_path)],
+                         capture_output=True, text=True)
+    assert run.returncode != 0
+    report = tmp_path / "_build" / "html" / "reports" / "broken.err.log"
+    assert "planted failure" in report.read_text()

@@ -1,0 +1,97 @@
+"""Author notebooks as jupytext percent scripts; generate and execute the .ipynb files.
+
+Each chapter is written in `notebooks/NN_name.py` (jupytext "percent" format: easy to
+diff, review and edit) and paired with `notebooks/NN_name.ipynb`, which is committed
+with its outputs so that readers on GitHub and Colab see results before running anything.
+
+    python tools/notebooks.py sync        # .py -> .ipynb (sources only, outputs kept where cells are unchanged)
+    python tools/notebooks.py execute     # .py -> .ipynb, then execute in notebooks/ and save outputs
+    python tools/notebooks.py check       # exit 1 when a pair is out of sync
+
+`tests/test_notebooks_sync.py` runs `check`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import jupytext
+import nbformat
+from nbclient import NotebookClient
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ROOT / "notebooks"
+KERNEL = {"display_name": "Python 3", "language": "python", "name": "python3"}
+
+
+def pairs(names: list[str] | None = None) -> list[tuple[Path, Path]]:
+    scripts = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.py"))
+    if names:
+        scripts = [s for s in scripts if any(n in s.stem for n in names)]
+    return [(s, s.with_suffix(".ipynb")) for s in scripts]
+
+
+def _key(cell) -> tuple[str, str]:
+    return cell.cell_type, cell.source.strip()
+
+
+def from_script(script: Path) -> nbformat.NotebookNode:
+    nb = jupytext.read(script)
+    nb.metadata["kernelspec"] = KERNEL
+    nb.metadata.pop("jupytext", None)
+    for cell in nb.cells:
+        cell.metadata.pop("lines_to_next_cell", None)
+    return nb
+
+
+def out_of_sync(script: Path, notebook: Path) -> str | None:
+    """Why `notebook` does not match `script` (None when it does)."""
+    if not notebook.exists():
+        return f"{notebook.name} is missing"
+    want = [_key(c) for c in from_script(script).cells]
+    have = [_key(c) for c in nbformat.read(notebook, as_version=4).cells]
+    if want != have:
+        first = next((i for i, (a, b) in enumerate(zip(want, have)) if a != b), min(len(want), len(have)))
+        return f"{notebook.name} differs from {script.name} at cell {first}"
+    return None
+
+
+def write(script: Path, notebook: Path, execute: bool) -> None:
+    nb = from_script(script)
+    if not execute and notebook.exists():
+        # keep outputs of cells whose source did not change
+        old = {_key(c): c for c in nbformat.read(notebook, as_version=4).cells}
+        for cell in nb.cells:
+            if cell.cell_type == "code" and _key(cell) in old:
+                cell.outputs = old[_key(cell)].get("outputs", [])
+                cell.execution_count = old[_key(cell)].get("execution_count")
+    if execute:
+        start = time.perf_counter()
+        NotebookClient(nb, timeout=1800, kernel_name="python3",
+                       resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+        print(f"executed {script.name} in {time.perf_counter() - start:.0f} s")
+    nbformat.write(nb, notebook)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=["sync", "execute", "check"])
+    parser.add_argument("names", nargs="*", help="only notebooks whose name contains one of these")
+    args = parser.parse_args()
+    failures = 0
+    for script, notebook in pairs(args.names):
+        if args.action == "check":
+            why = out_of_sync(script, notebook)
+            if why:
+                print(f"out of sync: {why} (run `python tools/notebooks.py sync`)")
+                failures += 1
+        else:
+            write(script, notebook, execute=args.action == "execute")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
