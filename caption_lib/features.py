@@ -1,0 +1,181 @@
+"""The feature cache: run the frozen part of the encoder once per image, keep the result.
+
+The encoder's frozen part never changes, so computing it again at every epoch is wasted
+work: the first time, `cached_features` runs it over all images (fast path: bf16 autocast
+and channels_last on CPU, AMP on CUDA) and stores the output as float16 in a `.npy` file;
+later epochs and chapters memory-map that file. What is stored depends on the recipe:
+
+    encoder frozen (the paper, ImageNet weights) -> layer4 output (N, 2048, 7, 7)
+    layer4 fine-tuned (offline default)          -> layer3 output (N, 1024, 14, 14)
+
+A cache entry is keyed by everything its content depends on (backbone, weights, stage,
+image size, the images themselves by path, size and modification time); another key is
+another folder. Extraction writes to a temporary file and renames it when complete, so an
+interrupted run never leaves a cache that looks valid.
+
+Letters: N images, C channels, h x w the stored grid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from caption_lib.encoder import EncoderCNN, image_transform
+from caption_lib.errors import CaptionLibError
+
+CACHE_VERSION = 1
+
+
+class _Images(Dataset):
+    """Image files -> normalised tensors, in order."""
+
+    def __init__(self, paths: Sequence[Path], image_size: int):
+        self.paths = list(paths)
+        self.transform = image_transform(image_size)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        from caption_lib.data import load_image  # the data module owns image reading
+
+        return self.transform(load_image(self.paths[i]))  # (3, S, S)
+
+
+class FeatureStore:
+    """Memory-mapped cached features; `store[idx]` returns a float16 tensor copy."""
+
+    def __init__(self, path: Path, meta: dict):
+        self.path = path
+        self.meta = meta
+        self.array = np.load(path, mmap_mode="r")  # (N, C, h, w) float16
+
+    def __len__(self) -> int:
+        return self.array.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape)
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        if isinstance(idx, torch.Tensor):
+            idx = idx.numpy()
+        if isinstance(idx, np.ndarray):
+            order = np.argsort(idx)  # sorted reads are faster on a memory map
+            out = np.empty((len(idx), *self.array.shape[1:]), dtype=np.float16)
+            out[order] = self.array[idx[order]]
+            return torch.from_numpy(out)  # (B, C, h, w)
+        return torch.from_numpy(np.array(self.array[idx]))  # (C, h, w) or (B, C, h, w)
+
+
+def cache_key(encoder: EncoderCNN, paths: Sequence[Path], image_size: int) -> dict:
+    """Everything the cached values depend on (its hash names the cache folder)."""
+    files = hashlib.sha256()
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except OSError as err:
+            raise CaptionLibError(f"{p}: image file missing ({err.strerror})") from err
+        files.update(f"{Path(p).resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return {
+        "version": CACHE_VERSION,
+        "backbone": "resnet50",
+        "weights": encoder.weights_used,
+        "stage": encoder.cached_stage,
+        "image_size": image_size,
+        "frozen_fingerprint": round(encoder.frozen_fingerprint(), 3),
+        "images": len(paths),
+        "files_sha256": files.hexdigest(),
+    }
+
+
+def _autocast(device: torch.device, fast: bool):
+    if not fast:
+        return nullcontext()
+    dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def extract_frozen(encoder: EncoderCNN, images: torch.Tensor, fast: bool = True) -> torch.Tensor:
+    """The frozen part on one batch: (B, 3, S, S) -> (B, C, h, w), fp32 result.
+
+    `fast`: bf16 autocast + channels_last on CPU (about 4-5x faster than fp32 here, cosine
+    similarity to fp32 above 0.999), autocast on CUDA.
+    """
+    device = images.device
+    if fast:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with _autocast(device, fast):
+        out = encoder.extract(images)  # (B, C, h, w)
+    return out.float().contiguous()
+
+
+def cached_features(encoder: EncoderCNN, paths: Sequence[Path], *, cache_root: Path,
+                    image_size: int = 224, batch_size: int = 32, device: torch.device | str = "cpu",
+                    fast: bool = True, num_workers: int = 0, progress: bool = True) -> FeatureStore:
+    """The frozen encoder's output for every image in `paths`, computed once and cached.
+
+    Returns a `FeatureStore` whose row i belongs to `paths[i]`. A cache hit costs a
+    memory map; a miss runs the frozen encoder with a progress bar.
+    """
+    device = torch.device(device)
+    key = cache_key(encoder, paths, image_size)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    folder = Path(cache_root) / f"{key['backbone']}-{key['stage']}-{digest}"
+    data, meta_path = folder / "features.npy", folder / "meta.json"
+    if meta_path.is_file() and data.is_file():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("key") == key:
+            return FeatureStore(data, meta)
+    if folder.exists():  # left over by an interrupted or different run
+        shutil.rmtree(folder)
+    tmp = Path(cache_root) / f".{folder.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        encoder_was_on = next(encoder.parameters()).device
+        encoder.frozen.to(device)
+        loader = DataLoader(_Images(paths, image_size), batch_size=batch_size,
+                            num_workers=num_workers)
+        shape = None
+        out = None
+        start, row = time.perf_counter(), 0
+        bar = tqdm(total=len(paths), desc=f"caching {key['stage']} features", unit="img",
+                   disable=not progress, mininterval=1.0)
+        for images in loader:
+            feats = extract_frozen(encoder, images.to(device), fast=fast)  # (B, C, h, w)
+            if out is None:
+                shape = (len(paths), *feats.shape[1:])
+                out = np.lib.format.open_memmap(tmp / "features.npy", mode="w+",
+                                                dtype=np.float16, shape=shape)
+            out[row:row + len(feats)] = feats.cpu().numpy().astype(np.float16)
+            row += len(feats)
+            bar.update(len(feats))
+        bar.close()
+        if out is None:
+            raise CaptionLibError("no images to cache features for")
+        out.flush()
+        del out
+        seconds = time.perf_counter() - start
+        meta = {"key": key, "shape": list(shape), "dtype": "float16",
+                "seconds": round(seconds, 1), "images_per_s": round(len(paths) / seconds, 1),
+                "device": str(device), "fast": fast}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, folder)
+        encoder.frozen.to(encoder_was_on)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return FeatureStore(data, meta)

@@ -1,0 +1,131 @@
+"""EncoderCNN: the seed's shapes, freezing, weights with an offline fallback, BatchNorm."""
+
+from __future__ import annotations
+
+import urllib.error
+
+import pytest
+import torch
+from torch import nn
+
+from caption_lib import encoder as enc
+from caption_lib.encoder import EncoderCNN, image_transform, load_resnet50, recalibrate_batchnorm
+from caption_lib.errors import CaptionLibError
+
+
+@pytest.fixture(scope="module")
+def frozen_random():
+    return EncoderCNN(weights=None).eval()
+
+
+@pytest.mark.parametrize("size,regions", [(224, 49), (64, 4), (96, 9), (256, 64)])
+def test_region_count_follows_the_input_size(frozen_random, size, regions):
+    x = torch.randn(2, 3, size, size)  # (B, 3, S, S)
+    assert frozen_random(x).shape == (2, regions, 2048)
+
+
+def test_the_seed_shapes_step_by_step(frozen_random):
+    x = torch.randn(1, 3, 224, 224)
+    fmap = frozen_random.trainable(frozen_random.extract(x))  # all frozen: trainable is empty
+    assert fmap.shape == (1, 2048, 7, 7)
+    seed_way = fmap.permute(0, 2, 3, 1).view(1, -1, 2048)  # the seed's permute + view
+    assert torch.equal(frozen_random(x), seed_way)
+    # region r is position (r // 7, r % 7) of the map
+    assert torch.equal(seed_way[0, 10], fmap[0, :, 1, 3])
+
+
+def test_optional_grid(frozen_random):
+    pooled = EncoderCNN(weights=None, grid=14)
+    assert pooled(torch.randn(1, 3, 224, 224)).shape == (1, 196, 2048)
+
+
+def test_frozen_by_default_no_gradients(frozen_random):
+    assert all(not p.requires_grad for p in frozen_random.parameters())
+    assert frozen_random.cached_stage == "layer4" and frozen_random.fine_tune is False
+
+
+def test_fine_tuning_layer4_trains_only_layer4():
+    model = EncoderCNN(weights=None, fine_tune="layer4")
+    assert model.cached_stage == "layer3" and model.cached_channels == 1024
+    model.train()
+    assert not model.frozen.training and model.trainable.training  # frozen part stays in eval
+    cached = model.extract(torch.randn(2, 3, 64, 64))  # (2, 1024, 4, 4)
+    assert cached.shape == (2, 1024, 4, 4) and not cached.requires_grad
+    model.forward_cached(cached).sum().backward()
+    assert all(p.grad is not None for p in model.trainable.parameters())
+    assert all(not p.requires_grad for p in model.frozen.parameters())
+
+
+def test_auto_fine_tunes_only_without_pretrained_weights(monkeypatch):
+    assert EncoderCNN(weights=None, fine_tune="auto").fine_tune == "layer4"
+    monkeypatch.setattr(enc, "load_resnet50", lambda *a, **k: (enc.resnet50(), "IMAGENET1K_V2"))
+    assert EncoderCNN(weights="DEFAULT", fine_tune="auto").fine_tune is False
+    with pytest.raises(CaptionLibError, match="fine_tune='layer9'"):
+        EncoderCNN(weights=None, fine_tune="layer9")
+
+
+def _offline(*args, **kwargs):
+    raise urllib.error.URLError("Name or service not known")
+
+
+def test_offline_falls_back_to_random_with_one_message(monkeypatch, capsys):
+    monkeypatch.setattr(enc, "resnet50", lambda weights=None: _offline() if weights else nn.Linear(1, 1))
+    monkeypatch.delenv(enc.STRICT_ENV, raising=False)
+    _, used = load_resnet50("DEFAULT", init_seed=3)
+    assert used == "random(seed=3)"
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "RANDOMLY initialised" in err and "IMAGENET1K_V2" in err
+
+
+def test_strict_mode_turns_the_fallback_into_an_error(monkeypatch):
+    monkeypatch.setattr(enc, "resnet50", lambda weights=None: _offline())
+    with pytest.raises(CaptionLibError, match="could not be downloaded"):
+        load_resnet50("DEFAULT", strict=True)
+    monkeypatch.setenv(enc.STRICT_ENV, "1")
+    with pytest.raises(CaptionLibError, match="strict mode"):
+        load_resnet50("DEFAULT")
+
+
+def test_unknown_weights_name():
+    with pytest.raises(CaptionLibError, match="unknown ResNet-50 weights 'IMAGENET9'"):
+        load_resnet50("IMAGENET9")
+
+
+def test_pretrained_weights_are_loaded_from_torchvision_cache(tmp_path, monkeypatch):
+    """The real download path, offline: plant a weights file where torchvision caches it."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    planted = enc.resnet50().state_dict()
+    url = enc.ResNet50_Weights.DEFAULT.url
+    target = tmp_path / "hub" / "checkpoints" / url.rsplit("/", 1)[-1]
+    target.parent.mkdir(parents=True)
+    torch.save(planted, target)
+    model = EncoderCNN(weights="DEFAULT")
+    assert model.weights_used == "IMAGENET1K_V2" and model.pretrained
+    assert torch.equal(model.frozen[0].weight, planted["conv1.weight"])
+
+
+def test_random_init_is_reproducible_from_its_seed():
+    a, b, c = (EncoderCNN(weights=None, init_seed=s) for s in (0, 0, 1))
+    assert a.frozen_fingerprint() == b.frozen_fingerprint() != c.frozen_fingerprint()
+    assert a.weights_used == "random(seed=0)"
+
+
+def test_image_transform_resizes_the_whole_image():
+    from PIL import Image
+
+    x = image_transform(224)(Image.new("RGB", (300, 200), (255, 0, 0)))
+    assert x.shape == (3, 224, 224)
+    assert torch.allclose(x[0], torch.full((224, 224), (1 - 0.485) / 0.229), atol=1e-4)
+
+
+def test_recalibrated_batchnorm_uses_statistics_of_the_data():
+    model = EncoderCNN(weights=None, fine_tune="layer4").train()
+    bn = model.trainable[0][0].bn1
+    seen = []
+    hook = bn.register_forward_hook(lambda m, i, o: seen.append(i[0].mean(dim=(0, 2, 3))))
+    batches = [torch.randn(4, 1024, 4, 4) * 3 + 1 for _ in range(3)]
+    assert recalibrate_batchnorm(model, batches) == 12
+    hook.remove()
+    assert model.training and model.trainable.training
+    assert torch.allclose(bn.running_mean, torch.stack(seen).mean(0), atol=1e-5)
+    assert bn.momentum == 0.1  # restored
