@@ -1,0 +1,389 @@
+"""Turning a trained decoder into captions: greedy decoding and batched beam search.
+
+Xu et al. 2015 (Sec. 5.2) caption test images with beam search. Given the region features
+`a` of an image, we look for the word sequence y_1 .. y_T (ending with <end>) that makes
+log p(y | a) = sum_t log p(y_t | y_<t, a) large:
+
+- greedy decoding takes the most likely word at every step;
+- beam search keeps the k most likely prefixes ("beams") at every step, extends each by
+  every word of the vocabulary, keeps the k best of the k*V candidates, and sets aside the
+  hypotheses that end with <end>. With `length_norm` the finished hypotheses are ranked
+  by sum log p / length^alpha (plain sums favour short captions).
+
+Both run over a BATCH of images at once: the B*k beams are one batch for the decoder's
+`step`, and the image projection W_a a (attention) is computed once per image and repeated
+for its beams. If no beam emits <end> within `max_len` steps, the best unfinished beam is
+returned (the popular tutorial crashes there). Beam size 1 gives exactly greedy decoding.
+
+The decoder is anything with the `DecoderWithAttention` decoding interface:
+`init_state(features) -> (h, c)`, `project(features)` (or `attention.project`), and
+`step(tokens, state, features, projected) -> (logits, state, alpha)`; a `Captioner`
+(which has `.decoder`) works too.
+
+Shapes: B images, k beams per image, P regions (49), E encoder dim (2048), H decoder dim,
+A attention dim, V vocabulary size, T decoding steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class Hypothesis:
+    """One finished (or, as a fallback, unfinished) beam of one image."""
+
+    tokens: list[int]  # word ids, without <start>/<end>
+    score: float  # sum of log-probabilities (incl. that of <end> when finished)
+    norm_score: float  # score / length**alpha (== score without length normalisation)
+    alphas: torch.Tensor  # (len(tokens), P) attention of each word
+    finished: bool  # False: cut at max_len without <end>
+
+
+@dataclass
+class DecodeResult:
+    """What `greedy_decode` and `beam_search` return for a batch of B images.
+
+    Attributes:
+        tokens: B lists of word ids, without <start>, <end> or padding.
+        scores: (B,) sum of the log-probabilities of the chosen sequences (including the
+            log-probability of <end> when the sequence ended).
+        alphas: B tensors (len(tokens[i]), P): the attention of each emitted word (the
+            step that emitted <end> is left out, so row j belongs to word j).
+        norm_scores: (B,) the length-normalised scores used to rank finished hypotheses
+            (beam search with `length_norm`), else None.
+        finished: (B,) bool, False where no <end> came within `max_len` (fallback).
+        beams: with `return_beams=True`, per image all hypotheses collected, best first.
+    """
+
+    tokens: list[list[int]]
+    scores: torch.Tensor
+    alphas: list[torch.Tensor]
+    norm_scores: torch.Tensor | None = None
+    finished: torch.Tensor | None = None
+    beams: list[list[Hypothesis]] | None = field(default=None, repr=False)
+
+
+def _unwrap(decoder: Any) -> nn.Module:
+    """The decoder itself when given a `Captioner` (anything with `.decoder`)."""
+    inner = getattr(decoder, "decoder", None)
+    return inner if isinstance(inner, nn.Module) and hasattr(inner, "step") else decoder
+
+
+def _special_ids(start_id: Any, end_id: int | None) -> tuple[int, int]:
+    """Accept either two ints or a `Vocabulary` (with start_id/end_id) as `start_id`."""
+    if hasattr(start_id, "start_id") and hasattr(start_id, "end_id"):
+        return int(start_id.start_id), int(start_id.end_id)
+    if end_id is None:
+        raise TypeError("give start_id and end_id, or a Vocabulary as start_id")
+    return int(start_id), int(end_id)
+
+
+def _project(decoder: nn.Module, features: torch.Tensor) -> torch.Tensor | None:
+    """W_a a once per image: (B, P, A), or None for a decoder without attention."""
+    if hasattr(decoder, "project"):
+        return decoder.project(features)  # (B, P, A) or None
+    attention = getattr(decoder, "attention", None)
+    return attention.project(features) if attention is not None else None  # (B, P, A)
+
+
+def _length_alpha(length_norm: bool | float) -> float:
+    """The exponent alpha of the length penalty; 0 means no normalisation."""
+    if length_norm is True:
+        return 1.0
+    if length_norm is False or length_norm is None:
+        return 0.0
+    return float(length_norm)
+
+
+class _eval_mode:
+    """Context: module in eval mode and no autograd, training flag restored after."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.grad = torch.no_grad()
+
+    def __enter__(self) -> None:
+        self.was_training = self.module.training
+        self.module.eval()
+        self.grad.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self.grad.__exit__(*exc)
+        self.module.train(self.was_training)
+
+
+def _check_features(features: torch.Tensor, max_len: int) -> None:
+    if features.dim() != 3:
+        raise ValueError(f"features must be (B, P, E), got {tuple(features.shape)}")
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
+
+
+def greedy_decode(
+    decoder: nn.Module,
+    features: torch.Tensor,
+    start_id: int | Any,
+    end_id: int | None = None,
+    max_len: int = 20,
+) -> DecodeResult:
+    """Most likely word at every step, for a batch of images.
+
+    Args:
+        decoder: a `DecoderWithAttention` (or a `Captioner`).
+        features: (B, P, E) region features, on the decoder's device.
+        start_id, end_id: ids of <start> and <end> (or pass a `Vocabulary` as `start_id`).
+        max_len: at most this many steps; a caption without <end> has max_len words.
+
+    Returns:
+        `DecodeResult` (tokens, sum log-prob scores, per-word alphas, finished flags).
+    """
+    _check_features(features, max_len)
+    decoder = _unwrap(decoder)
+    start_id, end_id = _special_ids(start_id, end_id)
+    B = features.size(0)
+    device = features.device
+    with _eval_mode(decoder):
+        projected = _project(decoder, features)  # (B, P, A) or None
+        state = decoder.init_state(features)  # (B, H), (B, H)
+        tokens = torch.full((B,), start_id, dtype=torch.long, device=device)  # (B,)
+        scores = torch.zeros(B, device=device)  # (B,)
+        done = torch.zeros(B, dtype=torch.bool, device=device)  # (B,)
+        lengths = torch.full((B,), max_len, dtype=torch.long, device=device)  # (B,)
+        words, alphas = [], []
+        for t in range(max_len):
+            logits, state, alpha = decoder.step(tokens, state, features, projected)
+            logp = F.log_softmax(logits.float(), dim=-1)  # (B, V)
+            best, tokens = logp.max(dim=-1)  # (B,), (B,)
+            scores += torch.where(done, torch.zeros_like(best), best)  # (B,)
+            ended = tokens.eq(end_id) & ~done  # (B,)
+            lengths[ended] = t
+            done |= ended
+            words.append(tokens)
+            alphas.append(alpha.float())  # (B, P)
+            if bool(done.all()):
+                break
+        words_t = torch.stack(words, dim=1).cpu()  # (B, T)
+        alphas_t = torch.stack(alphas, dim=1).cpu()  # (B, T, P)
+    lengths_l = lengths.tolist()
+    return DecodeResult(
+        tokens=[words_t[b, :lengths_l[b]].tolist() for b in range(B)],
+        scores=scores.cpu(),
+        alphas=[alphas_t[b, :lengths_l[b]] for b in range(B)],
+        norm_scores=None,
+        finished=done.cpu(),
+    )
+
+
+def beam_search(
+    decoder: nn.Module,
+    features: torch.Tensor,
+    start_id: int | Any,
+    end_id: int | None = None,
+    beam_size: int = 3,
+    max_len: int = 20,
+    length_norm: bool | float = True,
+    return_beams: bool = False,
+) -> DecodeResult:
+    """Beam search over a batch of images at once (k = `beam_size` beams per image).
+
+    At each step the B*k live beams go through `decoder.step` as one batch; per image the
+    2k best of the k*V extensions (ranked by sum log-prob) are taken: those that end with
+    <end> and rank among the first k are set aside as finished hypotheses, the k best
+    others live on. An image is done when it has k finished hypotheses, or (without length
+    normalisation) when its best finished score beats every live beam (log-probs only
+    fall, so nothing better can come). If an image has no finished hypothesis after
+    `max_len` steps, its best live beam is returned (the `finished` flag says so).
+
+    Args:
+        decoder: a `DecoderWithAttention` (or a `Captioner`).
+        features: (B, P, E) region features, on the decoder's device.
+        start_id, end_id: ids of <start> and <end> (or a `Vocabulary` as `start_id`).
+        beam_size: k; 1 gives exactly `greedy_decode`.
+        max_len: at most this many steps (words + <end>).
+        length_norm: rank finished hypotheses by score / length**alpha, length counting
+            <end>; True means alpha = 1 (mean log-prob per word), a float sets alpha,
+            False ranks by the plain sum.
+        return_beams: also return every collected hypothesis per image (`.beams`).
+
+    Returns:
+        `DecodeResult` with the best hypothesis of each image.
+    """
+    _check_features(features, max_len)
+    if beam_size < 1:
+        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+    decoder = _unwrap(decoder)
+    start_id, end_id = _special_ids(start_id, end_id)
+    alpha_len = _length_alpha(length_norm)
+    k = beam_size
+    B, P, _ = features.shape
+    device = features.device
+
+    def normalise(score: float, length: int) -> float:
+        return score / (length ** alpha_len) if alpha_len else score
+
+    finished: list[list[Hypothesis]] = [[] for _ in range(B)]
+    with _eval_mode(decoder):
+        projected = _project(decoder, features)  # (B, P, A) or None
+        h, c = decoder.init_state(features)  # (B, H), (B, H)
+        # every beam of image b sits at rows b*k .. b*k+k-1
+        feats = features.repeat_interleave(k, dim=0)  # (B*k, P, E)
+        proj = projected.repeat_interleave(k, dim=0) if projected is not None else None
+        state = (h.repeat_interleave(k, dim=0), c.repeat_interleave(k, dim=0))  # (B*k, H) x2
+        tokens = torch.full((B * k,), start_id, dtype=torch.long, device=device)  # (B*k,)
+        # all k beams start identical: only beam 0 may be extended at the first step
+        scores = torch.full((B, k), float("-inf"), device=device)  # (B, k)
+        scores[:, 0] = 0.0
+        history = torch.empty(B * k, 0, dtype=torch.long, device=device)  # (B*k, t)
+        attn = torch.empty(B * k, 0, P, device=device)  # (B*k, t, P)
+        active = torch.ones(B, dtype=torch.bool, device=device)  # (B,) still searching
+        offsets = (torch.arange(B, device=device) * k).unsqueeze(1)  # (B, 1)
+        n_finished = torch.zeros(B, dtype=torch.long, device=device)  # (B,)
+        best_finished = torch.full((B,), float("-inf"), device=device)  # (B,) sum log-prob
+        for t in range(max_len):
+            logits, state, alpha = decoder.step(tokens, state, feats, proj)  # (B*k, V) ...
+            V = logits.size(-1)
+            n_cand = min(2 * k, k * V)
+            logp = F.log_softmax(logits.float(), dim=-1).view(B, k, V)  # (B, k, V)
+            cand = (scores.unsqueeze(2) + logp).view(B, k * V)  # (B, k*V)
+            top_scores, top_idx = cand.topk(n_cand, dim=1)  # (B, 2k), (B, 2k)
+            top_beam = torch.div(top_idx, V, rounding_mode="floor")  # (B, 2k)
+            top_word = top_idx % V  # (B, 2k)
+            is_end = top_word.eq(end_id)  # (B, 2k)
+            attn = torch.cat([attn, alpha.float().unsqueeze(1)], dim=1)  # (B*k, t+1, P)
+
+            # set aside the finished hypotheses (an <end> among the k best candidates)
+            rank = torch.arange(n_cand, device=device).unsqueeze(0)  # (1, 2k)
+            take = is_end & (rank < k) & active.unsqueeze(1) & top_scores.isfinite()  # (B, 2k)
+            if bool(take.any()):
+                n_finished += take.sum(dim=1)  # (B,)
+                ended = torch.where(take, top_scores, torch.full_like(top_scores, -torch.inf))
+                best_finished = torch.maximum(best_finished, ended.max(dim=1).values)  # (B,)
+                for b, j in take.nonzero().tolist():
+                    row = b * k + int(top_beam[b, j])
+                    score = float(top_scores[b, j])
+                    finished[b].append(Hypothesis(
+                        tokens=history[row].tolist(), score=score,
+                        norm_score=normalise(score, t + 1),
+                        alphas=attn[row, :t].cpu(), finished=True))
+
+            # the k best candidates that do not end live on
+            order = torch.where(is_end, rank + n_cand, rank)  # (B, 2k) push <end> back
+            keep = order.argsort(dim=1)[:, :k]  # (B, k)
+            scores = top_scores.gather(1, keep)  # (B, k)
+            # no <end> in a row of 2k >= k+1 candidates when only k can end: keep is valid
+            src = (offsets + top_beam.gather(1, keep)).view(-1)  # (B*k,) rows to continue
+            tokens = top_word.gather(1, keep).view(-1)  # (B*k,)
+            history = torch.cat([history[src], tokens.unsqueeze(1)], dim=1)  # (B*k, t+1)
+            attn = attn[src]  # (B*k, t+1, P)
+            state = (state[0][src], state[1][src])  # (B*k, H) x2
+
+            # which images are done: k hypotheses, or (plain sums) none can be beaten
+            done = n_finished >= k  # (B,)
+            if not alpha_len:
+                done |= best_finished >= scores.max(dim=1).values  # (B,)
+            active &= ~done
+            if not bool(active.any()):
+                break
+
+        # fallback: images without any finished hypothesis take their best live beam
+        steps = history.size(1)
+        for b in range(B):
+            if not finished[b]:
+                j = int(scores[b].argmax())
+                row = b * k + j
+                score = float(scores[b, j])
+                finished[b].append(Hypothesis(
+                    tokens=history[row].tolist(), score=score,
+                    norm_score=normalise(score, steps),
+                    alphas=attn[row, :steps].cpu(), finished=False))
+
+    for hyps in finished:
+        hyps.sort(key=lambda hyp: hyp.norm_score, reverse=True)
+    best = [hyps[0] for hyps in finished]
+    return DecodeResult(
+        tokens=[hyp.tokens for hyp in best],
+        scores=torch.tensor([hyp.score for hyp in best]),
+        alphas=[hyp.alphas for hyp in best],
+        norm_scores=torch.tensor([hyp.norm_score for hyp in best]) if alpha_len else None,
+        finished=torch.tensor([hyp.finished for hyp in best]),
+        beams=finished if return_beams else None,
+    )
+
+
+def caption_image(
+    model: nn.Module,
+    image: str | Path | Any,
+    beam_size: int = 3,
+    max_len: int = 20,
+    device: torch.device | str | None = None,
+    length_norm: bool | float = True,
+) -> tuple[list[str], torch.Tensor]:
+    """Caption one image (a PIL image or a path) with a `Captioner`.
+
+    Args:
+        model: a `caption_lib.model.Captioner` (with `.encoder`, `.decoder`, `.vocab`).
+        image: a PIL image (any mode) or the path of an image file.
+        beam_size: beams for `beam_search` (1: greedy).
+        max_len: at most this many steps.
+        device: where to run; default: the device of the model's parameters.
+        length_norm: see `beam_search`.
+
+    Returns:
+        the words (without <start>/<end>) and their attention maps (len(words), P), on CPU.
+
+    Raises:
+        CaptionLibError: the file is missing or not a readable image (names the file).
+    """
+    from caption_lib.data import load_image
+    from caption_lib.encoder import image_transform
+
+    if isinstance(image, (str, Path)):
+        image = load_image(image)  # PIL, RGB
+    elif hasattr(image, "convert"):
+        image = image.convert("RGB")
+    if device is None:
+        device = next(model.parameters()).device
+    device = torch.device(device)
+    size = getattr(getattr(model, "config", None), "image_size", 224)
+    x = image_transform(size)(image).unsqueeze(0).to(device)  # (1, 3, 224, 224)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            features = model.encoder(x).float()  # (1, P, E)
+    finally:
+        model.train(was_training)
+    vocab = model.vocab
+    result = beam_search(model.decoder, features, vocab.start_id, vocab.end_id,
+                         beam_size=beam_size, max_len=max_len, length_norm=length_norm)
+    words = [vocab.itos[i] for i in result.tokens[0]]
+    return words, result.alphas[0]
+
+
+def decode_batch(
+    decoder: nn.Module,
+    features: torch.Tensor,
+    vocab: Any,
+    beam_size: int = 3,
+    max_len: int = 20,
+    length_norm: bool | float = True,
+) -> tuple[list[list[str]], DecodeResult]:
+    """Words for a batch: greedy when `beam_size == 1`, else `beam_search`."""
+    if beam_size == 1:
+        result = greedy_decode(decoder, features, vocab.start_id, vocab.end_id, max_len)
+    else:
+        result = beam_search(decoder, features, vocab.start_id, vocab.end_id,
+                             beam_size=beam_size, max_len=max_len, length_norm=length_norm)
+    return [[vocab.itos[i] for i in ids] for ids in result.tokens], result
+
+
+__all__: Sequence[str] = ["DecodeResult", "Hypothesis", "beam_search", "caption_image",
+                          "decode_batch", "greedy_decode"]

@@ -1,0 +1,234 @@
+"""Greedy decoding and batched beam search (caption_lib.decoding)."""
+
+from __future__ import annotations
+
+import itertools
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from caption_lib.decoding import DecodeResult, beam_search, greedy_decode
+
+PAD, START, END = 0, 1, 2
+
+
+class TableDecoder(nn.Module):
+    """Stand-in decoder with the decoding interface of `DecoderWithAttention`.
+
+    The next word depends only on the previous word and the image:
+    logits = table[prev] + features.mean(1) @ W, so the exact best caption of an image can
+    be found by brute force. `end_bias` makes <end> more (or, negative, less) likely.
+    """
+
+    def __init__(self, vocab_size: int = 5, encoder_dim: int = 3, seed: int = 0,
+                 end_bias: float = 0.0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        table = torch.randn(vocab_size, vocab_size, generator=g) * 2.0  # (V, V)
+        table[:, END] += end_bias
+        self.register_buffer("table", table)
+        self.register_buffer("W", torch.randn(encoder_dim, vocab_size, generator=g))  # (E, V)
+        self.project_calls = 0
+
+    def init_state(self, features):
+        B = features.size(0)
+        return features.new_zeros(B, 1), features.new_zeros(B, 1)  # (B, 1) x2
+
+    def project(self, features):
+        self.project_calls += 1
+        return features.sum(dim=2, keepdim=True)  # (B, P, 1)
+
+    def image_bias(self, features):
+        return features.mean(dim=1) @ self.W  # (B, V)
+
+    def step(self, tokens, state, features, projected):
+        logits = self.table[tokens] + self.image_bias(features)  # (B, V)
+        alpha = torch.softmax(projected.squeeze(2) * (1 + tokens.unsqueeze(1)), dim=1)  # (B, P)
+        return logits, (state[0] + 1, state[1]), alpha
+
+    def logp_next(self, features):
+        """(B, V, V): log p(next | prev) of each image."""
+        return F.log_softmax(self.table.unsqueeze(0) + self.image_bias(features)[:, None], -1)
+
+
+def brute_force_best(decoder, features, max_len):
+    """The best finished caption (sum log-prob) of each image by trying every sequence."""
+    logp = decoder.logp_next(features)  # (B, V, V)
+    V = logp.size(1)
+    best = []
+    for b in range(features.size(0)):
+        top = (float("-inf"), None)
+        for n_words in range(max_len):
+            for words in itertools.product([w for w in range(V) if w != END], repeat=n_words):
+                seq = [START, *words, END]
+                score = sum(float(logp[b, p, n]) for p, n in itertools.pairwise(seq))
+                top = max(top, (score, list(words)))
+        best.append(top)
+    return best
+
+
+def sequence_logp(decoder, features, tokens, end=True):
+    """Sum log-prob of START + tokens (+ END) under any decoder with the step interface."""
+    was_training = decoder.training
+    decoder.eval()
+    with torch.no_grad():
+        state = decoder.init_state(features)
+        projected = decoder.project(features)
+        seq = [START, *tokens] + ([END] if end else [])
+        total = 0.0
+        for prev, nxt in itertools.pairwise(seq):
+            logits, state, _ = decoder.step(torch.tensor([prev]), state, features, projected)
+            total += float(F.log_softmax(logits, -1)[0, nxt])
+    decoder.train(was_training)
+    return total
+
+
+@pytest.fixture
+def features():
+    return torch.randn(4, 6, 3, generator=torch.Generator().manual_seed(1))  # (B, P, E)
+
+
+def test_greedy_shapes_scores_and_alphas(features):
+    dec = TableDecoder(end_bias=1.0)
+    out = greedy_decode(dec, features, START, END, max_len=8)
+    assert isinstance(out, DecodeResult)
+    assert len(out.tokens) == 4 and out.scores.shape == (4,)
+    for b, toks in enumerate(out.tokens):
+        assert END not in toks and START not in toks
+        assert out.alphas[b].shape == (len(toks), 6)
+        assert torch.allclose(out.alphas[b].sum(1), torch.ones(len(toks)), atol=1e-5)
+        finished = bool(out.finished[b])
+        expected = sequence_logp(dec, features[b:b + 1], toks, end=finished)
+        assert out.scores[b].item() == pytest.approx(expected, abs=1e-4)
+    assert dec.project_calls >= 1
+
+
+def test_beam_size_one_equals_greedy(features):
+    for seed in range(5):
+        dec = TableDecoder(vocab_size=7, seed=seed, end_bias=0.5)
+        g = greedy_decode(dec, features, START, END, max_len=10)
+        b = beam_search(dec, features, START, END, beam_size=1, max_len=10, length_norm=False)
+        assert b.tokens == g.tokens
+        assert torch.equal(b.scores, g.scores)
+        assert torch.equal(b.finished, g.finished)
+        for x, y in zip(b.alphas, g.alphas):
+            assert torch.equal(x, y)
+
+
+def test_exhaustive_beam_finds_the_brute_force_optimum(features):
+    V, T = 5, 4
+    dec = TableDecoder(vocab_size=V, seed=3)
+    out = beam_search(dec, features, START, END, beam_size=V ** T, max_len=T,
+                      length_norm=False)
+    best = brute_force_best(dec, features, max_len=T)
+    for b, (score, words) in enumerate(best):
+        assert out.tokens[b] == words
+        assert out.scores[b].item() == pytest.approx(score, abs=1e-4)
+        assert bool(out.finished[b])
+
+
+def test_beam_never_below_greedy_on_model_log_probs(features):
+    compared = 0
+    for seed in range(8):
+        dec = TableDecoder(vocab_size=8, seed=seed, end_bias=1.0)
+        g = greedy_decode(dec, features, START, END, max_len=12)
+        for k in (2, 3, 5):
+            b = beam_search(dec, features, START, END, beam_size=k, max_len=12,
+                            length_norm=False)
+            for i in range(features.size(0)):
+                if bool(g.finished[i]):
+                    assert bool(b.finished[i])
+                    assert b.scores[i].item() >= g.scores[i].item() - 1e-5
+                    compared += 1
+    assert compared >= 50
+
+
+def test_no_end_fallback_returns_max_len_tokens(features):
+    dec = TableDecoder(end_bias=-1e4)  # <end> practically impossible
+    for k in (1, 3):
+        out = beam_search(dec, features, START, END, beam_size=k, max_len=7)
+        assert all(len(t) == 7 for t in out.tokens)
+        assert not bool(out.finished.any())
+        assert all(a.shape == (7, 6) for a in out.alphas)
+        assert torch.isfinite(out.scores).all()
+    g = greedy_decode(dec, features, START, END, max_len=7)
+    assert all(len(t) == 7 for t in g.tokens) and not bool(g.finished.any())
+
+
+def test_batched_beam_equals_per_image_beam(features):
+    dec = TableDecoder(vocab_size=9, seed=5, end_bias=0.5)
+    batched = beam_search(dec, features, START, END, beam_size=3, max_len=10,
+                          return_beams=True)
+    for b in range(features.size(0)):
+        single = beam_search(dec, features[b:b + 1], START, END, beam_size=3, max_len=10)
+        assert single.tokens[0] == batched.tokens[b]
+        assert single.scores[0].item() == pytest.approx(batched.scores[b].item(), abs=1e-5)
+        assert torch.allclose(single.alphas[0], batched.alphas[b])
+    assert batched.norm_scores is not None
+    for hyps in batched.beams:
+        norms = [h.norm_score for h in hyps]
+        assert norms == sorted(norms, reverse=True) and len(hyps) >= 1
+
+
+def test_length_norm_ranks_by_mean_log_prob(features):
+    dec = TableDecoder(vocab_size=6, seed=2)
+    out = beam_search(dec, features, START, END, beam_size=4, max_len=8, length_norm=True,
+                      return_beams=True)
+    for b, hyps in enumerate(out.beams):
+        best = hyps[0]
+        if best.finished:
+            length = len(best.tokens) + 1
+            assert best.norm_score == pytest.approx(best.score / length)
+        assert out.norm_scores[b].item() == pytest.approx(max(h.norm_score for h in hyps))
+
+
+def test_vocabulary_and_wrapper_accepted_and_mode_restored(features):
+    dec = TableDecoder(end_bias=1.0)
+    dec.train()
+    vocab = SimpleNamespace(start_id=START, end_id=END)
+    wrapper = nn.Module()
+    wrapper.decoder = dec
+    a = greedy_decode(wrapper, features, vocab, max_len=6)
+    b = greedy_decode(dec, features, START, END, max_len=6)
+    assert a.tokens == b.tokens
+    assert dec.training
+    with pytest.raises(ValueError, match="beam_size"):
+        beam_search(dec, features, START, END, beam_size=0)
+
+
+# -- the real decoder -------------------------------------------------------------------
+
+def _real_decoder(vocab_size=12, seed=0):
+    from caption_lib.decoder import DecoderWithAttention
+
+    torch.manual_seed(seed)
+    dec = DecoderWithAttention(vocab_size, encoder_dim=16, embed_dim=8, decoder_dim=12,
+                               attention_dim=10, dropout=0.5)
+    with torch.no_grad():
+        dec.fc.weight.mul_(30.0)  # peaky distributions, like a trained model
+        dec.fc.bias[END] = 1.0
+    return dec
+
+
+def test_real_decoder_beam_one_equals_greedy_and_batching():
+    feats = torch.randn(5, 9, 16, generator=torch.Generator().manual_seed(4))  # (B, P, E)
+    dec = _real_decoder()
+    g = greedy_decode(dec, feats, START, END, max_len=10)
+    b1 = beam_search(dec, feats, START, END, beam_size=1, max_len=10)
+    assert b1.tokens == g.tokens
+    assert torch.allclose(b1.scores, g.scores)
+    assert all(a.shape == (len(t), 9) for a, t in zip(g.alphas, g.tokens))
+    b3 = beam_search(dec, feats, START, END, beam_size=3, max_len=10, length_norm=False)
+    for i in range(5):
+        one = beam_search(dec, feats[i:i + 1], START, END, beam_size=3, max_len=10,
+                          length_norm=False)
+        assert one.tokens[0] == b3.tokens[i]
+        if bool(g.finished[i]):
+            assert b3.scores[i].item() >= g.scores[i].item() - 1e-4
+        # the score is the model's own log-probability of the sequence
+        expected = sequence_logp(dec, feats[i:i + 1], b3.tokens[i], end=bool(b3.finished[i]))
+        assert b3.scores[i].item() == pytest.approx(expected, abs=1e-3)
+    assert dec.training  # mode restored (dropout was off while decoding)
