@@ -6,17 +6,54 @@ module, in the order the book meets them:
     runtime   devices, seeds and the workspace folder (data, caches, runs)
     errors    the one exception type whose message is shown to users as one line
     cli       the `caption-lib` command
+    vocab     tokenizer and Vocabulary (words <-> integers)
+    annotations  caption files in three formats -> Records; safe image loading
+    data      datasets, collate and `inspect` over Records
+    shapes    the embedded synthetic data set
+    download  Flickr8k for the Colab path (streamed, verified, resumable)
 """
 
+from caption_lib.data import (
+    CaptionDataset,
+    FeatureCaptionDataset,
+    ImageDataset,
+    Record,
+    collate_captions,
+    find_missing_images,
+    load_dataset,
+    load_image,
+    read_annotations,
+    split_records,
+    summarize,
+)
 from caption_lib.errors import CaptionLibError
 from caption_lib.runtime import on_colab, pick_device, seed_everything, workspace_dir
+from caption_lib.shapes import ensure_shapes, make_shapes, object_cell_mask, parse_mentions
+from caption_lib.vocab import Vocabulary, tokenize
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CaptionDataset",
     "CaptionLibError",
+    "FeatureCaptionDataset",
+    "ImageDataset",
+    "Record",
+    "Vocabulary",
+    "collate_captions",
+    "ensure_shapes",
+    "find_missing_images",
+    "load_dataset",
+    "load_image",
+    "make_shapes",
+    "object_cell_mask",
     "on_colab",
+    "parse_mentions",
     "pick_device",
+    "read_annotations",
     "seed_everything",
+    "split_records",
+    "summarize",
+    "tokenize",
     "workspace_dir",
 ]

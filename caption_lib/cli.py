@@ -59,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _registrars() -> list[Callable[[argparse._SubParsersAction], None]]:
     """Sub-commands contributed by the library's modules, in the book's order."""
-    return []
+    from caption_lib import data, shapes
+
+    return [shapes.register, data.register]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

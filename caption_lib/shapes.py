@@ -35,6 +35,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterable, Sequence
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -138,12 +139,12 @@ def _position(o: dict, image_size: int) -> str:
 
 def _chain(objects: list[dict], with_size: bool = True, reverse: bool = False) -> str:
     words = [_phrase(objects[0], with_size)]
-    for a, b in zip(objects, objects[1:]):
+    for a, b in pairwise(objects):
         words += [_relation(a, b), _phrase(b, with_size)]
     if not reverse:
         return " ".join(words)
     phrases = [_phrase(o, with_size) for o in objects][::-1]
-    relations = [_INVERSE[_relation(a, b)] for a, b in zip(objects, objects[1:])][::-1]
+    relations = [_INVERSE[_relation(a, b)] for a, b in pairwise(objects)][::-1]
     out = [phrases[0]]
     for rel, phrase in zip(relations, phrases[1:]):
         out += [rel, phrase]
@@ -166,8 +167,10 @@ def captions_for(objects: list[dict], rng: np.random.Generator, image_size: int 
         variants = [_listing(objects), f"there are {COUNTS[n - 1]} shapes {_listing(objects)}",
                     _chain(objects, with_size=False), _chain(objects, reverse=True),
                     f"a picture of {_listing(objects, False)}"]
+    canonical = _chain(objects)
+    variants = [v for v in variants if v != canonical]  # a symmetric scene reads the same
     picked = rng.permutation(len(variants))[:4]
-    return [_chain(objects)] + [variants[int(i)] for i in picked]
+    return [canonical] + [variants[int(i)] for i in picked]
 
 
 def parse_mentions(text_or_tokens: str | Iterable[str]) -> list[tuple[str, str]]:
