@@ -10,6 +10,8 @@ module, in the order the book meets them:
     annotations  caption files in three formats -> Records; safe image loading
     data      datasets, collate and `inspect` over Records
     shapes    the embedded synthetic data set
+    encoder   ResNet-50 -> (B, 49, 2048) region features
+    features  the feature cache of the encoder's frozen part
     download  Flickr8k for the Colab path (streamed, verified, resumable)
 """
 
@@ -26,6 +28,7 @@ from caption_lib.data import (
     split_records,
     summarize,
 )
+from caption_lib.encoder import EncoderCNN, image_transform
 from caption_lib.errors import CaptionLibError
 from caption_lib.runtime import on_colab, pick_device, seed_everything, workspace_dir
 from caption_lib.shapes import ensure_shapes, make_shapes, object_cell_mask, parse_mentions
@@ -36,6 +39,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CaptionDataset",
     "CaptionLibError",
+    "EncoderCNN",
     "FeatureCaptionDataset",
     "ImageDataset",
     "Record",
@@ -43,6 +47,7 @@ __all__ = [
     "collate_captions",
     "ensure_shapes",
     "find_missing_images",
+    "image_transform",
     "load_dataset",
     "load_image",
     "make_shapes",
