@@ -13,8 +13,11 @@ module, in the order the book meets them:
     encoder   ResNet-50 -> (B, 49, 2048) region features
     features  the feature cache of the encoder's frozen part
     download  Flickr8k for the Colab path (streamed, verified, resumable)
+    attention additive (Bahdanau) soft attention over the 49 regions
+    decoder   the attention LSTM decoder and the captioning loss
 """
 
+from caption_lib.attention import Attention
 from caption_lib.data import (
     CaptionDataset,
     FeatureCaptionDataset,
@@ -28,6 +31,7 @@ from caption_lib.data import (
     split_records,
     summarize,
 )
+from caption_lib.decoder import DecoderWithAttention, caption_loss
 from caption_lib.encoder import EncoderCNN, image_transform
 from caption_lib.errors import CaptionLibError
 from caption_lib.runtime import on_colab, pick_device, seed_everything, workspace_dir
@@ -37,13 +41,16 @@ from caption_lib.vocab import Vocabulary, tokenize
 __version__ = "0.1.0"
 
 __all__ = [
+    "Attention",
     "CaptionDataset",
     "CaptionLibError",
+    "DecoderWithAttention",
     "EncoderCNN",
     "FeatureCaptionDataset",
     "ImageDataset",
     "Record",
     "Vocabulary",
+    "caption_loss",
     "collate_captions",
     "ensure_shapes",
     "find_missing_images",

@@ -1,0 +1,72 @@
+"""Soft attention over image regions: additive ("Bahdanau") attention.
+
+Xu et al. 2015, "Show, Attend and Tell", Sec. 4.2.1 (deterministic soft attention), with
+the attention model f_att of Bahdanau et al. 2015: at every time step t the decoder scores
+each region i of the image from its previous hidden state h_{t-1},
+
+    e_ti     = w^T tanh(W_a a_i + W_h h_{t-1})        (a score, one per region)
+    alpha_ti = exp(e_ti) / sum_k exp(e_tk)             (softmax over the P regions)
+    z_t      = sum_i alpha_ti a_i                      (the context vector)
+
+W_a a_i does not depend on t, so it is computed ONCE per sequence (`project`) and passed
+to every step (`projected=`): this is the single largest saving over recomputing it at
+each step (B*P*E*A multiply-adds per step, 1.6 GFLOP at the book's sizes).
+
+Shapes: B batch, P regions (49 = 7x7), E encoder dim (2048), H decoder (LSTM) dim,
+A attention dim.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Attention(nn.Module):
+    """Additive attention: `forward(features, hidden) -> (context, alpha)`.
+
+    Args:
+        encoder_dim: E, size of one region feature a_i.
+        decoder_dim: H, size of the decoder state h.
+        attention_dim: A, size of the space where regions and state are compared.
+    """
+
+    def __init__(self, encoder_dim: int, decoder_dim: int, attention_dim: int) -> None:
+        super().__init__()
+        self.encoder_att = nn.Linear(encoder_dim, attention_dim)  # W_a (its bias: b_a)
+        self.decoder_att = nn.Linear(decoder_dim, attention_dim)  # W_h
+        self.full_att = nn.Linear(attention_dim, 1)  # w
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """W_a a_i for every region: `(B, P, E) -> (B, P, A)`; once per sequence."""
+        return self.encoder_att(features)  # (B, P, A)
+
+    def forward(
+        self,
+        features: torch.Tensor,
+        hidden: torch.Tensor,
+        projected: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attend over the regions of `features` given the decoder state `hidden`.
+
+        Args:
+            features: (B, P, E) region features a_i.
+            hidden: (B, H) the decoder's previous hidden state h_{t-1}.
+            projected: (B, P, A) `self.project(features)`, computed once per sequence;
+                computed here when None (same result, slower inside a loop).
+            mask: optional (B, P) bool, True for real regions; masked regions get
+                alpha exactly 0. Every row needs at least one True.
+
+        Returns:
+            context (B, E) = sum_i alpha_i a_i, and alpha (B, P) (each row sums to 1).
+        """
+        if projected is None:
+            projected = self.project(features)  # (B, P, A)
+        query = self.decoder_att(hidden).unsqueeze(1)  # (B, 1, A)
+        scores = self.full_att(torch.tanh(projected + query)).squeeze(2)  # (B, P)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))  # (B, P)
+        alpha = torch.softmax(scores, dim=1)  # (B, P)
+        context = torch.bmm(alpha.unsqueeze(1), features).squeeze(1)  # (B, E)
+        return context, alpha

@@ -1,0 +1,213 @@
+"""The caption decoder of "Show, Attend and Tell": an LSTM that attends while it writes.
+
+Xu et al. 2015, Sec. 3.1.2. At step t the decoder reads the previous word y_{t-1}, looks
+at the image through soft attention (`caption_lib.attention`), and updates an LSTM:
+
+    alpha_t, z_t = f_att(a, h_{t-1})                   (where to look, and what it sees)
+    beta_t       = sigmoid(f_beta(h_{t-1}))            (gate: how much of the image to use)
+    h_t, c_t     = LSTM([E y_{t-1}; beta_t * z_t], (h_{t-1}, c_{t-1}))
+    p(y_t | ...) = softmax(L_o dropout(h_t))           (the output / vocabulary layer)
+
+The initial state comes from the mean region feature through two linear layers
+(h_0 = f_init,h(mean_i a_i), c_0 = f_init,c(mean_i a_i)). Training maximises the
+likelihood of the reference words (teacher forcing: y_{t-1} is the reference word) plus
+the doubly stochastic regulariser lambda * sum_i (1 - sum_t alpha_ti)^2 (`caption_loss`).
+
+Variable-length captions: the loop runs over the padded length for the whole batch and the
+padded steps are masked out of the loss (the tutorial way instead sorts the batch by length
+and shrinks it at every step). Masking keeps the code simple and the batch order intact,
+and on the book's benchmark shrinking was not faster (`benchmarks/bench_decoder.py`).
+
+Speed: W_a a is projected once per sequence, and the output layer (H -> V, the biggest
+matrix) is applied to all hidden states at once after the loop.
+
+Shapes: B batch, P regions (49), E encoder dim (2048), D word-embedding dim, H decoder
+dim, A attention dim, L caption length incl. <start>/<end>, T = L - 1 decoding steps,
+V vocabulary size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from caption_lib.attention import Attention
+
+State = tuple[torch.Tensor, torch.Tensor]
+
+
+def step_mask(lengths: torch.Tensor, steps: int) -> torch.Tensor:
+    """(B, T) bool, True where step t predicts a real token (t < length - 1)."""
+    t = torch.arange(steps, device=lengths.device)  # (T,)
+    return t.unsqueeze(0) < (lengths.to(t.device) - 1).unsqueeze(1)  # (B, T)
+
+
+class DecoderWithAttention(nn.Module):
+    """LSTM decoder with soft attention (or, `use_attention=False`, the mean feature).
+
+    Args:
+        vocab_size: V.
+        encoder_dim: E, size of a region feature.
+        embed_dim: D, size of a word embedding.
+        decoder_dim: H, size of the LSTM state.
+        attention_dim: A, size of the attention space.
+        dropout: dropout probability on h_t before the output layer.
+        use_attention: False gives the "Show and Tell"-like baseline used for comparison:
+            the context is the mean region feature at every step and alpha is uniform 1/P.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        encoder_dim: int = 2048,
+        embed_dim: int = 512,
+        decoder_dim: int = 512,
+        attention_dim: int = 512,
+        dropout: float = 0.5,
+        use_attention: bool = True,
+    ) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.encoder_dim = encoder_dim
+        self.decoder_dim = decoder_dim
+        self.use_attention = use_attention
+        self.attention = (Attention(encoder_dim, decoder_dim, attention_dim)
+                          if use_attention else None)
+        self.embedding = nn.Embedding(vocab_size, embed_dim)  # E y (the paper's E)
+        self.init_h = nn.Linear(encoder_dim, decoder_dim)  # f_init,h
+        self.init_c = nn.Linear(encoder_dim, decoder_dim)  # f_init,c
+        self.f_beta = nn.Linear(decoder_dim, encoder_dim)  # gate beta
+        self.lstm = nn.LSTMCell(embed_dim + encoder_dim, decoder_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(decoder_dim, vocab_size)  # L_o, the output layer
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Uniform(-0.1, 0.1) embedding and output weights, zero output bias."""
+        nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
+        nn.init.uniform_(self.fc.weight, -0.1, 0.1)
+        nn.init.zeros_(self.fc.bias)
+
+    # -- pieces shared by `forward` (training) and `step` (decoding) --------------------
+
+    def init_state(self, features: torch.Tensor) -> State:
+        """(h_0, c_0), each (B, H), from the mean of the (B, P, E) features."""
+        mean = features.mean(dim=1)  # (B, E)
+        return self.init_h(mean), self.init_c(mean)  # (B, H), (B, H)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor | None:
+        """W_a a for the attention, (B, P, A), once per sequence (None without attention)."""
+        return self.attention.project(features) if self.attention is not None else None
+
+    def _attend(self, features: torch.Tensor, h: torch.Tensor,
+                projected: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.attention is None:
+            B, P, _ = features.shape
+            context = features.mean(dim=1)  # (B, E)
+            alpha = features.new_full((B, P), 1.0 / P)  # (B, P)
+            return context, alpha
+        return self.attention(features, h, projected=projected)  # (B, E), (B, P)
+
+    def _cell(self, embedded: torch.Tensor, state: State, features: torch.Tensor,
+              projected: torch.Tensor | None) -> tuple[State, torch.Tensor]:
+        """One LSTM update from the embedded previous word (B, D); returns (h, c), alpha."""
+        h, c = state  # (B, H), (B, H)
+        context, alpha = self._attend(features, h, projected)  # (B, E), (B, P)
+        gate = torch.sigmoid(self.f_beta(h))  # (B, E)
+        x = torch.cat([embedded, gate * context], dim=1)  # (B, D + E)
+        h, c = self.lstm(x, (h, c))  # (B, H), (B, H)
+        return (h, c), alpha
+
+    # -- training: teacher forcing over the whole caption -------------------------------
+
+    def forward(self, features: torch.Tensor, captions: torch.Tensor,
+                lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced pass over padded captions.
+
+        Args:
+            features: (B, P, E) region features.
+            captions: (B, L) int64 token ids, <start> ... <end> then padding.
+            lengths: (B,) int64, tokens per caption incl. <start>/<end> (<= L).
+
+        Returns:
+            logits (B, L-1, V): step t predicts captions[:, t+1] from captions[:, :t+1];
+            alphas (B, L-1, P): attention weights, set to 0 at padded steps. Logits at padded
+            steps are computed but meaningless; `caption_loss` leaves them out.
+        """
+        if captions.dim() != 2 or features.dim() != 3 or features.size(0) != captions.size(0):
+            raise ValueError(f"expected features (B, P, E) and captions (B, L), got "
+                             f"{tuple(features.shape)} and {tuple(captions.shape)}")
+        steps = captions.size(1) - 1  # T
+        embedded = self.embedding(captions[:, :steps])  # (B, T, D)
+        state = self.init_state(features)  # (B, H), (B, H)
+        projected = self.project(features)  # (B, P, A) or None
+        hiddens, alphas = [], []
+        for t in range(steps):
+            state, alpha = self._cell(embedded[:, t], state, features, projected)
+            hiddens.append(state[0])  # (B, H)
+            alphas.append(alpha)  # (B, P)
+        hidden = torch.stack(hiddens, dim=1)  # (B, T, H)
+        logits = self.fc(self.dropout(hidden))  # (B, T, V), all steps in one matmul
+        real = step_mask(lengths, steps)  # (B, T)
+        alpha = torch.stack(alphas, dim=1) * real.unsqueeze(2)  # (B, T, P)
+        return logits, alpha
+
+    # -- decoding: one word at a time ---------------------------------------------------
+
+    def step(self, tokens: torch.Tensor, state: State, features: torch.Tensor,
+             projected: torch.Tensor | None = None) -> tuple[torch.Tensor, State, torch.Tensor]:
+        """One decoding step: previous words `tokens` (B,) -> next-word logits.
+
+        Args:
+            tokens: (B,) int64 previous words (<start> at the first step).
+            state: (h, c), each (B, H): `init_state(features)` at the first step.
+            features: (B, P, E).
+            projected: `project(features)`, computed once per sequence (None: recomputed).
+
+        Returns:
+            logits (B, V), the new state (h, c), alpha (B, P). In eval mode a loop of `step`
+            over a reference caption gives the same logits as `forward`.
+        """
+        if projected is None:
+            projected = self.project(features)  # (B, P, A) or None
+        embedded = self.embedding(tokens)  # (B, D)
+        state, alpha = self._cell(embedded, state, features, projected)
+        logits = self.fc(self.dropout(state[0]))  # (B, V)
+        return logits, state, alpha
+
+
+def caption_loss(
+    logits: torch.Tensor,
+    captions: torch.Tensor,
+    lengths: torch.Tensor | None,
+    alphas: torch.Tensor,
+    alpha_c: float = 1.0,
+    pad_id: int = 0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Cross-entropy over real tokens + the doubly stochastic attention regulariser.
+
+        loss = mean_{b, t real} -log p(y_bt) + alpha_c * mean_b sum_i (1 - sum_{t real} alpha_bti)^2
+
+    Args:
+        logits: (B, T, V) from `DecoderWithAttention.forward` (T = L - 1).
+        captions: (B, L) the same captions; targets are captions[:, 1:].
+        lengths: (B,) tokens per caption incl. <start>/<end>; None: count non-`pad_id` tokens.
+        alphas: (B, T, P) attention weights.
+        alpha_c: lambda, the weight of the regulariser (0 switches it off).
+        pad_id: id of the padding token (only used when `lengths` is None).
+
+    Returns:
+        the scalar loss (with gradient) and {"xent": ..., "reg": ..., "tokens": ...} as floats.
+    """
+    steps = logits.size(1)  # T
+    targets = captions[:, 1:steps + 1]  # (B, T)
+    if lengths is None:
+        lengths = (captions != pad_id).sum(dim=1)  # (B,)
+    real = step_mask(lengths, steps)  # (B, T)
+    xent = F.cross_entropy(logits[real], targets[real])  # mean over the real tokens
+    attention_total = (alphas * real.unsqueeze(2).to(alphas.dtype)).sum(dim=1)  # (B, P)
+    reg = ((1.0 - attention_total) ** 2).sum(dim=1).mean()  # scalar
+    loss = xent + alpha_c * reg
+    return loss, {"xent": float(xent.detach()), "reg": float(reg.detach()),
+                  "tokens": float(real.sum())}
