@@ -1,0 +1,314 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent,ipynb
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Encoder: from pixels to 49 region features
+#
+# **In this chapter you will learn**
+#
+# - why the paper describes an image by a *grid* of feature vectors rather than one vector;
+# - how ResNet-50 shrinks a 224×224 image to a 7×7 grid, stage by stage;
+# - the seed's `permute` + `view`, and why `reshape` is the safe general choice;
+# - what one "region" of the grid is, on the image itself;
+# - what pretrained weights give, and what this book does without them (offline);
+# - why the frozen part of the encoder runs **once** per image (the feature cache).
+
+# %% tags=["hide-input"]
+# Setup. On Colab: install this book's package from its repository. Locally `make`
+# has installed it already, so nothing happens here
+import subprocess
+import sys
+
+REPO_URL = "https://github.com/show-attend-tell-book/show-attend-tell-book"
+if "google.colab" in sys.modules:
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"git+{REPO_URL}"], check=True)
+
+# %% tags=["parameters"]
+# Parameters: "DEFAULT" asks torchvision for ImageNet weights (downloaded on Colab);
+# offline the encoder falls back to a random initialisation and says so
+WEIGHTS = "DEFAULT"
+SEED = 0
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+import time
+
+import matplotlib.pyplot as plt
+import torch
+
+import caption_lib
+from caption_lib import EncoderCNN
+from caption_lib.features import cached_features
+
+device = caption_lib.pick_device("auto")
+caption_lib.seed_everything(SEED)
+print(f"caption_lib {caption_lib.__version__} on {device}")
+
+# %% [markdown]
+# ## Why a grid of features?
+#
+# A classifier squeezes an image into one vector and then into one label. A caption needs
+# more: "a red circle **left of** a blue square" is about *where* things are. Xu et al.
+# {cite:p}`xu2015show` therefore take the feature map of a convolutional network *before*
+# it is pooled: a grid of $P$ vectors $a = \{a_1, \dots, a_P\}$, $a_i \in \mathbb{R}^E$,
+# each describing one part of the image (the paper's *annotation vectors*). The decoder
+# will look at different vectors for different words (next chapter).
+#
+# Our CNN is ResNet-50 {cite:p}`he2016deep`. We drop its last two children, the global
+# average pool and the 1000-way classifier, and keep everything before them.
+
+# %%
+encoder = EncoderCNN(weights=WEIGHTS, fine_tune="auto", init_seed=SEED).to(device).eval()
+print("weights used:", encoder.weights_used)
+print("stages fine-tuned:", encoder.trained_stages or "none: the encoder is frozen")
+
+# %% [markdown]
+# Offline (this book's build) there are no ImageNet weights, and the line above says so:
+# the network is randomly initialised (from a fixed seed, so every run gets the same
+# weights). On Colab the same cell loads `IMAGENET1K_V2` and freezes the whole network,
+# exactly as the paper does.
+#
+# ## The shapes, stage by stage
+#
+# A 224×224 image goes through a stride-2 convolution and a stride-2 max-pool (the
+# *stem*, 224 → 112 → 56), then four stages of residual blocks. `layer1` keeps the size,
+# and each of `layer2`–`layer4` halves it: 56 → 28 → 14 → 7. The channels grow to 2048.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+x = torch.randn(2, 3, 224, 224, device=device)  # (B, 3, 224, 224)
+names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+children = [*encoder.frozen, *encoder.trainable]
+expected = {"conv1": (64, 112), "maxpool": (64, 56), "layer1": (256, 56),
+            "layer2": (512, 28), "layer3": (1024, 14), "layer4": (2048, 7)}
+with torch.no_grad():
+    for name, module in zip(names, children):
+        x = module(x)
+        if name in expected:
+            channels, side = expected[name]
+            assert x.shape == (2, channels, side, side), (name, x.shape)
+            print(f"after {name:8s} {tuple(x.shape)}")
+
+# %% [markdown]
+# ## From a feature map to a sequence of regions
+#
+# The decoder wants a *set* of $P$ vectors of size $E$: shape `(B, P, E)`. The seed does
+# it in two moves:
+#
+# $$
+# (B, 2048, 7, 7) \xrightarrow{\text{permute}(0,2,3,1)} (B, 7, 7, 2048)
+# \xrightarrow{\text{view}(B, -1, 2048)} (B, 49, 2048)
+# $$ (eq-regions)
+#
+# `permute` only changes how the tensor is *indexed* (its strides); no data moves, and the
+# result is not contiguous. `view` needs the dimensions it merges to be laid out one after
+# the other in memory. Here it merges only the two spatial dimensions (7, 7), which still
+# are, so `view` works; merge the channel dimension too and it would fail. `reshape`
+# copies when it must and never fails, which is why `caption_lib` uses it.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+fmap = x  # (B, 2048, 7, 7), the output of layer4 above
+permuted = fmap.permute(0, 2, 3, 1)  # (B, 7, 7, 2048)
+print("after permute:", tuple(permuted.shape), "contiguous:", permuted.is_contiguous())
+regions = permuted.view(fmap.size(0), -1, fmap.size(1))  # (B, 49, 2048)
+print("after view:   ", tuple(regions.shape))
+assert regions.shape == (2, 49, 2048)
+assert torch.equal(regions, fmap.permute(0, 2, 3, 1).reshape(2, 49, 2048))
+try:
+    permuted.view(fmap.size(0), -1)  # merges channels with space: not possible without a copy
+except RuntimeError:
+    print("view(B, -1) fails: a copy is needed; reshape(B, -1) makes it")
+# region r is grid cell (row r // 7, column r % 7)
+assert torch.equal(regions[:, 7 * 2 + 5], fmap[:, :, 2, 5])
+
+# %% [markdown]
+# The whole encoder does the same in one call, for any batch:
+
+# %%
+# NBVAL_CHECK_OUTPUT
+images = torch.randn(4, 3, 224, 224, device=device)  # (B, 3, 224, 224)
+with torch.no_grad():
+    features = encoder(images)  # (B, 49, 2048)
+assert features.shape == (4, 49, 2048)
+print(tuple(images.shape), "->", tuple(features.shape))
+
+# %% [markdown]
+# ## What is a region?
+#
+# Each of the 49 vectors belongs to one cell of a 7×7 grid laid over the image: a square
+# of 224 / 7 = 32 pixels. (The *receptive field* of a `layer4` unit is much larger than its
+# cell — in ResNet-50 it covers the whole image — but each unit is centred on its cell and
+# weighs its surroundings most.) Here is the grid over an image of the *shapes* data set
+# (chapter 1), with the index of every region:
+
+# %%
+data_dir = caption_lib.ensure_shapes()
+records = caption_lib.load_dataset(data_dir)
+val = caption_lib.split_records(records, "val")
+image = caption_lib.load_image(val[0].image)
+
+fig, ax = plt.subplots(figsize=(5, 5))
+ax.imshow(image)
+for k in range(1, 7):
+    ax.axhline(32 * k, color="white", lw=0.8)
+    ax.axvline(32 * k, color="white", lw=0.8)
+for r in range(49):
+    ax.text(32 * (r % 7) + 16, 32 * (r // 7) + 16, str(r), color="white", ha="center",
+            va="center", fontsize=8)
+ax.set_title(val[0].captions[0])
+ax.axis("off")
+plt.show()
+
+# %% [markdown]
+# ## What the features look like
+#
+# For a few validation images, the mean activation of the 2048 channels in every cell
+# (bright = strong). Even a random network responds to edges and colour blobs, so the
+# objects stand out; what a random network lacks is features that *separate* a circle
+# from a square reliably.
+
+# %%
+transform = caption_lib.image_transform()
+batch = torch.stack([transform(caption_lib.load_image(r.image)) for r in val[:4]]).to(device)
+with torch.no_grad():
+    maps = encoder(batch).mean(dim=2).reshape(-1, 7, 7).cpu()  # (4, 7, 7)
+fig, axes = plt.subplots(2, 4, figsize=(10, 5))
+for k, r in enumerate(val[:4]):
+    axes[0, k].imshow(caption_lib.load_image(r.image))
+    axes[1, k].imshow(maps[k], cmap="magma")
+    axes[0, k].set_title(f"image {k}")
+    axes[1, k].set_title("mean activation")
+for a in axes.flat:
+    a.axis("off")
+plt.show()
+
+# %% [markdown]
+# ## Pretrained or not: what the book does offline
+#
+# Features learned on ImageNet name colours, textures and object parts; a decoder on top
+# of them learns to caption quickly. Offline there are no such weights, and a *frozen
+# random* ResNet-50 is a poor feature extractor: in the project's prototypes a decoder
+# trained on it reached a semantic F1 of 0.76 and put only 38 % of its attention on the
+# object it named. So the offline recipe keeps the paper's architecture and output
+# `(B, 49, 2048)` but **fine-tunes the last stage**, `layer4`, on top of a frozen,
+# random `layer1`–`layer3` (`fine_tune="auto"` chooses this when no pretrained weights
+# are found). The Training chapter measures all three settings side by side.
+#
+# | weights | what trains | cached tensor per image | where |
+# |---|---|---|---|
+# | ImageNet (`IMAGENET1K_V2`) | nothing: frozen, as in the paper | `layer4` output, 2048×7×7 | Colab |
+# | random (seed 0) | `layer4` only | `layer3` output, 1024×14×14 | offline default |
+# | random (seed 0) | nothing | `layer4` output, 2048×7×7 | comparison only |
+#
+# **BatchNorm when fine-tuning.** `layer4` has BatchNorm layers. Frozen at their
+# untrained statistics (mean 0, variance 1 — wrong for random features) nothing is
+# learned; in train mode they use each batch's statistics and learning works, but the
+# running averages used at evaluation time are then a stale mix of earlier weights. The
+# library therefore trains in train mode and, before every evaluation, re-estimates the
+# statistics over training images with the final weights
+# (`caption_lib.encoder.recalibrate_batchnorm`).
+#
+# ## The feature cache
+#
+# The frozen part of the encoder gives the same output for an image at every epoch, so
+# the library computes it once and stores it (float16, memory-mapped). Fast path on a
+# CPU: bfloat16 autocast and the channels-last memory layout; AMP on a GPU. The cache is
+# keyed by everything its content depends on (weights, stage, image size, the image
+# files), so a change anywhere makes a new entry. Timings below are from this build's
+# machine; they are not checked.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+paths = [r.image for r in val]
+cache_root = caption_lib.workspace_dir() / "features"
+start = time.perf_counter()
+store = cached_features(encoder, paths, cache_root=cache_root, device=device)
+first = time.perf_counter() - start
+start = time.perf_counter()
+store = cached_features(encoder, paths, cache_root=cache_root, device=device)
+second = time.perf_counter() - start
+print(f"{len(paths)} images: first call {first:.2f} s, cached call {second:.3f} s")
+print("cached tensor:", store.shape, "stored as", store.array.dtype)
+
+# %%
+# NBVAL_CHECK_OUTPUT
+cached_shape = tuple(store.shape[1:])
+assert cached_shape in {(1024, 14, 14), (2048, 7, 7)}
+regions_from_cache = encoder.forward_cached(store[torch.arange(2)].float().to(device))
+assert regions_from_cache.shape == (2, 49, 2048)
+print("regions from the cache:", tuple(regions_from_cache.shape))
+
+# %% [markdown]
+# ## Summary
+#
+# - The encoder is ResNet-50 without its pooling and classifier:
+#   `(B, 3, 224, 224) → (B, 2048, 7, 7) → (B, 7, 7, 2048) → (B, 49, 2048)`.
+# - Each of the 49 vectors describes one 32×32-pixel cell of the image (and its context).
+# - `permute` changes strides, not memory; `view` works only when the merged dimensions
+#   are contiguous; `reshape` always works.
+# - With ImageNet weights the encoder is frozen (the paper). Offline, `layer4` is
+#   fine-tuned on cached `layer3` outputs, with BatchNorm statistics re-estimated before
+#   evaluation.
+# - The frozen part runs once per image; training reads its cached output.
+#
+# ## Exercises
+#
+# **Exercise 1.** Write `regions_from_map(fmap)` that turns a feature map `(B, C, H, W)`
+# into region features `(B, H·W, C)`, region `r` being cell `(r // W, r % W)`.
+
+# %% nbgrader={"grade": false, "grade_id": "ex1-solution", "locked": false, "schema_version": 3, "solution": true}
+def regions_from_map(fmap: torch.Tensor) -> torch.Tensor:
+    ### BEGIN SOLUTION
+    B, C, H, W = fmap.shape
+    return fmap.permute(0, 2, 3, 1).reshape(B, H * W, C)
+    ### END SOLUTION
+
+
+# %% nbgrader={"grade": true, "grade_id": "ex1-test", "locked": true, "points": 2, "schema_version": 3, "solution": false}
+fmap = torch.randn(3, 8, 5, 4)
+out = regions_from_map(fmap)
+assert out.shape == (3, 20, 8), f"expected (3, 20, 8), got {tuple(out.shape)}"
+assert torch.equal(out[:, 1 * 4 + 2], fmap[:, :, 1, 2]), "region r must be cell (r // W, r % W)"
+### BEGIN HIDDEN TESTS
+with torch.no_grad():
+    reference = EncoderCNN(weights=None)
+    img = torch.randn(1, 3, 64, 64)
+    assert torch.equal(regions_from_map(reference.frozen(img)), reference(img))
+### END HIDDEN TESTS
+print("Exercise 1: correct")
+
+# %% [markdown]
+# **Exercise 2.** ResNet-50 divides the side of its input by 32 (each of the stem's two
+# layers and three stages halves it; with rounding up for odd sizes). Write
+# `num_regions(image_size)` giving the number of regions for a square input, e.g. 49 for
+# 224. How many regions does a 448×448 image give?
+
+# %% nbgrader={"grade": false, "grade_id": "ex2-solution", "locked": false, "schema_version": 3, "solution": true}
+def num_regions(image_size: int) -> int:
+    ### BEGIN SOLUTION
+    side = image_size
+    for _ in range(5):
+        side = (side + 1) // 2
+    return side * side
+    ### END SOLUTION
+
+
+# %% nbgrader={"grade": true, "grade_id": "ex2-test", "locked": true, "points": 2, "schema_version": 3, "solution": false}
+assert num_regions(224) == 49, f"224 gives a 7x7 grid, got {num_regions(224)}"
+assert num_regions(448) == 196
+### BEGIN HIDDEN TESTS
+with torch.no_grad():
+    reference = EncoderCNN(weights=None).eval()
+    for size in (64, 100, 161):
+        got = reference(torch.randn(1, 3, size, size)).shape[1]
+        assert num_regions(size) == got, f"{size}: expected {got}, got {num_regions(size)}"
+### END HIDDEN TESTS
+print("Exercise 2: correct")
