@@ -104,7 +104,7 @@ def test_a_raising_cell_fails_nbval(tmp_path):
     path = _write_raising_notebook(tmp_path)
     run = subprocess.run([sys.executable, "-m", "pytest", str(path), "--nbval-lax",
                           "--nbval-current-env", "-p", "no:cacheprovider", "-q"],
-                         capture_output=True, text=True, cwd=tmp_path)
+                         check=False, capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode != 0
     assert "planted failure" in run.stdout
 
@@ -116,7 +116,7 @@ def test_a_raising_cell_fails_the_book_build(tmp_path):
     (tmp_path / "_toc.yml").write_text("format: jb-book\nroot: broken\n")
     jb = Path(sys.executable).with_name("jupyter-book")
     run = subprocess.run([str(jb), "build", "-W", "-n", "--keep-going", str(tmp_path)],
-                         capture_output=True, text=True)
+                         check=False, capture_output=True, text=True)
     assert run.returncode != 0
     report = tmp_path / "_build" / "html" / "reports" / "broken.err.log"
     assert "planted failure" in report.read_text()
