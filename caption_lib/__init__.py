@@ -15,6 +15,7 @@ module, in the order the book meets them:
     download  Flickr8k for the Colab path (streamed, verified, resumable)
     attention additive (Bahdanau) soft attention over the 49 regions
     decoder   the attention LSTM decoder and the captioning loss
+    model     Captioner = vocabulary + encoder + decoder; safe checkpoints
 """
 
 from caption_lib.attention import Attention
@@ -34,6 +35,7 @@ from caption_lib.data import (
 from caption_lib.decoder import DecoderWithAttention, caption_loss
 from caption_lib.encoder import EncoderCNN, image_transform
 from caption_lib.errors import CaptionLibError
+from caption_lib.model import Captioner, CaptionerConfig
 from caption_lib.runtime import on_colab, pick_device, seed_everything, workspace_dir
 from caption_lib.shapes import ensure_shapes, make_shapes, object_cell_mask, parse_mentions
 from caption_lib.vocab import Vocabulary, tokenize
@@ -44,6 +46,8 @@ __all__ = [
     "Attention",
     "CaptionDataset",
     "CaptionLibError",
+    "Captioner",
+    "CaptionerConfig",
     "DecoderWithAttention",
     "EncoderCNN",
     "FeatureCaptionDataset",

@@ -1,0 +1,253 @@
+"""The whole captioner: vocabulary + encoder + decoder, and a checkpoint format that is safe.
+
+`Captioner` puts together what the previous chapters built: `Vocabulary` (words <->
+integers), `EncoderCNN` (image -> (B, P, E) regions) and `DecoderWithAttention`
+(Xu et al. 2015, "Show, Attend and Tell").
+
+Checkpoints (`save` / `load`) never pickle modules or classes: the file is a plain dict of
+strings, numbers and tensors that `torch.load(..., weights_only=True)` reads safely:
+
+    format               "caption_lib.captioner/1"
+    config               CaptionerConfig as a JSON string
+    vocab                Vocabulary.to_dict() as a JSON string
+    decoder              the decoder's state_dict
+    encoder_trainable    state_dict of the encoder's trainable part only (the frozen part is
+                         rebuilt from `encoder_weights_used` and checked by its fingerprint)
+    encoder_weights_used e.g. "IMAGENET1K_V2" or "random(seed=0)"
+    encoder_fingerprint  cheap checksum of the frozen encoder weights (float)
+    checksum             sum of all stored tensor values (detects edited weights)
+    extra                the caller's dict (epoch, optimizer state, history...)
+
+Shapes: B batch, P regions (49), E encoder dim (2048), L caption length incl.
+<start>/<end>, V vocabulary size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from caption_lib.decoder import DecoderWithAttention, caption_loss
+from caption_lib.encoder import EncoderCNN
+from caption_lib.errors import CaptionLibError
+from caption_lib.vocab import Vocabulary
+
+FORMAT = "caption_lib.captioner/1"
+_KEYS = ("config", "vocab", "decoder", "encoder_trainable", "encoder_weights_used",
+         "encoder_fingerprint", "checksum")
+
+
+@dataclass
+class CaptionerConfig:
+    """Everything needed to rebuild a `Captioner` (stored in checkpoints as JSON).
+
+    encoder_weights: "DEFAULT" (ImageNet when reachable) or None (random init, seeded).
+    fine_tune: encoder stages that train (False, "layer4", "auto", ...; see `EncoderCNN`).
+    alpha_c: weight of the doubly stochastic attention regulariser in the loss.
+    max_len: longest caption (in words) the decoders generate.
+    """
+
+    encoder_weights: str | None = "DEFAULT"
+    fine_tune: bool | str | None = False
+    init_seed: int = 0
+    grid: int | None = None
+    embed_dim: int = 512
+    decoder_dim: int = 512
+    attention_dim: int = 512
+    dropout: float = 0.5
+    alpha_c: float = 1.0
+    use_attention: bool = True
+    max_len: int = 20
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> CaptionerConfig:
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise TypeError("config is not a JSON object")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config fields {unknown}")
+        return cls(**data)
+
+
+def _tensor_checksum(*state_dicts: dict[str, torch.Tensor]) -> float:
+    """Sum of all values (in float64) of the tensors of `state_dicts`."""
+    total = 0.0
+    for state in state_dicts:
+        for value in state.values():
+            if torch.is_tensor(value):
+                total += float(value.detach().double().sum())
+    return total
+
+
+class Captioner(nn.Module):
+    """Vocabulary + `EncoderCNN` + `DecoderWithAttention`, built from a `CaptionerConfig`.
+
+    Args:
+        vocab: the vocabulary (its size fixes the decoder's output layer).
+        config: dims, encoder choice, dropout, alpha_c...; defaults when None.
+        encoder: an already built encoder to use instead of building one from `config`
+            (e.g. to share one ResNet between models); it must match `config`.
+    """
+
+    def __init__(self, vocab: Vocabulary, config: CaptionerConfig | None = None,
+                 encoder: EncoderCNN | None = None) -> None:
+        super().__init__()
+        self.vocab = vocab
+        self.config = config = config or CaptionerConfig()
+        self.encoder = encoder or EncoderCNN(weights=config.encoder_weights,
+                                             fine_tune=config.fine_tune, grid=config.grid,
+                                             init_seed=config.init_seed)
+        self.decoder = DecoderWithAttention(
+            len(vocab), encoder_dim=self.encoder.encoder_dim, embed_dim=config.embed_dim,
+            decoder_dim=config.decoder_dim, attention_dim=config.attention_dim,
+            dropout=config.dropout, use_attention=config.use_attention)
+        self.extra: dict[str, Any] = {}  # what `load` found under "extra"
+
+    # -- the model ------------------------------------------------------------------------
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, 224, 224) images -> (B, P, E) region features."""
+        return self.encoder(images)  # (B, 49, 2048)
+
+    def encode_cached(self, cached: torch.Tensor) -> torch.Tensor:
+        """The encoder's frozen-part output (from the feature cache) -> (B, P, E)."""
+        return self.encoder.forward_cached(cached.float())  # (B, 49, 2048)
+
+    def forward(self, images: torch.Tensor, captions: torch.Tensor,
+                lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images and captions (B, L) -> logits (B, L-1, V), alphas (B, L-1, P)."""
+        return self.decoder(self.encode(images), captions, lengths)
+
+    def forward_cached(self, cached: torch.Tensor, captions: torch.Tensor,
+                       lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like `forward`, from cached frozen-encoder outputs instead of images."""
+        return self.decoder(self.encode_cached(cached), captions, lengths)
+
+    def loss(self, logits: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
+             alphas: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """`caption_loss` with this model's alpha_c and pad id."""
+        return caption_loss(logits, captions, lengths, alphas, alpha_c=self.config.alpha_c,
+                            pad_id=self.vocab.pad_id)
+
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+        """Write a checkpoint atomically (temporary file in the same folder, then rename).
+
+        `extra` may hold nested dicts/lists of tensors, numbers, strings, bools and None
+        (an optimizer's state_dict, the epoch, the loss history).
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        decoder_state = self.decoder.state_dict()
+        encoder_state = self.encoder.trainable.state_dict()
+        payload = {
+            "format": FORMAT,
+            "config": self.config.to_json(),
+            "vocab": json.dumps(self.vocab.to_dict(), ensure_ascii=False),
+            "decoder": decoder_state,
+            "encoder_trainable": encoder_state,
+            "encoder_weights_used": self.encoder.weights_used,
+            "encoder_fingerprint": self.encoder.frozen_fingerprint(),
+            "checksum": _tensor_checksum(decoder_state, encoder_state),
+            "extra": dict(extra or {}),
+        }
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(payload, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> Captioner:
+        """Rebuild a `Captioner` from `save`'s file; `.extra` holds the saved `extra`.
+
+        Raises `CaptionLibError` (one line naming the file) when the file is missing, not
+        a caption_lib checkpoint, damaged, or made with other frozen encoder weights.
+        """
+        path = Path(path)
+        payload = read_checkpoint(path, map_location)
+
+        def bad(what: str) -> CaptionLibError:
+            return CaptionLibError(f"{path}: {what}")
+
+        try:
+            config = CaptionerConfig.from_json(payload["config"])
+            vocab = Vocabulary.from_dict(json.loads(payload["vocab"]))
+        except (ValueError, TypeError, CaptionLibError) as err:
+            raise bad(f"damaged checkpoint: bad config or vocabulary ({_line(err)})") from None
+        stored = _tensor_checksum(payload["decoder"], payload["encoder_trainable"])
+        if not math.isclose(stored, payload["checksum"], rel_tol=1e-9, abs_tol=1e-6):
+            raise bad("damaged checkpoint: the weights do not match their checksum")
+
+        used = str(payload["encoder_weights_used"])
+        # rebuild the frozen part exactly as it was: the same weights, or the same seed
+        weights = None if used.startswith("random") else used
+        try:
+            encoder = EncoderCNN(weights=weights, fine_tune=config.fine_tune, grid=config.grid,
+                                 strict=weights is not None, init_seed=config.init_seed)
+        except CaptionLibError as err:
+            raise bad(f"needs encoder weights {used}: {_line(err)}") from None
+        if encoder.weights_used != used:
+            raise bad(f"trained with encoder weights {used}, but {encoder.weights_used} "
+                      "were built here")
+        if not math.isclose(encoder.frozen_fingerprint(), payload["encoder_fingerprint"],
+                            rel_tol=1e-6):
+            raise bad(f"the frozen encoder weights ({used}) differ from those it was trained "
+                      "with (fingerprint mismatch: another torchvision or seed?)")
+        model = cls(vocab, config, encoder=encoder)
+        try:
+            model.decoder.load_state_dict(payload["decoder"])
+            model.encoder.trainable.load_state_dict(payload["encoder_trainable"])
+        except (RuntimeError, KeyError) as err:
+            raise bad(f"damaged checkpoint: weights do not fit the stored config "
+                      f"({_line(err)})") from None
+        model.extra = payload.get("extra") or {}
+        return model.to(map_location)
+
+
+def _line(err: BaseException, limit: int = 160) -> str:
+    """The first line of an error message, shortened."""
+    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """The raw checkpoint dict of `path`, checked to be ours (`CaptionLibError` if not)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CaptionLibError(f"{path}: checkpoint not found")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 (torch raises many types for foreign files)
+        raise CaptionLibError(f"{path}: not a readable caption_lib checkpoint "
+                              f"({type(err).__name__}: {_line(err)})") from None
+    if not isinstance(payload, dict) or "format" not in payload:
+        kind = "a plain state_dict" if isinstance(payload, dict) else type(payload).__name__
+        raise CaptionLibError(f"{path}: not a caption_lib checkpoint (no format marker; "
+                              f"found {kind})")
+    if not isinstance(payload["format"], str) or payload["format"] != FORMAT:
+        raise CaptionLibError(f"{path}: checkpoint format {payload['format']!r} is not "
+                              f"{FORMAT!r}")
+    missing = [k for k in _KEYS if k not in payload]
+    if missing:
+        raise CaptionLibError(f"{path}: damaged checkpoint: missing {', '.join(missing)}")
+    return payload

@@ -1,0 +1,152 @@
+"""Captioner: config, forward, and checkpoints (round trip, fresh process, foreign files)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from caption_lib import Captioner, CaptionerConfig, CaptionLibError, Vocabulary
+from caption_lib.model import FORMAT, read_checkpoint
+
+CONFIG = CaptionerConfig(encoder_weights=None, fine_tune="layer4", embed_dim=8, decoder_dim=8,
+                         attention_dim=8, dropout=0.0, alpha_c=0.5)
+
+
+@pytest.fixture(scope="module")
+def vocab():
+    return Vocabulary.build(["a red circle", "a blue square above a red circle"])
+
+
+@pytest.fixture(scope="module")
+def model(vocab):
+    torch.manual_seed(0)
+    return Captioner(vocab, CONFIG).eval()
+
+
+def _inputs(vocab):
+    gen = torch.Generator().manual_seed(0)
+    cached = torch.randn(2, 1024, 14, 14, generator=gen)  # layer3 output (B, 1024, 14, 14)
+    ids = [vocab.encode("a red circle"), vocab.encode("a blue square")]
+    captions = torch.tensor([ids[0] + [0] * (len(ids[1]) - len(ids[0])), ids[1]])  # (2, L)
+    lengths = torch.tensor([len(i) for i in ids])  # (2,)
+    return cached, captions, lengths
+
+
+def test_config_json_round_trip_and_unknown_fields():
+    assert CaptionerConfig.from_json(CONFIG.to_json()) == CONFIG
+    with pytest.raises(ValueError, match="unknown config fields"):
+        CaptionerConfig.from_json(json.dumps({"nope": 1}))
+
+
+def test_forward_shapes_and_loss(model, vocab):
+    cached, captions, lengths = _inputs(vocab)
+    with torch.no_grad():
+        features = model.encode_cached(cached)
+        logits, alphas = model.forward_cached(cached, captions, lengths)
+        loss, parts = model.loss(logits, captions, lengths, alphas)
+    assert features.shape == (2, 49, 2048)
+    assert logits.shape == (2, captions.size(1) - 1, len(vocab))
+    assert alphas.shape == (2, captions.size(1) - 1, 49)
+    assert model.encoder.weights_used == "random(seed=0)"
+    assert torch.isfinite(loss) and parts["tokens"] == float((lengths - 1).sum())
+
+
+def test_save_load_round_trip_gives_identical_outputs(model, vocab, tmp_path):
+    cached, captions, lengths = _inputs(vocab)
+    path = model.save(tmp_path / "run" / "model.pt",
+                      extra={"epoch": 3, "history": {"loss": [2.0, 1.5]},
+                             "optimizer": {"state": {0: {"step": torch.tensor(3.0)}}}})
+    assert path.is_file() and not list(path.parent.glob(".*.tmp"))
+    raw = read_checkpoint(path)
+    assert raw["format"] == FORMAT and json.loads(raw["config"])["decoder_dim"] == 8
+    assert raw["encoder_weights_used"] == "random(seed=0)"
+    # only the trainable encoder part is stored (layer4), not the frozen stem..layer3
+    assert raw["encoder_trainable"] and all(k.startswith("0.") for k in raw["encoder_trainable"])
+    loaded = Captioner.load(path).eval()
+    assert loaded.config == model.config and loaded.vocab.itos == vocab.itos
+    assert loaded.extra["epoch"] == 3 and loaded.extra["history"]["loss"] == [2.0, 1.5]
+    with torch.no_grad():
+        a = model.forward_cached(cached, captions, lengths)
+        b = loaded.forward_cached(cached, captions, lengths)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_load_in_a_fresh_process_gives_identical_outputs(model, vocab, tmp_path):
+    cached, captions, lengths = _inputs(vocab)
+    path = model.save(tmp_path / "model.pt")
+    torch.save({"cached": cached, "captions": captions, "lengths": lengths}, tmp_path / "in.pt")
+    code = (
+        "import sys, torch\n"
+        "from caption_lib import Captioner\n"
+        "m = Captioner.load(sys.argv[1]).eval()\n"
+        "x = torch.load(sys.argv[2], weights_only=True)\n"
+        "with torch.no_grad():\n"
+        "    logits, alphas = m.forward_cached(x['cached'], x['captions'], x['lengths'])\n"
+        "torch.save({'logits': logits, 'alphas': alphas}, sys.argv[3])\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "in.pt"),
+                    str(tmp_path / "out.pt")], check=True, timeout=120)
+    out = torch.load(tmp_path / "out.pt", weights_only=True)
+    with torch.no_grad():
+        logits, alphas = model.forward_cached(cached, captions, lengths)
+    assert torch.equal(out["logits"], logits) and torch.equal(out["alphas"], alphas)
+
+
+def _error(path) -> str:
+    with pytest.raises(CaptionLibError) as info:
+        Captioner.load(path)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message
+    return message
+
+
+def test_foreign_and_damaged_files_fail_with_one_line(model, tmp_path):
+    good = model.save(tmp_path / "good.pt")
+    data = good.read_bytes()
+
+    assert "not found" in _error(tmp_path / "missing.pt")
+
+    (tmp_path / "random.pt").write_bytes(bytes(range(256)) * 40)
+    assert "not a readable caption_lib checkpoint" in _error(tmp_path / "random.pt")
+
+    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
+    assert "not a readable caption_lib checkpoint" in _error(tmp_path / "truncated.pt")
+
+    torch.save(model.decoder.state_dict(), tmp_path / "plain.pt")
+    assert "no format marker; found a plain state_dict" in _error(tmp_path / "plain.pt")
+
+    payload = read_checkpoint(good)
+    torch.save({**payload, "format": "someone.else/9"}, tmp_path / "other.pt")
+    assert "format 'someone.else/9'" in _error(tmp_path / "other.pt")
+
+    edited = {**payload, "decoder": dict(payload["decoder"])}
+    edited["decoder"]["fc.bias"] = edited["decoder"]["fc.bias"] + 1.0
+    torch.save(edited, tmp_path / "edited.pt")
+    assert "checksum" in _error(tmp_path / "edited.pt")
+
+    torch.save({**payload, "config": "{not json"}, tmp_path / "config.pt")
+    assert "bad config or vocabulary" in _error(tmp_path / "config.pt")
+
+    torch.save({**payload, "encoder_fingerprint": payload["encoder_fingerprint"] * 1.01},
+               tmp_path / "frozen.pt")
+    assert "fingerprint mismatch" in _error(tmp_path / "frozen.pt")
+
+    # a flipped byte inside the stored weights: the zip's CRC or our checksum catches it
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0xFF
+    (tmp_path / "flipped.pt").write_bytes(bytes(flipped))
+    assert re.search(r"damaged checkpoint|not a readable", _error(tmp_path / "flipped.pt"))
+
+
+def test_pickled_code_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"format": FORMAT, "x": Evil()}, tmp_path / "evil.pt")
+    assert "not a readable caption_lib checkpoint" in _error(tmp_path / "evil.pt")
