@@ -16,6 +16,9 @@ module, in the order the book meets them:
     attention additive (Bahdanau) soft attention over the 49 regions
     decoder   the attention LSTM decoder and the captioning loss
     model     Captioner = vocabulary + encoder + decoder; safe checkpoints
+    decoding  greedy decoding and batched beam search; caption one image
+    metrics   BLEU, CIDEr, ROUGE-L, METEOR; semantic F1 and attention grounding
+    viz       attention overlays, captioned image grids, training curves
 """
 
 from caption_lib.attention import Attention
@@ -33,11 +36,14 @@ from caption_lib.data import (
     summarize,
 )
 from caption_lib.decoder import DecoderWithAttention, caption_loss
+from caption_lib.decoding import DecodeResult, beam_search, caption_image, greedy_decode
 from caption_lib.encoder import EncoderCNN, image_transform
 from caption_lib.errors import CaptionLibError
+from caption_lib.metrics import bleu, coco_scores, grounding, semantic_f1
 from caption_lib.model import Captioner, CaptionerConfig
 from caption_lib.runtime import on_colab, pick_device, seed_everything, workspace_dir
 from caption_lib.shapes import ensure_shapes, make_shapes, object_cell_mask, parse_mentions
+from caption_lib.viz import plot_attention, plot_history, show_grid
 from caption_lib.vocab import Vocabulary, tokenize
 
 __version__ = "0.1.0"
@@ -48,16 +54,23 @@ __all__ = [
     "CaptionLibError",
     "Captioner",
     "CaptionerConfig",
+    "DecodeResult",
     "DecoderWithAttention",
     "EncoderCNN",
     "FeatureCaptionDataset",
     "ImageDataset",
     "Record",
     "Vocabulary",
+    "beam_search",
+    "bleu",
+    "caption_image",
     "caption_loss",
+    "coco_scores",
     "collate_captions",
     "ensure_shapes",
     "find_missing_images",
+    "greedy_decode",
+    "grounding",
     "image_transform",
     "load_dataset",
     "load_image",
@@ -66,8 +79,12 @@ __all__ = [
     "on_colab",
     "parse_mentions",
     "pick_device",
+    "plot_attention",
+    "plot_history",
     "read_annotations",
     "seed_everything",
+    "semantic_f1",
+    "show_grid",
     "split_records",
     "summarize",
     "tokenize",

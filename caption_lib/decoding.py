@@ -325,16 +325,21 @@ def caption_image(
     max_len: int = 20,
     device: torch.device | str | None = None,
     length_norm: bool | float = True,
+    image_size: int = 224,
 ) -> tuple[list[str], torch.Tensor]:
-    """Caption one image (a PIL image or a path) with a `Captioner`.
+    """Caption one image (a PIL image of any mode, or a path) with a `Captioner`.
+
+    The image goes through `encoder.image_transform` and the model's encoder, then
+    `beam_search` (greedy when `beam_size == 1`: the same result).
 
     Args:
         model: a `caption_lib.model.Captioner` (with `.encoder`, `.decoder`, `.vocab`).
         image: a PIL image (any mode) or the path of an image file.
-        beam_size: beams for `beam_search` (1: greedy).
+        beam_size: beams per image (1: greedy).
         max_len: at most this many steps.
         device: where to run; default: the device of the model's parameters.
         length_norm: see `beam_search`.
+        image_size: side of the square the image is resized to.
 
     Returns:
         the words (without <start>/<end>) and their attention maps (len(words), P), on CPU.
@@ -342,28 +347,20 @@ def caption_image(
     Raises:
         CaptionLibError: the file is missing or not a readable image (names the file).
     """
-    from caption_lib.data import load_image
+    from caption_lib.annotations import load_image, to_rgb
     from caption_lib.encoder import image_transform
 
-    if isinstance(image, (str, Path)):
-        image = load_image(image)  # PIL, RGB
-    elif hasattr(image, "convert"):
-        image = image.convert("RGB")
+    image = load_image(image) if isinstance(image, (str, Path)) else to_rgb(image)  # RGB
     if device is None:
         device = next(model.parameters()).device
     device = torch.device(device)
-    size = getattr(getattr(model, "config", None), "image_size", 224)
-    x = image_transform(size)(image).unsqueeze(0).to(device)  # (1, 3, 224, 224)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            features = model.encoder(x).float()  # (1, P, E)
-    finally:
-        model.train(was_training)
-    vocab = model.vocab
-    result = beam_search(model.decoder, features, vocab.start_id, vocab.end_id,
-                         beam_size=beam_size, max_len=max_len, length_norm=length_norm)
+    x = image_transform(image_size)(image).unsqueeze(0).to(device)  # (1, 3, 224, 224)
+    with _eval_mode(model):
+        encode = getattr(model, "encode", model.encoder)
+        features = encode(x).float()  # (1, P, E)
+        vocab = model.vocab
+        result = beam_search(model.decoder, features, vocab.start_id, vocab.end_id,
+                             beam_size=beam_size, max_len=max_len, length_norm=length_norm)
     words = [vocab.itos[i] for i in result.tokens[0]]
     return words, result.alphas[0]
 

@@ -232,3 +232,31 @@ def test_real_decoder_beam_one_equals_greedy_and_batching():
         expected = sequence_logp(dec, feats[i:i + 1], b3.tokens[i], end=bool(b3.finished[i]))
         assert b3.scores[i].item() == pytest.approx(expected, abs=1e-3)
     assert dec.training  # mode restored (dropout was off while decoding)
+
+
+def test_caption_image_with_a_tiny_captioner(tmp_path):
+    from PIL import Image
+
+    from caption_lib.decoding import caption_image
+    from caption_lib.errors import CaptionLibError
+    from caption_lib.model import Captioner, CaptionerConfig
+    from caption_lib.vocab import Vocabulary
+
+    vocab = Vocabulary(["a", "red", "circle", "blue", "square"])
+    config = CaptionerConfig(encoder_weights=None, embed_dim=8, decoder_dim=8,
+                             attention_dim=8, dropout=0.0)
+    model = Captioner(vocab, config)
+    image = Image.new("RGBA", (40, 30), (200, 20, 20, 128))
+    words, alphas = caption_image(model, image, beam_size=2, max_len=5)
+    assert len(words) <= 5
+    assert alphas.shape == (len(words), 49)
+    assert all(w in vocab.itos for w in words)
+    assert "<start>" not in words and "<end>" not in words
+    path = tmp_path / "gray.png"
+    image.convert("L").save(path)
+    words2, alphas2 = caption_image(model, path, beam_size=1, max_len=5)
+    assert alphas2.shape == (len(words2), 49)
+    assert model.training  # mode restored
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(CaptionLibError, match="empty.png"):
+        caption_image(model, tmp_path / "empty.png")
