@@ -59,9 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _registrars() -> list[Callable[[argparse._SubParsersAction], None]]:
     """Sub-commands contributed by the library's modules, in the book's order."""
-    from caption_lib import data, shapes
+    from caption_lib import data, evaluate, shapes, train
 
-    return [shapes.register, data.register]
+    return [shapes.register, data.register, train.register, evaluate.register]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

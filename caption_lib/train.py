@@ -1,0 +1,396 @@
+"""Training: teacher forcing on cached features, validation by real decoding, exact resume.
+
+One epoch shows every training image once (with one of its reference captions, drawn
+at random; `captions_per_image=0` uses all of them). The frozen part of the encoder never
+runs during training: its output comes from the feature cache (`caption_lib.features`).
+When a stage of the encoder is fine-tuned (the offline default: `layer4` of a random-init
+ResNet-50), it runs on the cached `layer3` output in train mode, and its BatchNorm
+statistics are re-estimated over training images before every validation
+(`encoder.recalibrate_batchnorm`).
+
+After each epoch: validation loss (teacher forcing), validation BLEU-4 from greedy
+decoding (no teacher forcing, special tokens stripped), the learning rate schedule on
+BLEU-4, early stopping, and two checkpoints written atomically: `last.pt` (to resume)
+and `best.pt` (best validation BLEU-4). Resuming restores model, optimiser, schedule,
+history and the random number generator, so the run continues exactly as if it had not
+stopped (on the same machine and device).
+
+Letters: B batch, C/h/w cached channels and grid, P regions, E encoder dim, L caption length.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from caption_lib.data import Record, load_dataset, split_records
+from caption_lib.decoder import caption_loss
+from caption_lib.decoding import greedy_decode
+from caption_lib.encoder import recalibrate_batchnorm
+from caption_lib.errors import CaptionLibError
+from caption_lib.features import FeatureStore, cached_features
+from caption_lib.metrics import bleu, semantic_f1
+from caption_lib.model import Captioner, CaptionerConfig
+from caption_lib.runtime import pick_device, seed_everything, workspace_dir
+from caption_lib.vocab import Vocabulary, tokenize
+
+
+@dataclass
+class TrainConfig:
+    """How to train (the model's own hyper-parameters are in `CaptionerConfig`)."""
+
+    epochs: int = 6
+    batch_size: int = 32
+    lr: float = 4e-4  # decoder, Adam
+    encoder_lr: float = 1e-4  # the fine-tuned encoder stage, if any
+    grad_clip: float = 5.0
+    lr_factor: float = 0.5  # multiply the learning rates by this ...
+    lr_patience: int = 1  # ... after this many epochs without a better val BLEU-4
+    early_stop: int = 3  # stop after this many epochs without a better val BLEU-4
+    min_freq: int = 5  # words seen fewer times in training captions become <unk>
+    captions_per_image: int = 1  # per epoch; 0 = all references
+    max_caption_len: int = 40  # tokens incl. <start>/<end>; longer ones are cut
+    max_decode_len: int = 20
+    val_images: int = 300  # images decoded for val BLEU-4 (0 = all)
+    bn_images: int = 1024  # training images used to re-estimate BatchNorm statistics
+    precision: str = "auto"  # "fp32", "bf16" or "auto" (bf16 encoder stage on CPU, AMP on CUDA)
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class TrainResult:
+    model: Captioner
+    history: list[dict] = field(default_factory=list)
+    out_dir: Path | None = None
+
+
+class _Split:
+    """A split's cached features and its captions, encoded once."""
+
+    def __init__(self, records: list[Record], features: FeatureStore, vocab: Vocabulary,
+                 max_len: int):
+        self.records = records
+        self.features = features
+        encoded = [[vocab.encode(c)[:max_len] for c in r.captions] for r in records]
+        for caps in encoded:  # a cut caption still ends with <end>
+            for ids in caps:
+                ids[-1] = vocab.end_id if len(ids) == max_len else ids[-1]
+        self.pairs = [(i, j) for i, caps in enumerate(encoded) for j in range(len(caps))]
+        self.encoded = encoded
+        self.pad_id = vocab.pad_id
+
+    def epoch_pairs(self, per_image: int, generator: torch.Generator) -> list[tuple[int, int]]:
+        """(image, caption) pairs of one epoch, shuffled."""
+        if per_image <= 0:
+            pairs = self.pairs
+        else:
+            pairs = []
+            for i, caps in enumerate(self.encoded):
+                pick = torch.randperm(len(caps), generator=generator)[:per_image].tolist()
+                pairs += [(i, j) for j in pick]
+        order = torch.randperm(len(pairs), generator=generator).tolist()
+        return [pairs[k] for k in order]
+
+    def batch(self, pairs: list[tuple[int, int]]):
+        """-> cached features (B, C, h, w) fp16, captions (B, L) int64, lengths (B,)."""
+        images = torch.tensor([i for i, _ in pairs])  # (B,)
+        caps = [self.encoded[i][j] for i, j in pairs]
+        lengths = torch.tensor([len(c) for c in caps])  # (B,)
+        captions = torch.full((len(caps), int(lengths.max())), self.pad_id, dtype=torch.long)
+        for b, c in enumerate(caps):
+            captions[b, :len(c)] = torch.tensor(c)  # (B, L)
+        return self.features[images], captions, lengths
+
+
+def _autocast(device: torch.device, precision: str):
+    """Mixed precision for the encoder stage (and on CUDA the decoder too)."""
+    if precision == "fp32":
+        return nullcontext()
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def regions(model: Captioner, cached: torch.Tensor, device: torch.device,
+            precision: str = "auto") -> torch.Tensor:
+    """Cached frozen output (B, C, h, w) -> region features (B, P, E) in fp32."""
+    x = cached.to(device, torch.float32, non_blocking=True)
+    if model.encoder.trained_stages:
+        x = x.contiguous(memory_format=torch.channels_last)
+        with _autocast(device, precision):
+            return model.encoder.forward_cached(x).float()  # (B, P, E)
+    return model.encoder.forward_cached(x)  # (B, 49, 2048)
+
+
+def _features_for(model: Captioner, records: list[Record], device: torch.device,
+                  progress: bool) -> FeatureStore:
+    return cached_features(model.encoder, [r.image for r in records],
+                           cache_root=workspace_dir() / "features", device=device,
+                           progress=progress)
+
+
+@torch.no_grad()
+def evaluate_split(model: Captioner, split: _Split, device: torch.device, config: TrainConfig,
+                   limit: int = 0, batch_size: int = 64) -> dict:
+    """Teacher-forced cross-entropy (first reference) and greedy-decoding BLEU / semantic F1."""
+    model.eval()
+    n = len(split.records) if limit <= 0 else min(limit, len(split.records))
+    losses, hyps, refs, objects = [], [], [], []
+    for start in range(0, n, batch_size):
+        idx = list(range(start, min(n, start + batch_size)))
+        cached, captions, lengths = split.batch([(i, 0) for i in idx])
+        feats = regions(model, cached, device, config.precision)  # (B, P, E)
+        logits, alphas = model.decoder(feats, captions.to(device), lengths.to(device))
+        _, parts = caption_loss(logits, captions.to(device), lengths.to(device), alphas,
+                                alpha_c=model.config.alpha_c)
+        losses.append(parts["xent"] * len(idx))
+        result = greedy_decode(model.decoder, feats, model.vocab.start_id, model.vocab.end_id,
+                               max_len=config.max_decode_len)
+        hyps += [[model.vocab.itos[t] for t in toks] for toks in result.tokens]
+        refs += [[tokenize(c) for c in split.records[i].captions] for i in idx]
+        objects += [split.records[i].objects for i in idx]
+    scores = {"loss": sum(losses) / n, **bleu(refs, hyps)}
+    if all(o is not None for o in objects):
+        scores["semantic_f1"] = semantic_f1(hyps, objects)
+    return scores
+
+
+def _recalibrate(model: Captioner, split: _Split, device: torch.device, config: TrainConfig,
+                 epoch: int) -> None:
+    g = torch.Generator().manual_seed(config.seed * 1000 + epoch + 500)
+    idx = torch.randperm(len(split.records), generator=g)[:config.bn_images]
+    batches = (split.features[idx[k:k + 64]] for k in range(0, len(idx), 64))
+    with _autocast(device, config.precision) if device.type == "cuda" else nullcontext():
+        recalibrate_batchnorm(model.encoder, batches, device)
+
+
+def _optimizer(model: Captioner, config: TrainConfig) -> torch.optim.Optimizer:
+    groups = [{"params": list(model.decoder.parameters()), "lr": config.lr}]
+    trainable = [p for p in model.encoder.trainable.parameters() if p.requires_grad]
+    if trainable:
+        groups.append({"params": trainable, "lr": config.encoder_lr})
+    return torch.optim.Adam(groups)
+
+
+def train(data_dir: str | Path, out_dir: str | Path, model_config: CaptionerConfig | None = None,
+          config: TrainConfig | None = None, device: str | torch.device = "auto",
+          resume: bool = False, progress: bool = True, log=print) -> TrainResult:
+    """Train a `Captioner` on the data set in `data_dir`; checkpoints go to `out_dir`.
+
+    `data_dir`: a folder written by `make_shapes` or a real data set folder (see
+    `caption_lib.data.load_dataset`). With `resume=True` and `out_dir/last.pt` present,
+    training continues from it: the configs stored in the checkpoint win, except the
+    number of epochs, which `config` may raise.
+    """
+    device = pick_device(str(device)) if not isinstance(device, torch.device) else device
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    last, best = out_dir / "last.pt", out_dir / "best.pt"
+    records = load_dataset(data_dir)
+    train_records, val_records = split_records(records, "train"), split_records(records, "val")
+    if not train_records or not val_records:
+        raise CaptionLibError(f"{data_dir}: need a train and a val split "
+                              f"(found {len(train_records)} train, {len(val_records)} val images)")
+
+    extra: dict = {}
+    if resume and last.is_file():
+        model = Captioner.load(last, map_location=device)
+        extra = model.extra
+        epochs = config.epochs if config is not None else None
+        config = TrainConfig.from_dict(json.loads(extra["train_config"]))
+        config.epochs = epochs or config.epochs  # the only setting a resume may change
+        log(f"resuming from {last} after epoch {extra['epoch']}")
+    else:
+        config = config or TrainConfig()
+        model_config = model_config or CaptionerConfig()
+        seed_everything(config.seed)
+        vocab = Vocabulary.build([c for r in train_records for c in r.captions],
+                                 min_freq=config.min_freq)
+        model = Captioner(vocab, model_config)
+    model.to(device)
+    log(f"encoder weights: {model.encoder.weights_used}; trained encoder stages: "
+        f"{', '.join(model.encoder.trained_stages) or 'none (frozen)'}; device: {device}")
+
+    train_split = _Split(train_records, _features_for(model, train_records, device, progress),
+                         model.vocab, config.max_caption_len)
+    val_split = _Split(val_records, _features_for(model, val_records, device, progress),
+                       model.vocab, config.max_caption_len)
+
+    optimizer = _optimizer(model, config)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="max", factor=config.lr_factor, patience=config.lr_patience)
+    history: list[dict] = []
+    first_epoch = 1
+    if extra:
+        optimizer.load_state_dict(extra["optimizer"])
+        scheduler.load_state_dict(extra["scheduler"])
+        history = json.loads(extra["history"])
+        first_epoch = int(extra["epoch"]) + 1
+        torch.set_rng_state(extra["rng"])
+
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda"
+                                  and config.precision != "fp32"
+                                  and not torch.cuda.is_bf16_supported())
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for epoch in range(first_epoch, config.epochs + 1):
+        if _stale(history, config):
+            log(f"early stop: no better val BLEU-4 in {config.early_stop} epochs")
+            break
+        start = time.perf_counter()
+        model.train()
+        g = torch.Generator().manual_seed(config.seed * 1000 + epoch)
+        pairs = train_split.epoch_pairs(config.captions_per_image, g)
+        batches = [pairs[k:k + config.batch_size] for k in range(0, len(pairs), config.batch_size)]
+        total = tokens = 0.0
+        bar = tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", unit="batch",
+                   disable=not progress, mininterval=2.0)
+        for batch in bar:
+            cached, captions, lengths = train_split.batch(batch)
+            captions, lengths = captions.to(device), lengths.to(device)
+            feats = regions(model, cached, device, config.precision)  # (B, P, E)
+            cuda_amp = _autocast(device, config.precision) if device.type == "cuda" else nullcontext()
+            with cuda_amp:
+                logits, alphas = model.decoder(feats, captions, lengths)  # (B, L-1, V), (B, L-1, P)
+                loss, parts = caption_loss(logits.float(), captions, lengths, alphas.float(),
+                                           alpha_c=model.config.alpha_c)
+            if not _finite(parts["xent"]):
+                raise CaptionLibError(f"training diverged (loss {parts['xent']}) in epoch "
+                                      f"{epoch}; lower --lr")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(params, config.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            total += parts["xent"] * parts["tokens"]
+            tokens += parts["tokens"]
+            bar.set_postfix(loss=f"{parts['xent']:.3f}", refresh=False)
+        bar.close()
+        train_seconds = time.perf_counter() - start
+        if model.encoder.trained_stages:
+            _recalibrate(model, train_split, device, config, epoch)
+        val = evaluate_split(model, val_split, device, config, limit=config.val_images)
+        scheduler.step(val["bleu4"])
+        entry = {"epoch": epoch, "train_loss": total / max(tokens, 1.0), "val_loss": val["loss"],
+                 "val_bleu4": val["bleu4"], "lr": optimizer.param_groups[0]["lr"],
+                 "train_seconds": round(train_seconds, 1),
+                 "seconds": round(time.perf_counter() - start, 1),
+                 "captions_per_s": round(len(pairs) / train_seconds, 1)}
+        if "semantic_f1" in val:
+            entry["val_semantic_f1"] = val["semantic_f1"]
+        history.append(entry)
+        log(_format(entry))
+        is_best = val["bleu4"] >= max(h["val_bleu4"] for h in history)
+        state = {"epoch": epoch, "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "history": json.dumps(history),
+                 "rng": torch.get_rng_state(), "train_config": json.dumps(asdict(config)),
+                 "data_dir": str(Path(data_dir).resolve())}
+        model.save(last, extra=state)
+        if is_best:
+            model.save(best, extra=state)
+    return TrainResult(model=model, history=history, out_dir=out_dir)
+
+
+def _stale(history: list[dict], config: TrainConfig) -> bool:
+    if len(history) <= config.early_stop:
+        return False
+    best_epoch = max(range(len(history)), key=lambda k: (history[k]["val_bleu4"], -k))
+    return len(history) - 1 - best_epoch >= config.early_stop
+
+
+def _format(entry: dict) -> str:
+    text = (f"epoch {entry['epoch']}: train loss {entry['train_loss']:.3f}, "
+            f"val loss {entry['val_loss']:.3f}, val BLEU-4 {entry['val_bleu4']:.1f}")
+    if "val_semantic_f1" in entry:
+        text += f", val semantic F1 {entry['val_semantic_f1']:.3f}"
+    return text + f", {entry['seconds']:.0f} s"
+
+
+def _finite(x: float) -> bool:
+    return not (math.isnan(x) or math.isinf(x))
+
+
+def run_dir_for(data_dir: str | Path, model_config: CaptionerConfig, config: TrainConfig) -> Path:
+    """The run folder of a (data, configs) combination: another setting, another folder."""
+    key = json.dumps([str(Path(data_dir).resolve()), asdict(model_config), asdict(config)],
+                     sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+    return workspace_dir() / "runs" / f"{Path(data_dir).name}-{digest}"
+
+
+def ensure_trained(data_dir: str | Path, model_config: CaptionerConfig, config: TrainConfig,
+                   device: str | torch.device = "auto", progress: bool = True,
+                   log=print) -> TrainResult:
+    """Train once and reuse: a finished run of the same settings is loaded, not redone.
+
+    An interrupted run continues where it stopped (`resume`). Chapters use this so that
+    each can run on its own, and the next one finds the model the previous one trained.
+    """
+    return train(data_dir, run_dir_for(data_dir, model_config, config), model_config, config,
+                 device=device, resume=True, progress=progress, log=log)
+
+
+def recipe(name: str) -> tuple[CaptionerConfig, TrainConfig]:
+    """The book's settings: "shapes" (offline, CPU, minutes) or "flickr8k" (Colab GPU)."""
+    if name == "shapes":
+        return (CaptionerConfig(encoder_weights="DEFAULT", fine_tune="auto", embed_dim=256,
+                                decoder_dim=256, attention_dim=256, dropout=0.3),
+                TrainConfig(epochs=6, batch_size=32, min_freq=1, captions_per_image=1))
+    if name == "flickr8k":
+        return (CaptionerConfig(encoder_weights="DEFAULT", fine_tune="auto"),
+                TrainConfig(epochs=20, batch_size=64, min_freq=5, captions_per_image=0,
+                            val_images=0))
+    raise CaptionLibError(f"unknown recipe {name!r} (use shapes or flickr8k)")
+
+
+def _cmd_train(args) -> int:
+    data = Path(args.data)
+    if not data.exists():
+        raise CaptionLibError(f"{data}: no such data folder (make one with `caption-lib make-shapes`)")
+    name = args.recipe
+    if name == "auto":
+        name = "shapes" if any(data.glob("dataset_shapes.json")) else "flickr8k"
+    model_config, config = recipe(name)
+    overrides = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+                 "seed": args.seed}
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(config, key, value)
+    out = Path(args.out) if args.out else workspace_dir() / "runs" / data.name
+    result = train(data, out, model_config, config, device=args.device, resume=args.resume,
+                   progress=not args.no_progress)
+    best = max(result.history, key=lambda h: h["val_bleu4"]) if result.history else None
+    if best:
+        print(f"best val BLEU-4 {best['val_bleu4']:.1f} at epoch {best['epoch']}; "
+              f"checkpoints in {out}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train a captioner (checkpoints: RUN_DIR/last.pt, best.pt)")
+    p.add_argument("--data", required=True, help="folder from make-shapes or a real data set")
+    p.add_argument("--out", help="run folder (default: WORKSPACE/runs/DATA_NAME)")
+    p.add_argument("--recipe", default="auto", choices=["auto", "shapes", "flickr8k"])
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float, help="decoder learning rate")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_train)

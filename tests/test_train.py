@@ -1,0 +1,106 @@
+"""The trainer: learning, checkpoints, exact resume, determinism, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from caption_lib import cli
+from caption_lib.errors import CaptionLibError
+from caption_lib.model import Captioner, CaptionerConfig
+from caption_lib.shapes import make_shapes
+from caption_lib.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def tiny_shapes(tmp_path_factory):
+    return make_shapes(tmp_path_factory.mktemp("data") / "shapes", n_train=24, n_val=6,
+                       n_test=6, seed=3)
+
+
+def _configs(fine_tune=False, epochs=2):
+    model = CaptionerConfig(encoder_weights=None, fine_tune=fine_tune, embed_dim=32,
+                            decoder_dim=32, attention_dim=32, dropout=0.2)
+    config = TrainConfig(epochs=epochs, batch_size=8, lr=3e-3, encoder_lr=1e-3, min_freq=1,
+                         captions_per_image=0, val_images=6, bn_images=16, max_decode_len=12)
+    return model, config
+
+
+def _losses(history):
+    return [(h["train_loss"], h["val_loss"], h["val_bleu4"]) for h in history]
+
+
+def test_training_reduces_the_loss_and_writes_checkpoints(tiny_shapes, tmp_path):
+    model_config, config = _configs(epochs=3)
+    result = train(tiny_shapes, tmp_path / "run", model_config, config, progress=False,
+                   log=lambda *_: None)
+    losses = [h["train_loss"] for h in result.history]
+    assert len(losses) == 3 and losses[0] > losses[1] > losses[2], losses
+    assert losses[-1] < 0.9 * losses[0], losses
+    assert (tmp_path / "run" / "last.pt").is_file() and (tmp_path / "run" / "best.pt").is_file()
+    loaded = Captioner.load(tmp_path / "run" / "last.pt")
+    assert loaded.extra["epoch"] == 3 and loaded.vocab.itos == result.model.vocab.itos
+
+
+def test_fine_tuning_layer4_learns_and_recalibrates(tiny_shapes, tmp_path):
+    model_config, config = _configs(fine_tune="layer4", epochs=2)
+    result = train(tiny_shapes, tmp_path / "ft", model_config, config, progress=False,
+                   log=lambda *_: None)
+    assert result.model.encoder.trained_stages == ("layer4",)
+    first, second = (h["train_loss"] for h in result.history)
+    assert second < first
+    bn = result.model.encoder.trainable[0][0].bn1
+    assert bn.num_batches_tracked.item() == 1, "statistics re-estimated over 16 images in 1 batch"
+
+
+def test_resume_reproduces_the_next_epoch_exactly(tiny_shapes, tmp_path):
+    model_config, config = _configs(epochs=2)
+    straight = train(tiny_shapes, tmp_path / "a", model_config, config, progress=False,
+                     log=lambda *_: None)
+    model_config, config = _configs(epochs=1)
+    train(tiny_shapes, tmp_path / "b", model_config, config, progress=False, log=lambda *_: None)
+    _, config = _configs(epochs=2)
+    resumed = train(tiny_shapes, tmp_path / "b", config=config, resume=True, progress=False,
+                    log=lambda *_: None)
+    assert [h["epoch"] for h in resumed.history] == [1, 2]
+    assert _losses(resumed.history) == _losses(straight.history)
+    for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_same_seed_same_run(tiny_shapes, tmp_path):
+    runs = []
+    for name in ("x", "y"):
+        model_config, config = _configs(epochs=1)
+        runs.append(train(tiny_shapes, tmp_path / name, model_config, config, progress=False,
+                          log=lambda *_: None))
+    assert _losses(runs[0].history) == _losses(runs[1].history)
+
+
+def test_an_interrupted_checkpoint_write_keeps_the_previous_one(tiny_shapes, tmp_path,
+                                                                monkeypatch):
+    model_config, config = _configs(epochs=1)
+    result = train(tiny_shapes, tmp_path / "r", model_config, config, progress=False,
+                   log=lambda *_: None)
+    last = tmp_path / "r" / "last.pt"
+    before = last.read_bytes()
+
+    def dies(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dies)
+    with pytest.raises(KeyboardInterrupt):
+        result.model.save(last, extra={"epoch": 2})
+    assert last.read_bytes() == before
+    assert Captioner.load(last).extra["epoch"] == 1
+    assert sorted(p.name for p in last.parent.iterdir()) == ["best.pt", "last.pt"]
+
+
+def test_bad_data_folder_is_one_clear_line(tmp_path, capsys):
+    assert cli.main(["train", "--data", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("caption-lib: error: ") and "nope" in err and err.count("\n") == 1
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CaptionLibError, match="empty"):
+        train(tmp_path / "empty", tmp_path / "out", progress=False)
