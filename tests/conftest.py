@@ -19,3 +19,38 @@ def _isolated_workspace(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return ROOT
+
+
+@pytest.fixture(scope="session")
+def tiny_shapes(tmp_path_factory) -> Path:
+    """A 36-image shapes data set (24 train, 6 val, 6 test)."""
+    from caption_lib.shapes import make_shapes
+
+    return make_shapes(tmp_path_factory.mktemp("data") / "shapes", n_train=24, n_val=6,
+                       n_test=6, seed=3)
+
+
+def tiny_configs(fine_tune=False, epochs=2):
+    """A tiny, fast model and training setting (frozen random encoder unless told)."""
+    from caption_lib.model import CaptionerConfig
+    from caption_lib.train import TrainConfig
+
+    model = CaptionerConfig(encoder_weights=None, fine_tune=fine_tune, embed_dim=32,
+                            decoder_dim=32, attention_dim=32, dropout=0.2)
+    config = TrainConfig(epochs=epochs, batch_size=8, lr=3e-3, encoder_lr=1e-3, min_freq=1,
+                         captions_per_image=0, val_images=6, bn_images=16, max_decode_len=12)
+    return model, config
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_shapes, tmp_path_factory) -> Path:
+    """best.pt of a tiny model trained for 2 epochs on `tiny_shapes`."""
+    import os
+
+    from caption_lib.train import train
+
+    out = tmp_path_factory.mktemp("run")
+    os.environ["CAPTION_LIB_HOME"] = str(tmp_path_factory.getbasetemp() / "workspace")
+    model_config, config = tiny_configs(epochs=2)
+    train(tiny_shapes, out, model_config, config, progress=False, log=lambda *_: None)
+    return out / "best.pt"

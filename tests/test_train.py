@@ -4,26 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_configs as _configs
 
 from caption_lib import cli
 from caption_lib.errors import CaptionLibError
-from caption_lib.model import Captioner, CaptionerConfig
-from caption_lib.shapes import make_shapes
-from caption_lib.train import TrainConfig, train
-
-
-@pytest.fixture(scope="module")
-def tiny_shapes(tmp_path_factory):
-    return make_shapes(tmp_path_factory.mktemp("data") / "shapes", n_train=24, n_val=6,
-                       n_test=6, seed=3)
-
-
-def _configs(fine_tune=False, epochs=2):
-    model = CaptionerConfig(encoder_weights=None, fine_tune=fine_tune, embed_dim=32,
-                            decoder_dim=32, attention_dim=32, dropout=0.2)
-    config = TrainConfig(epochs=epochs, batch_size=8, lr=3e-3, encoder_lr=1e-3, min_freq=1,
-                         captions_per_image=0, val_images=6, bn_images=16, max_decode_len=12)
-    return model, config
+from caption_lib.model import Captioner
+from caption_lib.train import ensure_trained, train
 
 
 def _losses(history):
@@ -104,3 +90,15 @@ def test_bad_data_folder_is_one_clear_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CaptionLibError, match="empty"):
         train(tmp_path / "empty", tmp_path / "out", progress=False)
+
+
+def test_ensure_trained_reuses_a_finished_run(tiny_shapes):
+    model_config, config = _configs(epochs=1)
+    first = ensure_trained(tiny_shapes, model_config, config, progress=False, log=lambda *_: None)
+    lines = []
+    again = ensure_trained(tiny_shapes, model_config, config, progress=False, log=lines.append)
+    assert again.out_dir == first.out_dir and again.history == first.history
+    assert any(line.startswith("resuming from") for line in lines)
+    other = ensure_trained(tiny_shapes, model_config, _configs(epochs=2)[1], progress=False,
+                           log=lambda *_: None)
+    assert other.out_dir != first.out_dir
