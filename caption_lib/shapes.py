@@ -23,6 +23,9 @@ Design choices (the trainer's targets are semantic F1 >= 0.95 and BLEU-4 >= 50):
   without sizes, `a picture of ...`, and one right-to-left variant with `right of`/`below`).
 - Relations between neighbours in that order: `left of` when the horizontal gap dominates,
   else `above` / `below`; a single object gets a position (`on the left`, `in the middle`...).
+- Balanced scenes: count, shapes, colours and sizes are drawn first (uniformly) and only
+  the positions are redrawn until the objects fit, so three big objects are as common as
+  chance says (redrawing whole scenes instead skews towards fewer, smaller objects).
 - Determinism: image `i` is drawn from `numpy.random.default_rng([seed, i])`, PNGs are
   written with fixed settings, so the same seed gives the same bytes.
 """
@@ -48,11 +51,11 @@ from caption_lib.errors import CaptionLibError
 COLOURS = ("red", "green", "blue", "yellow")
 SHAPES = ("circle", "square", "triangle")
 SIZES = ("small", "big")
-HALF_SIZE = {"small": 32, "big": 48}  # pixels from centre to box edge
+HALF_SIZE = {"small": 32, "big": 48}  # pixels from centre to box edge, at 224 px
 RGB = {"red": (215, 45, 40), "green": (40, 175, 65), "blue": (45, 95, 230), "yellow": (235, 205, 40)}
 COUNTS = ("one", "two", "three")
 GAP = 6  # minimum pixels between two boxes
-VERSION = 1  # bump when the images or the grammar change (part of ensure_shapes' cache key)
+VERSION = 2  # bump when the images or the grammar change (part of ensure_shapes' cache key)
 MARKER = "COMPLETE"
 
 
@@ -60,25 +63,32 @@ MARKER = "COMPLETE"
 
 
 def _place(rng: np.random.Generator, image_size: int) -> list[dict]:
-    """1-3 objects with random attributes at non-overlapping positions."""
-    while True:  # a scene that cannot be placed is redrawn (rare)
-        n = int(rng.integers(1, 4))
-        objects: list[dict] = []
-        for _ in range(n):
-            size = SIZES[int(rng.integers(len(SIZES)))]
-            r = HALF_SIZE[size]
-            for _try in range(200):
+    """1-3 objects with random attributes at non-overlapping positions.
+
+    The attributes (count, shapes, colours, sizes) are drawn first and kept; only the
+    positions are redrawn until everything fits, so that crowded scenes (three big
+    objects) are as frequent as the attributes' probabilities say.
+    """
+    n = int(rng.integers(1, 4))
+    objects = [{"shape": SHAPES[int(rng.integers(len(SHAPES)))],
+                "colour": COLOURS[int(rng.integers(len(COLOURS)))],
+                "size": SIZES[int(rng.integers(len(SIZES)))]} for _ in range(n)]
+    for _attempt in range(10_000):
+        boxes: list[list[int]] = []
+        for o in objects:
+            r = round(HALF_SIZE[o["size"]] * image_size / 224)  # scales with the image
+            for _try in range(50):
                 cx, cy = (int(v) for v in rng.integers(r + 2, image_size - r - 2, size=2))
                 box = [cx - r, cy - r, cx + r, cy + r]
-                if all(_apart(box, o["box"]) for o in objects):
+                if all(_apart(box, other) for other in boxes):
+                    boxes.append(box)
                     break
             else:
                 break
-            objects.append({"shape": SHAPES[int(rng.integers(len(SHAPES)))],
-                            "colour": COLOURS[int(rng.integers(len(COLOURS)))],
-                            "size": size, "box": box})
-        if len(objects) == n:
-            return sorted(objects, key=lambda o: (o["box"][0] + o["box"][2], o["box"][1]))
+        if len(boxes) == n:
+            placed = [{**o, "box": box} for o, box in zip(objects, boxes)]
+            return sorted(placed, key=lambda o: (o["box"][0] + o["box"][2], o["box"][1]))
+    raise RuntimeError(f"cannot place {objects} in {image_size} px")  # a bug, not bad input
 
 
 def _apart(a: Sequence[int], b: Sequence[int]) -> bool:

@@ -110,6 +110,18 @@ def test_grammar_over_many_scenes():
     assert 28 <= len(words) <= 40, sorted(words)
 
 
+def test_scenes_are_balanced():
+    from caption_lib.shapes import _place
+
+    scenes = [_place(np.random.default_rng([7, i]), 224) for i in range(600)]
+    counts = Counter(len(s) for s in scenes)
+    assert all(150 <= counts[n] <= 250 for n in (1, 2, 3)), counts
+    sizes = Counter(o["size"] for s in scenes for o in s)
+    assert abs(sizes["big"] / sum(sizes.values()) - 0.5) < 0.05, sizes
+    small = _place(np.random.default_rng(0), 128)  # objects scale with the image
+    assert {o["box"][2] - o["box"][0] for o in small} <= {36, 54}
+
+
 def test_relations_follow_the_geometry():
     left = {"shape": "circle", "colour": "red", "size": "small", "box": [10, 80, 74, 144]}
     right = {"shape": "square", "colour": "blue", "size": "small", "box": [150, 90, 214, 154]}
