@@ -251,18 +251,22 @@ def make_shapes(out_dir: str | Path, n_train: int = 3000, n_val: int = 300, n_te
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "images").mkdir(parents=True)
-    splits = ["train"] * n_train + ["val"] * n_val + ["test"] * n_test
-    entries = []
-    for index, split in enumerate(tqdm(splits, desc="shapes", unit="img", disable=not progress)):
-        entries.append(_image_entry(index, split, seed, image_size, tmp / "images", index * 5))
-    dataset = {"dataset": "shapes", "seed": seed, "image_size": image_size,
-               "version": VERSION, "images": entries}
-    (tmp / "dataset_shapes.json").write_text(json.dumps(dataset))
-    (tmp / MARKER).write_text("ok\n")
-    if out_dir.exists():
-        out_dir.rmdir()
-    os.replace(tmp, out_dir)
+    try:
+        (tmp / "images").mkdir(parents=True)
+        splits = ["train"] * n_train + ["val"] * n_val + ["test"] * n_test
+        entries = []
+        bar = tqdm(splits, desc="shapes", unit="img", disable=not progress)
+        for index, split in enumerate(bar):
+            entries.append(_image_entry(index, split, seed, image_size, tmp / "images", index * 5))
+        dataset = {"dataset": "shapes", "seed": seed, "image_size": image_size,
+                   "version": VERSION, "images": entries}
+        (tmp / "dataset_shapes.json").write_text(json.dumps(dataset))
+        (tmp / MARKER).write_text("ok\n")
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.replace(tmp, out_dir)
+    finally:  # interrupted or failed: leave no half-written folder behind
+        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
@@ -281,7 +285,12 @@ def ensure_shapes(root: str | Path | None = None, n_train: int = 3000, n_val: in
     if (path / MARKER).is_file():
         return path
     shutil.rmtree(path, ignore_errors=True)
-    return make_shapes(path, n_train, n_val, n_test, seed=seed, image_size=image_size)
+    try:
+        return make_shapes(path, n_train, n_val, n_test, seed=seed, image_size=image_size)
+    except (OSError, CaptionLibError):
+        if (path / MARKER).is_file():  # another process finished the same set first
+            return path
+        raise
 
 
 # ---------------------------------------------------------------- command line ---------

@@ -196,3 +196,15 @@ def test_cli_make_shapes(tmp_path, capsys):
     assert "wrote 3 images" in capsys.readouterr().out
     data = json.loads((tmp_path / "o" / "dataset_shapes.json").read_text())
     assert len(data["images"]) == 3 and data["seed"] == 5
+
+
+def test_an_interrupted_make_shapes_leaves_nothing(tmp_path, monkeypatch):
+    from caption_lib import shapes
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shapes, "_image_entry", boom)
+    with pytest.raises(KeyboardInterrupt):
+        make_shapes(tmp_path / "x", 2, 0, 0, progress=False)
+    assert list(tmp_path.iterdir()) == []
