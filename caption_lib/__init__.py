@@ -37,6 +37,7 @@ from caption_lib.data import (
 )
 from caption_lib.decoder import DecoderWithAttention, caption_loss
 from caption_lib.decoding import DecodeResult, beam_search, caption_image, greedy_decode
+from caption_lib.download import prepare_flickr8k
 from caption_lib.encoder import EncoderCNN, image_transform
 from caption_lib.errors import CaptionLibError
 from caption_lib.metrics import bleu, coco_scores, grounding, semantic_f1
@@ -81,6 +82,7 @@ __all__ = [
     "pick_device",
     "plot_attention",
     "plot_history",
+    "prepare_flickr8k",
     "read_annotations",
     "seed_everything",
     "semantic_f1",
