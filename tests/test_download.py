@@ -39,6 +39,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         header = self.headers.get("Range")
         self.ranges.append(header)
+        if self.path.startswith("/norange"):  # a server without Range support
+            header = None
         start = int(header.split("=")[1].split("-")[0]) if header else 0
         if start >= len(data):
             self.send_error(416)
@@ -89,6 +91,14 @@ def test_resume_from_a_partial_file(server, tmp_path):
     digest = hashlib.sha256(PAYLOAD).hexdigest()
     out = download(f"{server}/data.zip", tmp_path / "data.zip", digest, progress=False)
     assert _Handler.ranges == ["bytes=1000-"]
+    assert out.read_bytes() == PAYLOAD
+
+
+def test_a_server_without_range_support_restarts_the_file(server, tmp_path):
+    _Handler.files["/norange.zip"] = PAYLOAD
+    (tmp_path / "data.zip.part").write_bytes(b"garbage from an old run")
+    out = download(f"{server}/norange.zip", tmp_path / "data.zip",
+                   hashlib.sha256(PAYLOAD).hexdigest(), progress=False)
     assert out.read_bytes() == PAYLOAD
 
 
