@@ -14,7 +14,7 @@ Design choices (the trainer's targets are semantic F1 >= 0.95 and BLEU-4 >= 50):
 - Objects are big (half-sizes 32 px small / 48 px big, i.e. 2x2 / 3x3 grid cells): a
   random-init ResNet sees colour easily but shape less well, and bigger objects help. The
   lead's prototype used 40/56, but then two big objects cannot be placed apart in 224 px.
-- A small grammar (33 words, captions <= 18 tokens). Objects are always named
+- A small grammar (32 words, captions <= 18 tokens). Objects are always named
   `a [size] colour shape` (colour right before shape) and every reference names every
   object, so `parse_mentions` recovers the scene exactly from any reference.
 - A canonical order: objects sorted left to right (by centre x, then y). Reference 0 is
@@ -28,6 +28,7 @@ Design choices (the trainer's targets are semantic F1 >= 0.95 and BLEU-4 >= 50):
   chance says (redrawing whole scenes instead skews towards fewer, smaller objects).
 - Determinism: image `i` is drawn from `numpy.random.default_rng([seed, i])`, PNGs are
   written with fixed settings, so the same seed gives the same bytes.
+- Cost: the default 3000/300/300 set takes about 30 s on a 2-core CPU and 180 MB on disk.
 """
 
 from __future__ import annotations
