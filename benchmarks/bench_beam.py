@@ -1,0 +1,151 @@
+"""Beam search (k=3, 20 steps): batched over images vs one image at a time.
+
+`DecoderWithAttention` at the sizes of the book's Colab run (E=2048 features of P=49
+regions, embed/decoder/attention dims 512, vocabulary 5000), random weights, <end> made
+impossible (its output bias set to -1e4) so every search runs exactly `max_len` = 20 steps
+and ends through the no-<end> fallback. A batch of 32 images is captioned by:
+
+- "tutorial": the one-image-at-a-time beam search of the best-known PyTorch tutorial
+  (sgrvinod/a-PyTorch-Tutorial-to-Image-Captioning, `caption.py`), written out below with
+  the same decoder: k beams of one image, the attention projection W_a a recomputed at
+  every step (the tutorial's attention does that), a Python loop over the 32 images.
+  (The tutorial crashes when no beam ends; here it returns its best live beam instead.)
+- "per_image": caption_lib's `beam_search` called with B=1 in a loop over the images
+  (projection once per image).
+- "batched": caption_lib's `beam_search` on all 32 images at once (32*3 = 96 beams in
+  one batch per step).
+
+All three are measured side by side in one run (warm-up, then the median of several
+repetitions, interleaved so that machine noise hits them alike; the fastest repetition is
+reported too) and must return the same captions. Prints one JSON object (images/s each, ratios) and writes it to
+benchmarks/results/beam.json.
+
+    python benchmarks/bench_beam.py [--reps 5] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from caption_lib.decoder import DecoderWithAttention
+from caption_lib.decoding import beam_search
+
+RESULTS = Path(__file__).resolve().parent / "results" / "beam.json"
+START, END = 1, 2
+
+
+def tutorial_beam_search(dec: DecoderWithAttention, features: torch.Tensor, beam_size: int,
+                         max_len: int) -> list[int]:
+    """One image, the tutorial's way: features (1, P, E) -> best word ids (no <start>)."""
+    k = beam_size
+    V = dec.vocab_size
+    encoder_out = features.expand(k, *features.shape[1:])  # (k, P, E)
+    prev_words = torch.full((k,), START, dtype=torch.long)  # (k,)
+    seqs = prev_words.unsqueeze(1)  # (k, 1)
+    top_scores = torch.zeros(k, 1)  # (k, 1)
+    complete, complete_scores = [], []
+    h, c = dec.init_state(encoder_out)  # (k, H) x2
+    for step in range(1, max_len + 1):
+        # projected=None: W_a a is recomputed here at every step, as in the tutorial
+        logits, (h, c), _ = dec.step(prev_words, (h, c), encoder_out, None)  # (k, V)
+        scores = top_scores.expand_as(logits) + F.log_softmax(logits, dim=1)  # (k, V)
+        if step == 1:
+            top_scores, top_words = scores[0].topk(k, 0, True, True)  # (k,)
+        else:
+            top_scores, top_words = scores.view(-1).topk(k, 0, True, True)  # (k,)
+        prev_inds = torch.div(top_words, V, rounding_mode="floor")  # (k,)
+        next_words = top_words % V  # (k,)
+        seqs = torch.cat([seqs[prev_inds], next_words.unsqueeze(1)], dim=1)  # (k, step+1)
+        incomplete = [i for i, w in enumerate(next_words.tolist()) if w != END]
+        done = sorted(set(range(len(next_words))) - set(incomplete))
+        complete.extend(seqs[done].tolist())
+        complete_scores.extend(top_scores[done].tolist())
+        k -= len(done)
+        if k == 0:
+            break
+        seqs = seqs[incomplete]
+        h, c = h[prev_inds[incomplete]], c[prev_inds[incomplete]]
+        encoder_out = encoder_out[prev_inds[incomplete]]
+        top_scores = top_scores[incomplete].unsqueeze(1)
+        prev_words = next_words[incomplete]
+    if not complete:  # the tutorial crashes here; take the best live beam
+        complete, complete_scores = seqs.tolist(), top_scores.view(-1).tolist()
+    best = complete[max(range(len(complete)), key=complete_scores.__getitem__)]
+    return [w for w in best[1:] if w != END]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--beam-size", type=int, default=3)
+    parser.add_argument("--max-len", type=int, default=20)
+    parser.add_argument("--vocab", type=int, default=5000)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    B, P, E, V, k, T = args.batch, 49, 2048, args.vocab, args.beam_size, args.max_len
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(B, P, E, generator=gen).relu()  # (B, P, E), ReLU-like features
+    torch.manual_seed(0)
+    dec = DecoderWithAttention(V, E, 512, 512, 512, dropout=0.5).eval()
+    with torch.no_grad():
+        dec.fc.weight.mul_(10.0)  # less flat distributions than the init
+        dec.fc.bias[END] = -1e4  # never end: every search runs max_len steps
+
+    def run_tutorial():
+        with torch.no_grad():
+            return [tutorial_beam_search(dec, features[i:i + 1], k, T) for i in range(B)]
+
+    def run_per_image():
+        return [beam_search(dec, features[i:i + 1], START, END, beam_size=k,
+                            max_len=T).tokens[0] for i in range(B)]
+
+    def run_batched():
+        return beam_search(dec, features, START, END, beam_size=k, max_len=T).tokens
+
+    impls = {"tutorial": run_tutorial, "per_image": run_per_image, "batched": run_batched}
+    times: dict[str, list[float]] = {name: [] for name in impls}
+    outputs = {}
+    for rep in range(args.warmup + args.reps):
+        for name, fn in impls.items():
+            start = time.perf_counter()
+            outputs[name] = fn()
+            if rep >= args.warmup:
+                times[name].append(time.perf_counter() - start)
+    same = outputs["tutorial"] == outputs["per_image"] == outputs["batched"]
+    lengths = sorted({len(t) for t in outputs["batched"]})
+    ips = {name: B / statistics.median(v) for name, v in times.items()}
+    best = {name: B / min(v) for name, v in times.items()}  # least disturbed repetition
+    result = {
+        "benchmark": "beam search images/s: batched vs one image at a time",
+        "sizes": {"images": B, "beam_size": k, "max_len": T, "steps_run": lengths,
+                  "regions": P, "encoder_dim": E, "embed_dim": 512, "decoder_dim": 512,
+                  "attention_dim": 512, "vocab": V},
+        "threads": args.threads, "reps": args.reps, "warmup": args.warmup,
+        "torch": torch.__version__, "machine": platform.machine(),
+        "images_per_s": {name: round(v, 1) for name, v in ips.items()},
+        "seconds_all": {name: [round(x, 3) for x in v] for name, v in times.items()},
+        "ratio_batched_over_tutorial": round(ips["batched"] / ips["tutorial"], 1),
+        "ratio_batched_over_per_image": round(ips["batched"] / ips["per_image"], 1),
+        "ratio_per_image_over_tutorial": round(ips["per_image"] / ips["tutorial"], 1),
+        "images_per_s_fastest_rep": {name: round(v, 1) for name, v in best.items()},
+        "ratio_batched_over_tutorial_fastest_rep": round(best["batched"] / best["tutorial"], 1),
+        "same_captions": same,
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
