@@ -80,6 +80,9 @@ def _unwrap(decoder: Any) -> nn.Module:
 def _special_ids(start_id: Any, end_id: int | None) -> tuple[int, int]:
     """Accept either two ints or a `Vocabulary` (with start_id/end_id) as `start_id`."""
     if hasattr(start_id, "start_id") and hasattr(start_id, "end_id"):
+        if end_id is not None:
+            raise TypeError("with a Vocabulary, pass the other arguments by keyword "
+                            "(e.g. max_len=20), not end_id")
         return int(start_id.start_id), int(start_id.end_id)
     if end_id is None:
         raise TypeError("give start_id and end_id, or a Vocabulary as start_id")

@@ -195,6 +195,8 @@ def test_vocabulary_and_wrapper_accepted_and_mode_restored(features):
     b = greedy_decode(dec, features, START, END, max_len=6)
     assert a.tokens == b.tokens
     assert dec.training
+    with pytest.raises(TypeError, match="keyword"):
+        greedy_decode(dec, features, vocab, 6)  # 6 would silently be taken as end_id
     with pytest.raises(ValueError, match="beam_size"):
         beam_search(dec, features, START, END, beam_size=0)
 
