@@ -2,7 +2,8 @@
 
 One training step = forward + caption loss + backward + Adam update, at the sizes of the
 book's Colab run: E=2048 features of P=49 regions, embed/decoder/attention dims 512,
-vocabulary 5000, batch 32, captions of max length 20 (lengths drawn in [10, 20]).
+vocabulary 5000, batch 32, captions of length 20: "fixed" (all 20 tokens) and "variable"
+(lengths drawn in [10, 20], where sorting/shrinking can save work).
 
 Implementations measured side by side in one run (warm-up, then the median of several
 repetitions, interleaved so that machine noise hits all of them alike):
@@ -11,10 +12,10 @@ repetitions, interleaved so that machine noise hits all of them alike):
   (sgrvinod/a-PyTorch-Tutorial-to-Image-Captioning): sort the batch by length, shrink the
   batch at each step, project the encoder features inside the attention at every step,
   apply the output layer inside the loop. Written out below, same parameters and maths.
-- "caption_lib": `DecoderWithAttention` (masking over the padded length, projection once
-  per sequence, output layer once after the loop).
-- "caption_lib+shrink": caption_lib's decoder driven with sort/shrink (to decide masking
-  vs shrinking by measurement).
+- "caption_lib": `DecoderWithAttention` (projection once per sequence, output layer once
+  after the loop, internal sort + shrink over the running captions).
+- "caption_lib_mask_only": the same pieces with every step run on the whole batch and
+  padded steps only masked (to decide masking vs shrinking by measurement; on "variable").
 
 Prints one JSON object and writes it to benchmarks/results/decoder.json.
 
@@ -25,15 +26,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from caption_lib.decoder import DecoderWithAttention, caption_loss
+from caption_lib.decoder import DecoderWithAttention, caption_loss, step_mask
 
 RESULTS = Path(__file__).resolve().parent / "results" / "decoder.json"
 
@@ -66,27 +69,23 @@ def tutorial_forward(dec: DecoderWithAttention, features: torch.Tensor, captions
     return predictions, alphas, captions, lengths
 
 
-def shrink_forward(dec: DecoderWithAttention, features: torch.Tensor, captions: torch.Tensor,
-                   lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                   torch.Tensor]:
-    """caption_lib's decoder pieces (projection once, fc once) with sort/shrink."""
-    lengths, order = lengths.sort(descending=True)  # (B,)
-    features, captions = features[order], captions[order]  # (B, P, E), (B, L)
-    B, P, _ = features.shape
-    steps = (lengths - 1).tolist()
-    T = max(steps)
+def mask_forward(dec: DecoderWithAttention, features: torch.Tensor, captions: torch.Tensor,
+                 lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                 torch.Tensor]:
+    """caption_lib's decoder pieces (projection once, fc once), every step on the whole
+    batch, padded steps only masked in the loss: the alternative to shrinking."""
+    T = captions.size(1) - 1
     embedded = dec.embedding(captions[:, :T])  # (B, T, D)
-    h, c = dec.init_state(features)  # (B, H)
+    state = dec.init_state(features)  # (B, H), (B, H)
     projected = dec.project(features)  # (B, P, A)
-    hidden = features.new_zeros(B, T, dec.decoder_dim)  # (B, T, H)
-    alphas = features.new_zeros(B, T, P)  # (B, T, P)
+    hiddens, alphas = [], []
     for t in range(T):
-        b = sum(s > t for s in steps)
-        (h, c), alpha = dec._cell(embedded[:b, t], (h[:b], c[:b]), features[:b], projected[:b])
-        hidden[:b, t] = h
-        alphas[:b, t] = alpha
-    logits = dec.fc(dec.dropout(hidden))  # (B, T, V)
-    return logits, alphas, captions, lengths
+        state, alpha = dec._cell(embedded[:, t], state, features, projected)
+        hiddens.append(state[0])  # (B, H)
+        alphas.append(alpha)  # (B, P)
+    logits = dec.fc(dec.dropout(torch.stack(hiddens, dim=1)))  # (B, T, V)
+    real = step_mask(lengths, T)  # (B, T)
+    return logits, torch.stack(alphas, dim=1) * real.unsqueeze(2), captions, lengths
 
 
 def tutorial_loss(predictions, alphas, captions, lengths, alpha_c=1.0):
@@ -95,6 +94,16 @@ def tutorial_loss(predictions, alphas, captions, lengths, alpha_c=1.0):
     real = torch.arange(T).unsqueeze(0) < (lengths - 1).unsqueeze(1)  # (B, T)
     xent = F.cross_entropy(predictions[real], captions[:, 1:T + 1][real])
     return xent + alpha_c * ((1.0 - alphas.sum(dim=1)) ** 2).sum(dim=1).mean()
+
+
+def _batch(B: int, P: int, E: int, V: int, L: int, min_len: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    features = torch.randn(B, P, E, generator=gen)  # (B, P, E)
+    lengths = torch.randint(min_len, L + 1, (B,), generator=gen)  # (B,)
+    lengths[0] = L
+    captions = torch.randint(4, V, (B, L), generator=gen)  # (B, L)
+    captions[torch.arange(L).unsqueeze(0) >= lengths.unsqueeze(1)] = 0
+    return features, captions, lengths
 
 
 def main() -> None:
@@ -108,53 +117,58 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=5000)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    gen = torch.Generator().manual_seed(0)
     B, P, E, V, L = args.batch, 49, 2048, args.vocab, args.max_len
-    features = torch.randn(B, P, E, generator=gen)  # (B, P, E)
-    lengths = torch.randint(args.min_len, L + 1, (B,), generator=gen)  # (B,)
-    lengths[0] = L
-    captions = torch.randint(4, V, (B, L), generator=gen)  # (B, L)
-    captions[torch.arange(L).unsqueeze(0) >= lengths.unsqueeze(1)] = 0
-
     torch.manual_seed(0)
     dec = DecoderWithAttention(V, E, 512, 512, 512, dropout=0.5)
     opt = torch.optim.Adam(dec.parameters(), lr=1e-4)
+    # "variable": lengths drawn in [min_len, max_len]; "fixed": every caption max_len long
+    batches = {"variable": _batch(B, P, E, V, L, args.min_len), "fixed": _batch(B, P, E, V, L, L)}
 
-    def step_caption_lib():
+    def step_caption_lib(features, captions, lengths):
         logits, alphas = dec(features, captions, lengths)
         loss, _ = caption_loss(logits, captions, lengths, alphas)
         return loss
 
-    def step_shrink():
-        return tutorial_loss(*shrink_forward(dec, features, captions, lengths))
+    def step_mask_only(features, captions, lengths):
+        return tutorial_loss(*mask_forward(dec, features, captions, lengths))
 
-    def step_tutorial():
+    def step_tutorial(features, captions, lengths):
         return tutorial_loss(*tutorial_forward(dec, features, captions, lengths))
 
     impls = {"tutorial": step_tutorial, "caption_lib": step_caption_lib,
-             "caption_lib+shrink": step_shrink}
-    times: dict[str, list[float]] = {k: [] for k in impls}
+             "caption_lib_mask_only": step_mask_only}
+    runs = [(f"{scenario}/{name}", fn, batch) for scenario, batch in batches.items()
+            for name, fn in impls.items() if not (scenario == "fixed" and "mask" in name)]
+    times: dict[str, list[float]] = {key: [] for key, _, _ in runs}
     for rep in range(args.warmup + args.reps):
-        for name, fn in impls.items():
+        for key, fn, batch in runs:  # interleaved: noise hits every variant alike
             start = time.perf_counter()
             opt.zero_grad(set_to_none=True)
-            fn().backward()
+            fn(*batch).backward()
             opt.step()
             if rep >= args.warmup:
-                times[name].append((time.perf_counter() - start) * 1000)
+                times[key].append((time.perf_counter() - start) * 1000)
 
-    ms = {k: statistics.median(v) for k, v in times.items()}
+    median = {k: statistics.median(v) for k, v in times.items()}
+    best = {k: min(v) for k, v in times.items()}
     result = {
         "benchmark": "decoder training step (forward + loss + backward + Adam)",
+        "command": "python benchmarks/bench_decoder.py " + " ".join(sys.argv[1:]),
         "sizes": {"batch": B, "regions": P, "encoder_dim": E, "embed_dim": 512,
                   "decoder_dim": 512, "attention_dim": 512, "vocab": V, "max_len": L,
-                  "lengths": [int(x) for x in lengths]},
+                  "variable_lengths": [int(x) for x in batches["variable"][2]]},
         "threads": args.threads, "reps": args.reps, "warmup": args.warmup,
         "torch": torch.__version__, "machine": platform.machine(),
-        "ms_per_step": {k: round(v, 1) for k, v in ms.items()},
+        "load_average_1min": round(os.getloadavg()[0], 2),
+        "ms_per_step_median": {k: round(v, 1) for k, v in median.items()},
+        "ms_per_step_min": {k: round(v, 1) for k, v in best.items()},
         "ms_all": {k: [round(x, 1) for x in v] for k, v in times.items()},
-        "ratio_tutorial_over_caption_lib": round(ms["tutorial"] / ms["caption_lib"], 2),
-        "ratio_shrink_over_mask": round(ms["caption_lib+shrink"] / ms["caption_lib"], 2),
+        "speedup_vs_tutorial_median": {
+            s: round(median[f"{s}/tutorial"] / median[f"{s}/caption_lib"], 2) for s in batches},
+        "speedup_vs_tutorial_min": {
+            s: round(best[f"{s}/tutorial"] / best[f"{s}/caption_lib"], 2) for s in batches},
+        "shrink_time_over_mask_time_median": round(
+            median["variable/caption_lib"] / median["variable/caption_lib_mask_only"], 2),
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")

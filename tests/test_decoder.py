@@ -123,3 +123,14 @@ def test_decoder_gradcheck_on_small_doubles():
     features, captions, lengths = _batch(B=2, L=4)
     features = features.double().requires_grad_()
     assert torch.autograd.gradcheck(lambda f: dec(f, captions, lengths)[0], (features,))
+
+
+def test_batch_order_does_not_matter():
+    dec = _decoder().eval()
+    features, captions, lengths = _batch()
+    perm = torch.tensor([2, 0, 1])
+    with torch.no_grad():
+        logits, alphas = dec(features, captions, lengths)
+        logits_p, alphas_p = dec(features[perm], captions[perm], lengths[perm])
+    torch.testing.assert_close(logits_p, logits[perm], atol=1e-6, rtol=0)
+    torch.testing.assert_close(alphas_p, alphas[perm], atol=1e-6, rtol=0)
