@@ -19,6 +19,7 @@ module, in the order the book meets them:
     decoding  greedy decoding and batched beam search; caption one image
     metrics   BLEU, CIDEr, ROUGE-L, METEOR; semantic F1 and attention grounding
     viz       attention overlays, captioned image grids, training curves
+    checks    friendly exercise checks (learner's code vs the reference)
 """
 
 from caption_lib.attention import Attention
