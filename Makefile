@@ -16,6 +16,7 @@ help:
 	@echo "make book   build the book (_build/html) with every notebook executed offline"
 	@echo "make test   run all tests, nbval over notebooks/ included"
 	@echo "make notebooks [NB=01_dataset]  execute notebooks/*.py into notebooks/*.ipynb (commit them)"
+	@echo "make student  student notebooks (solutions and hidden tests removed) into student/"
 	@echo "make bench  run benchmarks/ and write benchmarks/results/*.json"
 	@echo "make clean  remove build outputs and caches (keeps .venv; 'make distclean' removes it)"
 
@@ -39,6 +40,9 @@ book: $(STAMP)
 
 notebooks: $(STAMP)
 	$(PY) tools/notebooks.py execute $(NB)
+
+student: $(STAMP)
+	$(PY) tools/student.py --out student
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check caption_lib tests benchmarks

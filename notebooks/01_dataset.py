@@ -52,6 +52,7 @@ import caption_lib
 from caption_lib import (
     CaptionDataset,
     Vocabulary,
+    checks,
     collate_captions,
     load_dataset,
     object_cell_mask,
@@ -412,14 +413,11 @@ def encode(text: str, stoi: dict[str, int]) -> list[int]:
 
 
 # %% nbgrader={"grade": true, "grade_id": "ex1-test", "locked": true, "points": 2, "schema_version": 3, "solution": false}
-assert encode("a red circle", vocab.stoi) == vocab.encode("a red circle")
-assert encode("a mauve circle", vocab.stoi)[2] == vocab.unk_id, "unknown words map to <unk>"
+# compares with vocab.encode and explains a difference (caption_lib/checks.py)
+checks.check_encode(encode, vocab, trials=0, texts=["a red circle", "a mauve circle"])
 ### BEGIN HIDDEN TESTS
-rng = np.random.default_rng(1)
-words = vocab.itos[4:] + ["zebra", "Purple", "circle,"]
-for _ in range(200):
-    text = " ".join(rng.choice(words, size=rng.integers(0, 12)))
-    assert encode(text, vocab.stoi) == vocab.encode(text), text
+checks.check_encode(encode, vocab, trials=200, seed=1,
+                    texts=["A big red circle, left of a small PURPLE square.", ""])
 ### END HIDDEN TESTS
 print("Exercise 1: correct")
 
@@ -438,12 +436,17 @@ def build_itos(captions: list[str], min_freq: int = 1) -> list[str]:
 
 
 # %% nbgrader={"grade": true, "grade_id": "ex2-test", "locked": true, "points": 2, "schema_version": 3, "solution": false}
+def reference_itos(captions, min_freq):
+    return Vocabulary.build(captions, min_freq).itos
+
+
 toy = ["a dog runs", "a dog sits", "a cat"]
 assert build_itos(toy, 2) == ["<pad>", "<start>", "<end>", "<unk>", "a", "dog"]
+checks.check_function(build_itos, reference_itos, lambda g: (toy, 1), trials=1)
 ### BEGIN HIDDEN TESTS
 sample = [c for r in train[:300] for c in r.captions]
-for min_freq in (1, 5, 50):
-    assert build_itos(sample, min_freq) == Vocabulary.build(sample, min_freq).itos, min_freq
+checks.check_function(build_itos, reference_itos, trials=4, seed=1,
+                      make_inputs=lambda g: (sample, int(torch.randint(1, 60, (1,), generator=g))))
 ### END HIDDEN TESTS
 print("Exercise 2: correct")
 
@@ -468,12 +471,8 @@ def cell_mask(box, grid: int = 7, image_size: int = 224) -> torch.Tensor:
 
 # %% nbgrader={"grade": true, "grade_id": "ex3-test", "locked": true, "points": 2, "schema_version": 3, "solution": false}
 assert cell_mask([100, 100, 130, 130]).nonzero().tolist() == [[3, 3], [3, 4], [4, 3], [4, 4]]
+checks.check_cell_mask(cell_mask, trials=20)  # random boxes, compared with object_cell_mask
 ### BEGIN HIDDEN TESTS
-rng = np.random.default_rng(2)
-for _ in range(300):
-    x0, y0 = rng.integers(0, 200, size=2)
-    x1, y1 = x0 + rng.integers(1, 224 - x0 + 1), y0 + rng.integers(1, 224 - y0 + 1)
-    box = [int(x0), int(y0), int(x1), int(y1)]
-    assert torch.equal(cell_mask(box), object_cell_mask(box)), box
+checks.check_cell_mask(cell_mask, trials=300, seed=2, boxes=[[0, 0, 224, 224], [31, 31, 33, 33]])
 ### END HIDDEN TESTS
 print("Exercise 3: correct")

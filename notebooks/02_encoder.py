@@ -44,7 +44,7 @@ import matplotlib.pyplot as plt
 import torch
 
 import caption_lib
-from caption_lib import EncoderCNN
+from caption_lib import EncoderCNN, checks
 from caption_lib.features import cached_features
 
 device = caption_lib.pick_device("auto")
@@ -277,7 +277,10 @@ fmap = torch.randn(3, 8, 5, 4)
 out = regions_from_map(fmap)
 assert out.shape == (3, 20, 8), f"expected (3, 20, 8), got {tuple(out.shape)}"
 assert torch.equal(out[:, 1 * 4 + 2], fmap[:, :, 1, 2]), "region r must be cell (r // W, r % W)"
+# shape (B, 49, 2048), values and gradients on random maps (caption_lib/checks.py)
+checks.check_regions_from_map(regions_from_map, trials=2)
 ### BEGIN HIDDEN TESTS
+checks.check_regions_from_map(regions_from_map, trials=20, seed=1)
 with torch.no_grad():
     reference = EncoderCNN(weights=None)
     img = torch.randn(1, 3, 64, 64)
@@ -305,10 +308,14 @@ def num_regions(image_size: int) -> int:
 assert num_regions(224) == 49, f"224 gives a 7x7 grid, got {num_regions(224)}"
 assert num_regions(448) == 196
 ### BEGIN HIDDEN TESTS
-with torch.no_grad():
-    reference = EncoderCNN(weights=None).eval()
-    for size in (64, 100, 161):
-        got = reference(torch.randn(1, 3, size, size)).shape[1]
-        assert num_regions(size) == got, f"{size}: expected {got}, got {num_regions(size)}"
+reference = EncoderCNN(weights=None).eval()
+
+
+def regions_of(size: int) -> int:  # what the network really gives
+    return reference(torch.zeros(1, 3, size, size)).shape[1]
+
+
+checks.check_function(num_regions, regions_of, trials=4, seed=1,
+                      make_inputs=lambda g: (int(torch.randint(33, 200, (1,), generator=g)),))
 ### END HIDDEN TESTS
 print("Exercise 2: correct")
