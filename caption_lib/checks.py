@@ -5,7 +5,7 @@ and the reference on the same (random, seeded) inputs and, when they disagree, r
 `AssertionError` whose message says in plain words what is wrong and where:
 
     expected shape (B, 49, 2048) = (2, 49, 2048), got (2, 2048, 49)
-    alpha must sum to 1 over the 49 regions, got sums like 0.73 (row 0)
+    alpha must sum to 1 over the 49 regions, got sums like 0.73 (row 0); is the softmax ...
     output differs from the reference: max abs difference 0.31 at (1, 4): got 0.12, expected 0.43
     no gradient reaches `features`: did you use .detach(), .item(), .numpy() or torch.no_grad()?
 
@@ -104,9 +104,11 @@ def check_normalised(weights: torch.Tensor, dim: int = -1, name: str = "alpha",
     off = (sums - 1).abs()
     if (off > atol).any():
         worst = int(off.flatten().argmax())
+        pos = _position(worst, sums.shape)
+        where = f"row {pos[0]}" if len(pos) == 1 else f"at {pos}"
         raise AssertionError(
             f"{name} must sum to 1 over the {n} {what}, got sums like "
-            f"{sums.flatten()[worst].item():.4g} (at {_position(worst, sums.shape)}); "
+            f"{sums.flatten()[worst].item():.4g} ({where}); "
             f"is the softmax over the right dimension?")
 
 
@@ -280,7 +282,7 @@ def check_regions_from_map(regions_from_map: Callable, trials: int = 3, seed: in
         return (torch.randn(b, c, h, w + 1, generator=g),)  # non-square: rows vs columns
 
     check_function(regions_from_map, _regions_reference, inputs, trials=trials, seed=seed,
-                   gradients=True)
+                   name="regions_from_map", gradients=True)
 
 
 def check_attention_forward(attention_forward: Callable, trials: int = 3, seed: int = 0) -> None:
