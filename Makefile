@@ -44,6 +44,9 @@ notebooks: $(STAMP)
 student: $(STAMP)
 	$(PY) tools/student.py --out student
 
+bench: $(STAMP)
+	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check caption_lib tests benchmarks
 
