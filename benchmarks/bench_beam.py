@@ -20,7 +20,12 @@ repetitions, interleaved so that machine noise hits them alike; the fastest repe
 reported too) and must return the same captions. Prints one JSON object (images/s each, ratios) and writes it to
 benchmarks/results/beam.json.
 
-    python benchmarks/bench_beam.py [--reps 5] [--threads 2]
+    python benchmarks/bench_beam.py [--reps 5] [--threads 2] [--out FILE]
+
+Noise: with 2 threads on a 2-core machine that other processes share, every parallel
+op waits for a descheduled thread and the timings swing 10x between repetitions (small
+ops, i.e. the per-image loops and the batched search, suffer most). `--threads 1` gives
+stable timings there (results/beam_threads1.json).
 """
 
 from __future__ import annotations
@@ -91,6 +96,7 @@ def main() -> None:
     parser.add_argument("--beam-size", type=int, default=3)
     parser.add_argument("--max-len", type=int, default=20)
     parser.add_argument("--vocab", type=int, default=5000)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where to write the JSON")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     B, P, E, V, k, T = args.batch, 49, 2048, args.vocab, args.beam_size, args.max_len
@@ -142,8 +148,8 @@ def main() -> None:
         "ratio_batched_over_tutorial_fastest_rep": round(best["batched"] / best["tutorial"], 1),
         "same_captions": same,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
 
 
