@@ -1,7 +1,8 @@
 """Training: teacher forcing on cached features, validation by real decoding, exact resume.
 
-One epoch shows every training image once (with one of its reference captions, drawn
-at random; `captions_per_image=0` uses all of them). The frozen part of the encoder never
+One epoch shows every training image once, in batches of `batch_size` images, each with
+all its reference captions (or `captions_per_image` of them, drawn at random): the
+encoder stage runs once per image and its captions share the result. The frozen part of the encoder never
 runs during training: its output comes from the feature cache (`caption_lib.features`).
 When a stage of the encoder is fine-tuned (the offline default: `layer4` of a random-init
 ResNet-50), it runs on the cached `layer3` output in train mode, and its BatchNorm
@@ -49,7 +50,7 @@ class TrainConfig:
     """How to train (the model's own hyper-parameters are in `CaptionerConfig`)."""
 
     epochs: int = 6
-    batch_size: int = 32
+    batch_size: int = 32  # images (each brings its captions)
     lr: float = 4e-4  # decoder, Adam
     encoder_lr: float = 1e-4  # the fine-tuned encoder stage, if any
     grad_clip: float = 5.0
@@ -57,7 +58,7 @@ class TrainConfig:
     lr_patience: int = 1  # ... after this many epochs without a better val BLEU-4
     early_stop: int = 3  # stop after this many epochs without a better val BLEU-4
     min_freq: int = 5  # words seen fewer times in training captions become <unk>
-    captions_per_image: int = 1  # per epoch; 0 = all references
+    captions_per_image: int = 0  # per image and epoch, in its batch; 0 = all references
     max_caption_len: int = 40  # tokens incl. <start>/<end>; longer ones are cut
     max_decode_len: int = 20
     val_images: int = 300  # images decoded for val BLEU-4 (0 = all)
@@ -89,31 +90,37 @@ class _Split:
         for caps in encoded:  # a cut caption still ends with <end>
             for ids in caps:
                 ids[-1] = vocab.end_id if len(ids) == max_len else ids[-1]
-        self.pairs = [(i, j) for i, caps in enumerate(encoded) for j in range(len(caps))]
         self.encoded = encoded
         self.pad_id = vocab.pad_id
 
-    def epoch_pairs(self, per_image: int, generator: torch.Generator) -> list[tuple[int, int]]:
-        """(image, caption) pairs of one epoch, shuffled."""
-        if per_image <= 0:
-            pairs = self.pairs
-        else:
+    def epoch_batches(self, batch_size: int, per_image: int,
+                      generator: torch.Generator) -> list[list[tuple[int, int]]]:
+        """One epoch: images shuffled into batches of `batch_size`; each image brings
+        `per_image` of its captions drawn at random (0: all of them)."""
+        order = torch.randperm(len(self.encoded), generator=generator).tolist()
+        batches = []
+        for k in range(0, len(order), batch_size):
             pairs = []
-            for i, caps in enumerate(self.encoded):
-                pick = torch.randperm(len(caps), generator=generator)[:per_image].tolist()
+            for i in order[k:k + batch_size]:
+                n = len(self.encoded[i])
+                pick = torch.randperm(n, generator=generator)[:per_image or n].tolist()
                 pairs += [(i, j) for j in pick]
-        order = torch.randperm(len(pairs), generator=generator).tolist()
-        return [pairs[k] for k in order]
+            batches.append(pairs)
+        return batches
 
     def batch(self, pairs: list[tuple[int, int]]):
-        """-> cached features (B, C, h, w) fp16, captions (B, L) int64, lengths (B,)."""
-        images = torch.tensor([i for i, _ in pairs])  # (B,)
+        """(image, caption) pairs -> cached features of the distinct images (B, C, h, w)
+        fp16, captions (N, L) int64, lengths (N,), owner (N,): the row of each caption's
+        image in the features."""
+        images = sorted({i for i, _ in pairs})
+        row = {i: r for r, i in enumerate(images)}
         caps = [self.encoded[i][j] for i, j in pairs]
-        lengths = torch.tensor([len(c) for c in caps])  # (B,)
+        lengths = torch.tensor([len(c) for c in caps])  # (N,)
         captions = torch.full((len(caps), int(lengths.max())), self.pad_id, dtype=torch.long)
         for b, c in enumerate(caps):
-            captions[b, :len(c)] = torch.tensor(c)  # (B, L)
-        return self.features[images], captions, lengths
+            captions[b, :len(c)] = torch.tensor(c)  # (N, L)
+        owner = torch.tensor([row[i] for i, _ in pairs])  # (N,)
+        return self.features[torch.tensor(images)], captions, lengths, owner
 
 
 def _autocast(device: torch.device, precision: str):
@@ -153,7 +160,7 @@ def evaluate_split(model: Captioner, split: _Split, device: torch.device, config
     losses, hyps, refs, objects = [], [], [], []
     for start in range(0, n, batch_size):
         idx = list(range(start, min(n, start + batch_size)))
-        cached, captions, lengths = split.batch([(i, 0) for i in idx])
+        cached, captions, lengths, _ = split.batch([(i, 0) for i in idx])
         feats = regions(model, cached, device, config.precision)  # (B, P, E)
         logits, alphas = model.decoder(feats, captions.to(device), lengths.to(device))
         _, parts = caption_loss(logits, captions.to(device), lengths.to(device), alphas,
@@ -254,15 +261,17 @@ def train(data_dir: str | Path, out_dir: str | Path, model_config: CaptionerConf
         start = time.perf_counter()
         model.train()
         g = torch.Generator().manual_seed(config.seed * 1000 + epoch)
-        pairs = train_split.epoch_pairs(config.captions_per_image, g)
-        batches = [pairs[k:k + config.batch_size] for k in range(0, len(pairs), config.batch_size)]
+        batches = train_split.epoch_batches(config.batch_size, config.captions_per_image, g)
         total = tokens = 0.0
+        seen = 0
         bar = tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", unit="batch",
                    disable=not progress, mininterval=2.0)
         for batch in bar:
-            cached, captions, lengths = train_split.batch(batch)
+            cached, captions, lengths, owner = train_split.batch(batch)
             captions, lengths = captions.to(device), lengths.to(device)
-            feats = regions(model, cached, device, config.precision)  # (B, P, E)
+            # the encoder stage runs once per image; its captions share the result
+            feats = regions(model, cached, device, config.precision)[owner.to(device)]  # (N, P, E)
+            seen += len(batch)
             cuda_amp = _autocast(device, config.precision) if device.type == "cuda" else nullcontext()
             with cuda_amp:
                 logits, alphas = model.decoder(feats, captions, lengths)  # (B, L-1, V), (B, L-1, P)
@@ -290,7 +299,7 @@ def train(data_dir: str | Path, out_dir: str | Path, model_config: CaptionerConf
                  "val_bleu4": val["bleu4"], "lr": optimizer.param_groups[0]["lr"],
                  "train_seconds": round(train_seconds, 1),
                  "seconds": round(time.perf_counter() - start, 1),
-                 "captions_per_s": round(len(pairs) / train_seconds, 1)}
+                 "captions_per_s": round(seen / train_seconds, 1)}
         if "semantic_f1" in val:
             entry["val_semantic_f1"] = val["semantic_f1"]
         history.append(entry)
@@ -350,7 +359,7 @@ def recipe(name: str) -> tuple[CaptionerConfig, TrainConfig]:
     if name == "shapes":
         return (CaptionerConfig(encoder_weights="DEFAULT", fine_tune="auto", embed_dim=256,
                                 decoder_dim=256, attention_dim=256, dropout=0.3),
-                TrainConfig(epochs=6, batch_size=32, min_freq=1, captions_per_image=1))
+                TrainConfig(epochs=6, batch_size=32, min_freq=1, captions_per_image=0))
     if name == "flickr8k":
         return (CaptionerConfig(encoder_weights="DEFAULT", fine_tune="auto"),
                 TrainConfig(epochs=20, batch_size=64, min_freq=5, captions_per_image=0,

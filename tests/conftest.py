@@ -37,7 +37,7 @@ def tiny_configs(fine_tune=False, epochs=2):
 
     model = CaptionerConfig(encoder_weights=None, fine_tune=fine_tune, embed_dim=32,
                             decoder_dim=32, attention_dim=32, dropout=0.2)
-    config = TrainConfig(epochs=epochs, batch_size=8, lr=3e-3, encoder_lr=1e-3, min_freq=1,
+    config = TrainConfig(epochs=epochs, batch_size=2, lr=3e-3, encoder_lr=1e-3, min_freq=1,
                          captions_per_image=0, val_images=6, bn_images=16, max_decode_len=12)
     return model, config
 
