@@ -2,9 +2,9 @@
 
 One epoch shows every training image once, in batches of `batch_size` images, each with
 all its reference captions (or `captions_per_image` of them, drawn at random): the
-encoder stage runs once per image and its captions share the result. The frozen part of the encoder never
-runs during training: its output comes from the feature cache (`caption_lib.features`).
-When a stage of the encoder is fine-tuned (the offline default: `layer4` of a random-init
+encoder stage runs once per image and its captions share the result. The frozen part of
+the encoder never runs during training: its output comes from the feature cache
+(`caption_lib.features`). When a stage of the encoder is fine-tuned (the offline default: `layer4` of a random-init
 ResNet-50), it runs on the cached `layer3` output in train mode, and its BatchNorm
 statistics are re-estimated over training images before every validation
 (`encoder.recalibrate_batchnorm`).
@@ -16,7 +16,8 @@ and `best.pt` (best validation BLEU-4). Resuming restores model, optimiser, sche
 history and the random number generator, so the run continues exactly as if it had not
 stopped (on the same machine and device).
 
-Letters: B batch, C/h/w cached channels and grid, P regions, E encoder dim, L caption length.
+Letters: B images in a batch, N captions in a batch, C/h/w cached channels and grid,
+P regions, E encoder dim, L caption length.
 """
 
 from __future__ import annotations
