@@ -23,6 +23,7 @@ module, in the order the book meets them:
 """
 
 from caption_lib.attention import Attention
+from caption_lib.caption import caption_files
 from caption_lib.data import (
     CaptionDataset,
     FeatureCaptionDataset,
@@ -65,6 +66,7 @@ __all__ = [
     "Vocabulary",
     "beam_search",
     "bleu",
+    "caption_files",
     "caption_image",
     "caption_loss",
     "coco_scores",

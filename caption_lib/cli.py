@@ -59,9 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _registrars() -> list[Callable[[argparse._SubParsersAction], None]]:
     """Sub-commands contributed by the library's modules, in the book's order."""
-    from caption_lib import data, evaluate, shapes, train
+    from caption_lib import caption, data, evaluate, shapes, train
 
-    return [shapes.register, data.register, train.register, evaluate.register]
+    return [shapes.register, data.register, train.register, evaluate.register,
+            caption.register]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
