@@ -1,0 +1,611 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent,ipynb
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Inference: beam search, evaluation and attention you can see
+#
+# **In this chapter you will learn**
+#
+# - how a trained decoder writes a caption without a reference to lean on: greedy
+#   decoding, and why *beam search* finds more probable captions;
+# - why beam search ranks finished captions by a length-normalised score;
+# - how captions are scored: BLEU, CIDEr, ROUGE-L and METEOR over the whole test split,
+#   with beam sizes 1, 3 and 5;
+# - two measures only a data set with ground truth allows: *semantic F1* (does the caption
+#   name what is in the picture?) and *attention grounding* (does the model look at the
+#   object while it names it?);
+# - where the model fails, and how to caption your own images (in Python and with the
+#   `caption-lib caption` command).
+
+# %% tags=["hide-input"]
+# Setup. On Colab: install this book's package from its repository. Locally `make`
+# has installed it already, so nothing happens here
+import subprocess
+import sys
+
+REPO_URL = "https://github.com/show-attend-tell-book/show-attend-tell-book"
+if "google.colab" in sys.modules:
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"git+{REPO_URL}"], check=True)
+
+# %% tags=["parameters"]
+# Parameters: "shapes" runs offline on a CPU; "flickr8k" needs Colab (a GPU, a download)
+DATASET = "shapes"
+SEED = 0
+BEAM_SIZES = (1, 3, 5)  # the evaluation table
+BEAM_SIZE = 3  # the book's choice for everything else
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+import tempfile
+from pathlib import Path
+
+import torch
+from IPython.display import display
+from PIL import Image
+
+import caption_lib
+from caption_lib import (
+    Captioner,
+    beam_search,
+    caption_image,
+    checks,
+    greedy_decode,
+    load_dataset,
+    make_shapes,
+    parse_mentions,
+    plot_attention,
+    show_grid,
+    split_records,
+    tokenize,
+)
+from caption_lib.decoding import decode_batch
+from caption_lib.evaluate import evaluate
+from caption_lib.features import cached_features
+from caption_lib.metrics import bleu, grounding_report, semantic_f1
+from caption_lib.train import ensure_trained, recipe, regions
+
+device = caption_lib.pick_device("auto")  # a GPU on Colab, the CPU here
+caption_lib.seed_everything(SEED)
+print(f"caption_lib {caption_lib.__version__} on {device}")
+
+# %%
+# The library draws plain matplotlib figures (no pyplot): show them inline with `display`
+# %matplotlib inline
+
+# %% [markdown]
+# ## The trained model
+#
+# Chapter 5 trained the book's model; `ensure_trained` finds that finished run in the
+# workspace and loads it (a fresh machine trains it once: a few minutes here, on the CPU).
+# We use the checkpoint with the best validation BLEU-4, `best.pt`.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+if DATASET == "shapes":
+    data_dir = caption_lib.ensure_shapes()  # 3000 / 300 / 300 images, generated once
+else:
+    from caption_lib.download import prepare_flickr8k
+
+    data_dir = prepare_flickr8k()  # about 1 GB, on Colab
+model_config, config = recipe(DATASET)
+run = ensure_trained(data_dir, model_config, config, device=device)
+checkpoint = run.out_dir / "best.pt"
+model = Captioner.load(checkpoint, map_location=device).eval()
+vocab = model.vocab
+test_records = split_records(load_dataset(data_dir), "test")
+print(f"{checkpoint.parent.name}: encoder weights {model.encoder.weights_used}, "
+      f"V = {len(vocab)} words, {len(test_records)} test images")
+
+# %% [markdown]
+# The frozen part of the encoder never changes, so its output for the test images comes
+# from the feature cache (computed once); `regions` runs the rest of the encoder (the
+# fine-tuned stage, if any) and gives the region features $a$ of each image.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+store = cached_features(model.encoder, [r.image for r in test_records],
+                        cache_root=caption_lib.workspace_dir() / "features", device=device,
+                        progress=False)
+
+
+def test_features(index: list[int]) -> torch.Tensor:
+    """Region features (B, 49, 2048) of some test images."""
+    with torch.no_grad():
+        return regions(model, store[torch.tensor(index)], device)  # (B, 49, 2048)
+
+
+features = test_features([0, 1])  # (2, 49, 2048)
+print("region features of 2 images:", tuple(features.shape))
+
+# %%
+# NBVAL_CHECK_OUTPUT
+assert features.shape == (2, 49, 2048)
+print("features:", tuple(features.shape), "= (B, P, E)")
+
+# %% [markdown]
+# ## From probabilities to a caption
+#
+# The decoder gives, at each step $t$, a distribution over the next word given the image
+# and the words so far. A caption $y = (y_1, \dots, y_T)$ ending with `<end>` has the
+# log-probability
+#
+# $$
+# \log p(y \mid a) = \sum_{t=1}^{T} \log p(y_t \mid y_{<t}, a),
+# $$ (eq-seq-logp)
+#
+# and the caption we want is the most probable one, $\hat y = \arg\max_y \log p(y \mid a)$.
+# With $V$ words and captions of 10 words there are $V^{10}$ candidates: we cannot try
+# them all.
+#
+# **Greedy decoding** takes the most likely word at every step,
+# $\hat y_t = \arg\max_w \log p(w \mid \hat y_{<t}, a)$. It is fast, but a word chosen
+# early is never reconsidered: if "a big" was slightly more likely than "two" at step 1,
+# greedy decoding cannot later discover that "two small circles ..." was the more probable
+# caption as a whole.
+#
+# **Beam search** keeps the $k$ most probable prefixes ("beams") instead of one. At each
+# step it extends every beam $b$ (score $s_b$) by every word $w$,
+#
+# $$
+# s_{b,w} = s_b + \log p(w \mid y^{(b)}, a), \qquad b = 1..k, \; w = 1..V,
+# $$ (eq-beam-step)
+#
+# and keeps the $k$ best of these $k \cdot V$ candidates. A candidate ending with `<end>`
+# is set aside as a finished caption. Because $\log p \le 0$, scores only fall as captions
+# grow, so a plain sum favours short captions; finished captions are therefore ranked by
+# the mean log-probability per word (length normalisation, $|y|$ counts `<end>`):
+#
+# $$
+# \text{score}(y) = \frac{1}{|y|} \sum_{t=1}^{|y|} \log p(y_t \mid y_{<t}, a).
+# $$ (eq-length-norm)
+#
+# With $k = 1$ beam search is exactly greedy decoding. Xu et al. {cite:p}`xu2015show`
+# caption their test images with beam search; `caption_lib.beam_search` runs the beams of
+# a whole batch of images as one batch for the decoder.
+
+# %% [markdown]
+# ### A worked example: the first two steps of a beam of 3
+#
+# We pick a test image where greedy decoding and beam search disagree, and look at the
+# candidates the search weighs.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+K = BEAM_SIZE
+n_first = min(100, len(test_records))
+first = test_features(list(range(n_first)))  # (100, 49, 2048)
+greedy_first = greedy_decode(model, first, vocab)
+beam_first = beam_search(model, first, vocab, beam_size=K)
+differ = [i for i in range(n_first) if greedy_first.tokens[i] != beam_first.tokens[i]]
+example = differ[0] if differ else 0
+print(f"greedy and beam search (k={K}) disagree on {len(differ)} of {n_first} images; "
+      f"example: test image {example}")
+print("greedy:", vocab.decode(greedy_first.tokens[example]))
+print("beam:  ", vocab.decode(beam_first.tokens[example]))
+
+# %% [markdown]
+# Step 1: the decoder starts from `<start>`; the 3 most probable first words become the 3
+# beams. Step 2: each beam is extended by every word ({eq}`eq-beam-step`); of the
+# $3 \cdot V$ candidates, the 3 best survive — they may all come from the same beam.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+dec = model.decoder
+a = test_features([example])  # (1, 49, 2048)
+with torch.no_grad():
+    projected = dec.project(a)  # (1, 49, A)
+    state = dec.init_state(a)  # (1, H), (1, H)
+    start = torch.tensor([vocab.start_id], device=device)  # (1,)
+    logits, state, _ = dec.step(start, state, a, projected)  # (1, V)
+    logp1 = logits.float().log_softmax(dim=-1)[0]  # (V,)
+    scores1, words1 = logp1.topk(K)  # (k,), (k,)
+    print("step 1: the k best first words")
+    for s, w in zip(scores1.tolist(), words1.tolist()):
+        print(f"   {vocab.itos[w]:>10s}   log p = {s:6.3f}")
+
+    # step 2: the k beams as one batch
+    state = (state[0].repeat(K, 1), state[1].repeat(K, 1))  # (k, H) x 2
+    a_k, proj_k = a.repeat(K, 1, 1), projected.repeat(K, 1, 1)  # (k, 49, E), (k, 49, A)
+    logits, _, _ = dec.step(words1, state, a_k, proj_k)  # (k, V)
+    logp2 = logits.float().log_softmax(dim=-1)  # (k, V)
+    candidates = scores1.unsqueeze(1) + logp2  # (k, V): s_b + log p(w | beam b)
+    best, flat = candidates.flatten().topk(K)  # (k,), (k,)
+    survivors = {(int(i) // len(vocab), int(i) % len(vocab)) for i in flat}
+    print("\nstep 2: the 3 best extensions of each beam (* = among the k best overall)")
+    for b in range(K):
+        top_s, top_w = candidates[b].topk(3)
+        row = [f"{vocab.itos[int(w)]} {s:6.3f}{'*' if (b, int(w)) in survivors else ' '}"
+               for s, w in zip(top_s.tolist(), top_w.tolist())]
+        print(f"   {vocab.itos[int(words1[b])]:>10s} -> " + "   ".join(row))
+
+# %%
+# NBVAL_CHECK_OUTPUT
+assert logp1.shape == (len(vocab),) and candidates.shape == (K, len(vocab))
+print("step 1 log-probs: (V,); step 2 candidates:", (candidates.shape[0], "V"), "= (k, V)")
+
+# %% [markdown]
+# `beam_search(..., return_beams=True)` also returns every finished hypothesis it set
+# aside, best first: its words, the sum of log-probabilities {eq}`eq-seq-logp` and the
+# normalised score {eq}`eq-length-norm` it was ranked by.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+result = beam_search(model, a, vocab, beam_size=K, return_beams=True)
+greedy = greedy_decode(model, a, vocab)
+n_greedy = len(greedy.tokens[0]) + int(greedy.finished[0])  # words (+ <end>)
+print(f"greedy: {vocab.decode(greedy.tokens[0])!r}  sum log p = {greedy.scores[0]:.3f}, "
+      f"per word = {greedy.scores[0] / n_greedy:.3f}")
+print("beam hypotheses, best first:")
+for h in result.beams[0]:
+    print(f"   {vocab.decode(h.tokens)!r:48s} sum log p = {h.score:7.3f}   "
+          f"per word = {h.norm_score:.3f}   finished = {h.finished}")
+
+# %% [markdown]
+# Over the first 100 test images: how often does beam search find a *more probable*
+# caption than greedy decoding? To compare like with like we rank by the plain sum here
+# (`length_norm=False`); we also look at the length of the captions each choice gives.
+#
+# Beam search is a heuristic, not an exact search: it usually finds a more probable
+# caption, but it can also lose the greedy one. If at step 2 the extensions of *other*
+# beams ("a big ...", "a small ...") all outrank the greedy prefix ("a yellow ..."), that
+# prefix falls out of the beam, even when the caption it would have become is the most
+# probable of all. A larger $k$ makes this rarer.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+def mean_len(r) -> float:
+    return sum(map(len, r.tokens)) / len(r.tokens)
+
+
+for k in (K, 2 * K):
+    plain = beam_search(model, first, vocab, beam_size=k, length_norm=False)
+    gain = plain.scores - greedy_first.scores  # (100,) sum log p, beam minus greedy
+    better, worse = int((gain > 1e-4).sum()), int((gain < -1e-4).sum())
+    print(f"k={k:2d}: more probable than greedy on {better:3d} images, less probable on "
+          f"{worse} (mean gain in log p {gain.mean():+.3f})")
+    assert better >= worse, "beam search should help more often than it hurts"
+    if worse:
+        i = int(gain.argmin())
+        print(f"      lost the greedy caption: {vocab.decode(greedy_first.tokens[i])!r} "
+              f"({greedy_first.scores[i]:.2f}) -> {vocab.decode(plain.tokens[i])!r} "
+              f"({plain.scores[i]:.2f})")
+plain = beam_search(model, first, vocab, beam_size=K, length_norm=False)
+print(f"mean caption length: greedy {mean_len(greedy_first):.2f}, "
+      f"beam (sum) {mean_len(plain):.2f}, beam (per word) {mean_len(beam_first):.2f} words")
+
+# %% [markdown]
+# ## Attention you can see
+#
+# For every word the decoder emits, $\alpha_t$ says where it looked ({cite:t}`xu2015show`,
+# Fig. 3). `plot_attention` upsamples each 7×7 map to the image size and lays it over the
+# picture: bright is attended. (The library's figures are plain matplotlib `Figure`s;
+# `display(fig)` shows one, `fig.savefig(path)` saves it.)
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+words3, beams3 = decode_batch(model, first[:3], vocab, beam_size=K)
+for i in range(3):
+    assert beams3.alphas[i].shape == (len(words3[i]), 49)
+    display(plot_attention(test_records[i].image, words3[i], beams3.alphas[i],
+                           title=f"test image {i}: {' '.join(words3[i])}"))
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print("alphas of image 0:", ("T", beams3.alphas[0].shape[1]), "= (T words, P regions)")
+
+# %% [markdown]
+# ## Scoring captions
+#
+# Every score below comes from real decoding: the model sees only the image (no teacher
+# forcing), and `<start>`, `<end>` and `<pad>` never reach the metrics. Scores are over
+# the whole test split ("corpus" scores) against its 5 reference captions per image, on a
+# 0–100 scale:
+#
+# - **BLEU-n** {cite:p}`papineni2002bleu`: the geometric mean of the clipped $m$-gram
+#   precisions $p_1, \dots, p_n$ times a brevity penalty,
+#
+# $$
+# \text{BLEU-}n = \text{BP} \cdot \exp\Big(\frac{1}{n} \sum_{m=1}^{n} \log p_m\Big), \qquad
+# p_m = \frac{\sum_{\text{$m$-grams } g \in \hat y} \min\big(c_{\hat y}(g), \max_r c_r(g)\big)}
+#            {\sum_{\text{$m$-grams } g \in \hat y} c_{\hat y}(g)}, \qquad
+# \text{BP} = \min\big(1, e^{1 - r/c}\big),
+# $$ (eq-bleu)
+#
+#   where $c_{\hat y}(g)$ counts $g$ in the caption, $c_r(g)$ in reference $r$, $c$ is the
+#   caption length and $r$ the length of the reference closest to it (sums over the corpus);
+# - **CIDEr-D** {cite:p}`vedantam2015cider`: cosine similarity of TF-IDF weighted
+#   $n$-grams (words common in all references count little);
+# - **ROUGE-L**: the longest common subsequence with the references;
+# - **METEOR**: unigram matches with stems and synonyms, and a penalty for fragmentation
+#   (a Java program: `None` without Java).
+#
+# `evaluate` captions the whole split with the given beam size and computes all of them;
+# METEOR is slow, so we compute it once, for $k = 3$.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+evaluations = {k: evaluate(model, data_dir, "test", beam_size=k, device=device,
+                           meteor=(k == BEAM_SIZE), progress=False) for k in BEAM_SIZES}
+columns = ["bleu1", "bleu2", "bleu3", "bleu4", "cider", "rougeL", "meteor",
+           "semantic_f1", "grounding"]
+print(f"{'k':>3s} " + " ".join(f"{c:>11s}" for c in columns))
+for k, ev in evaluations.items():
+    cells = ["—" if ev.scores.get(c) is None else f"{ev.scores[c]:.3f}" if c in
+             ("semantic_f1", "grounding") else f"{ev.scores[c]:.1f}" for c in columns]
+    print(f"{k:>3d} " + " ".join(f"{c:>11s}" for c in cells))
+
+# %% [markdown]
+# On the shapes data set BLEU is high and moves little with the beam size: the grammar of
+# the references is small, and most of what can go wrong is *what* the caption says (a
+# wrong colour or shape), not how. The next two measures look at exactly that.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+chosen = evaluations[BEAM_SIZE]
+assert chosen.scores["images"] == len(test_records)
+for ev in evaluations.values():
+    for item in ev.captions:
+        assert not {"<start>", "<end>", "<pad>"} & set(item["caption"].split())
+# loose floors: a broken pipeline (or an untrained model) fails here
+assert chosen.scores["bleu4"] > 10, chosen.scores
+if DATASET == "shapes":
+    assert chosen.scores["semantic_f1"] > 0.5, chosen.scores
+print({k: round(v, 3) if isinstance(v, float) else v for k, v in chosen.scores.items()})
+
+# %% [markdown]
+# ## Does the caption say what is in the picture? Semantic F1
+#
+# The shapes data set knows every object in every image. From a caption we parse the
+# (colour, shape) pairs it names (`parse_mentions`: "a small red circle left of a blue
+# square" names (red, circle) and (blue, square)) and compare them, as multisets, with the
+# objects in the scene. Over the corpus, with $\mathrm{TP}$ pairs named and present,
+# $\mathrm{FP}$ named but absent and $\mathrm{FN}$ present but not named,
+#
+# $$
+# \text{precision} = \frac{\mathrm{TP}}{\mathrm{TP} + \mathrm{FP}}, \qquad
+# \text{recall} = \frac{\mathrm{TP}}{\mathrm{TP} + \mathrm{FN}}, \qquad
+# F_1 = \frac{2\,\mathrm{TP}}{2\,\mathrm{TP} + \mathrm{FP} + \mathrm{FN}}.
+# $$ (eq-semantic-f1)
+#
+# Unlike BLEU, $F_1$ does not reward copying the references' phrasing: "a red circle" for
+# a picture of a blue circle shares most $n$-grams with the truth and is still wrong.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print(parse_mentions("a small red circle left of a blue square"))
+print(semantic_f1([tokenize("a red circle and a red circle")],
+                  [[{"colour": "red", "shape": "circle"}]]))
+
+# %% [markdown]
+# ## Is the model looking at the object it names? Attention grounding
+#
+# When the decoder emits the shape word of an object $o$ at step $t$ (e.g. "circle" in
+# "a red circle"), we find the cells $\mathcal{C}(o)$ of the 7×7 grid that the object's
+# box covers (`object_cell_mask`) and measure the share of the attention on them. Averaged
+# over the set $\mathcal{W}$ of all such words in the test captions,
+#
+# $$
+# \text{grounding} = \frac{1}{|\mathcal{W}|} \sum_{(t, o) \in \mathcal{W}}
+#     \sum_{p \in \mathcal{C}(o)} \alpha_{t,p} \;\in [0, 1].
+# $$ (eq-grounding)
+#
+# A model that spreads its attention evenly scores about $|\mathcal{C}(o)| / 49$ (0.1–0.2
+# for our objects); 1 means all the attention is on the object. The `argmax` variant counts
+# the words whose most-attended region lies on the object. Shape words naming no object in
+# the scene (hallucinations, which $F_1$ already counts) are skipped.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+if DATASET == "shapes":
+    hyps = [item["caption"].split() for item in chosen.captions]
+    objects = [r.objects for r in test_records]
+    report = grounding_report(hyps, chosen.alphas, objects)
+    print(f"grounding (attention mass on the object): {report['mass']:.3f}")
+    print(f"grounding (arg-max region on the object): {report['argmax']:.3f}")
+    print(f"shape words counted: {report['words']}, naming no object: {report['skipped']}")
+
+# %% [markdown]
+# ## Where it fails
+#
+# The captions whose semantic $F_1$ is below 1, with what is really in the scene and one
+# reference caption. Typical mistakes on shapes: a colour or a shape confused, an object
+# left out, an object invented.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+if DATASET == "shapes":
+    assert [item["image"] for item in chosen.captions] == [str(r.image) for r in test_records]
+    per_image = [semantic_f1([h], [o]) for h, o in zip(hyps, objects)]
+    failures = [i for i, f in enumerate(per_image) if f < 1.0]
+    print(f"{len(failures)} of {len(per_image)} test captions have F1 < 1")
+    shown = failures[:6]
+    if shown:
+        labels = []
+        for i in shown:
+            truth = ", ".join(f"{o['size']} {o['colour']} {o['shape']}" for o in objects[i])
+            labels.append(f"model: {chosen.captions[i]['caption']}\n"
+                          f"scene: {truth}\n"
+                          f"ref: {test_records[i].captions[0]}\n"
+                          f"F1 = {per_image[i]:.2f}")
+        display(show_grid([test_records[i].image for i in shown], labels, cols=3,
+                          title="Captions with semantic F1 < 1", width=36))
+
+# %% [markdown]
+# ## Caption your own image
+#
+# `caption_image` takes a PIL image (any mode: grayscale, RGBA, CMYK, palette, 16-bit) or
+# a file: it resizes it to 224×224, encodes it and runs beam search. On Colab the cell
+# below asks you to upload pictures (a model trained on shapes only knows shapes: on
+# Flickr8k, try a photo). Here we caption a freshly generated shapes image — one the model
+# has never seen — and its grayscale copy, which has no colour to name.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+own_dir = Path(tempfile.mkdtemp())
+if "google.colab" in sys.modules:
+    from google.colab import files
+
+    uploaded = files.upload()  # {file name: bytes}
+    own_images = []
+    for name, data in uploaded.items():
+        (own_dir / name).write_bytes(data)
+        own_images.append(own_dir / name)
+else:
+    fresh_dir = make_shapes(own_dir / "fresh", n_train=0, n_val=0, n_test=1, seed=2026,
+                            progress=False)
+    fresh = next((fresh_dir / "images").glob("*.png"))
+    grey = own_dir / "grey.png"
+    Image.open(fresh).convert("L").save(grey)
+    own_images = [fresh, grey]
+for path in own_images:
+    words, alphas = caption_image(model, path, beam_size=BEAM_SIZE, device=device)
+    print(f"{path.name}: {' '.join(words)}")
+    if words:
+        display(plot_attention(path, words, alphas, title=f"{path.name}: {' '.join(words)}"))
+
+# %% [markdown]
+# The same from the command line. `caption-lib caption` prints `IMAGE<TAB>caption` per
+# image; a file that is not a readable image (empty, truncated, another format, or a
+# decompression bomb larger than PIL's pixel limit) gets one error line naming it, the
+# other files are still captioned, and the exit code is 2. `--attention-plot OUT.png`
+# writes the figure above (for several images `OUT-1.png`, `OUT-2.png`, ...).
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+broken = own_dir / "broken.png"
+broken.write_bytes(b"not a picture")
+command = [sys.executable, "-m", "caption_lib", "caption", str(checkpoint),
+           *map(str, own_images), str(broken), "--beam-size", str(BEAM_SIZE),
+           "--attention-plot", str(own_dir / "attention.png")]
+done = subprocess.run(command, capture_output=True, text=True, check=False)
+print("$ caption-lib caption CHECKPOINT " + " ".join(p.name for p in own_images)
+      + " broken.png --attention-plot attention.png")
+print((done.stdout + done.stderr).replace(str(own_dir) + "/", ""))
+print("exit code:", done.returncode)
+assert done.returncode == 2 and done.stdout.count("\n") == len(own_images)
+
+# %% [markdown]
+# ## Summary
+#
+# - A caption is decoded word by word; greedy decoding commits to each word, beam search
+#   keeps the $k$ most probable prefixes {eq}`eq-beam-step`: it usually finds a more
+#   probable caption, though as a heuristic it can lose the greedy one. Finished captions
+#   are ranked per word {eq}`eq-length-norm`, since plain sums favour short captions.
+# - Beam search runs all beams of all images of a batch as one batch for the decoder.
+# - Scores come from real decoding over the whole test split: BLEU-1..4 {eq}`eq-bleu`,
+#   CIDEr, ROUGE-L, METEOR (0–100).
+# - Shapes' ground truth measures what text metrics cannot: semantic $F_1$
+#   {eq}`eq-semantic-f1` (is the named object there?) and attention grounding
+#   {eq}`eq-grounding` (does the model look at it while naming it?).
+# - `caption_image` and `caption-lib caption` caption any image file; broken files are
+#   reported one line each, never silently skipped.
+#
+# ## Exercises
+#
+# **Exercise 1.** Implement one step of beam search ({eq}`eq-beam-step`) for one image:
+# given the log-probabilities `log_probs` `(k, V)` of the next word for each of the $k$
+# beams and the beams' scores `beam_scores` `(k,)`, return the $k$ best candidates as three
+# tensors `(beam, word, score)`, each `(k,)`, best first: `beam[j]` is the beam the
+# candidate extends (int64), `word[j]` the word added (int64), `score[j]` its new score.
+
+# %% nbgrader={"grade": false, "grade_id": "ex1-solution", "locked": false, "schema_version": 3, "solution": true}
+def beam_step(log_probs: torch.Tensor, beam_scores: torch.Tensor):
+    ### BEGIN SOLUTION
+    k, V = log_probs.shape
+    scores, flat = (beam_scores.unsqueeze(1) + log_probs).flatten().topk(k)  # (k,), (k,)
+    return torch.div(flat, V, rounding_mode="floor"), flat % V, scores
+    ### END SOLUTION
+
+
+# %% nbgrader={"grade": true, "grade_id": "ex1-test", "locked": true, "points": 2, "schema_version": 3, "solution": false}
+log_probs = torch.log(torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]]))
+beam_w, word_w, score_w = beam_step(log_probs, torch.log(torch.tensor([0.6, 0.4])))
+assert beam_w.tolist() == [1, 0] and word_w.tolist() == [2, 0], (beam_w, word_w)
+assert torch.allclose(score_w.exp(), torch.tensor([0.32, 0.30]))
+### BEGIN HIDDEN TESTS
+
+
+def _reference_beam_step(log_probs, beam_scores):
+    V = log_probs.size(1)
+    cand = (beam_scores.unsqueeze(1) + log_probs).flatten()  # (k*V,)
+    scores, flat = cand.topk(log_probs.size(0))  # (k,), (k,)
+    return flat // V, flat % V, scores
+
+
+def _beam_inputs(g):
+    k, V = int(torch.randint(1, 6, (1,), generator=g)), int(torch.randint(6, 40, (1,), generator=g))
+    log_probs = torch.randn(k, V, generator=g).log_softmax(dim=1)  # (k, V)
+    return log_probs, -5 * torch.rand(k, generator=g)  # (k, V), (k,)
+
+
+checks.check_function(beam_step, _reference_beam_step, _beam_inputs, trials=20)
+### END HIDDEN TESTS
+print("Exercise 1: correct")
+
+# %% [markdown]
+# **Exercise 2.** Compute BLEU-4 ({eq}`eq-bleu`, $n = 4$, on a 0–100 scale) by hand for
+# one caption `hypothesis` (a list of at least 4 words) against its `references` (lists
+# of words): clip each $m$-gram count by its largest count in any single reference, take
+# $r$ as the length of the reference closest to the caption's length (the shorter one on
+# a tie), and return 0 when some $p_m$ is 0. Do not use nltk or `caption_lib.metrics`.
+# Why does a 3-word caption get BLEU-4 = 0 however good it is?
+
+# %% nbgrader={"grade": false, "grade_id": "ex2-solution", "locked": false, "schema_version": 3, "solution": true}
+def bleu4_by_hand(references: list[list[str]], hypothesis: list[str]) -> float:
+    ### BEGIN SOLUTION
+    import math
+    from collections import Counter
+
+    def ngrams(words, m):
+        return Counter(tuple(words[i:i + m]) for i in range(len(words) - m + 1))
+
+    log_p = 0.0
+    for m in range(1, 5):
+        counts = ngrams(hypothesis, m)
+        clip = Counter()
+        for ref in references:
+            clip |= ngrams(ref, m)  # the largest count in any one reference
+        matched = sum(min(c, clip[g]) for g, c in counts.items())
+        if matched == 0:
+            return 0.0
+        log_p += math.log(matched / sum(counts.values())) / 4
+    c = len(hypothesis)
+    r = min((abs(len(ref) - c), len(ref)) for ref in references)[1]
+    bp = 1.0 if c > r else math.exp(1 - r / c)
+    return 100 * bp * math.exp(log_p)
+    ### END SOLUTION
+
+
+# %% nbgrader={"grade": true, "grade_id": "ex2-test", "locked": true, "points": 2, "schema_version": 3, "solution": false}
+refs = [tokenize("a big red circle left of a small blue square"),
+        tokenize("a red circle and a blue square")]
+hyp = tokenize("a red circle left of a blue square")
+mine = bleu4_by_hand(refs, hyp)
+expected = bleu([refs], [hyp])["bleu4"]
+print(f"by hand {mine:.3f}, caption_lib.metrics.bleu {expected:.3f}")
+checks.check_close(torch.tensor(float(mine), dtype=torch.float64),
+                   torch.tensor(expected, dtype=torch.float64), name="bleu4_by_hand(...)")
+### BEGIN HIDDEN TESTS
+for item, record in zip(chosen.captions[:40], test_records[:40]):
+    hyp = item["caption"].split()
+    if len(hyp) < 4:
+        continue
+    refs = [tokenize(c) for c in record.captions]
+    checks.check_close(torch.tensor(float(bleu4_by_hand(refs, hyp)), dtype=torch.float64),
+                       torch.tensor(bleu([refs], [hyp])["bleu4"], dtype=torch.float64),
+                       name=f"bleu4_by_hand(test image {record.image_id})", atol=1e-6)
+### END HIDDEN TESTS
+print("Exercise 2: correct")
+
+# %% [markdown]
+# **Exercise 3 (discussion).** Run the evaluation with `length_norm=False` (call
+# `beam_search` on the test features yourself). Which captions get shorter, and what
+# happens to BLEU's brevity penalty? Then find a test image whose caption has $F_1 = 1$ but
+# low grounding: what does its attention figure show?
