@@ -116,13 +116,13 @@ store = cached_features(model.encoder, [r.image for r in test_records],
                         progress=False)
 
 
-def test_features(index: list[int]) -> torch.Tensor:
+def features_of(index: list[int]) -> torch.Tensor:
     """Region features (B, 49, 2048) of some test images."""
     with torch.no_grad():
         return regions(model, store[torch.tensor(index)], device)  # (B, 49, 2048)
 
 
-features = test_features([0, 1])  # (2, 49, 2048)
+features = features_of([0, 1])  # (2, 49, 2048)
 print("region features of 2 images:", tuple(features.shape))
 
 # %%
@@ -181,7 +181,7 @@ print("features:", tuple(features.shape), "= (B, P, E)")
 # NBVAL_IGNORE_OUTPUT
 K = BEAM_SIZE
 n_first = min(100, len(test_records))
-first = test_features(list(range(n_first)))  # (100, 49, 2048)
+first = features_of(list(range(n_first)))  # (100, 49, 2048)
 greedy_first = greedy_decode(model, first, vocab)
 beam_first = beam_search(model, first, vocab, beam_size=K)
 differ = [i for i in range(n_first) if greedy_first.tokens[i] != beam_first.tokens[i]]
@@ -199,7 +199,7 @@ print("beam:  ", vocab.decode(beam_first.tokens[example]))
 # %%
 # NBVAL_IGNORE_OUTPUT
 dec = model.decoder
-a = test_features([example])  # (1, 49, 2048)
+a = features_of([example])  # (1, 49, 2048)
 with torch.no_grad():
     projected = dec.project(a)  # (1, 49, A)
     state = dec.init_state(a)  # (1, H), (1, H)
@@ -265,9 +265,10 @@ def mean_len(r) -> float:
     return sum(map(len, r.tokens)) / len(r.tokens)
 
 
+plain = {}
 for k in (K, 2 * K):
-    plain = beam_search(model, first, vocab, beam_size=k, length_norm=False)
-    gain = plain.scores - greedy_first.scores  # (100,) sum log p, beam minus greedy
+    plain[k] = beam_search(model, first, vocab, beam_size=k, length_norm=False)
+    gain = plain[k].scores - greedy_first.scores  # (100,) sum log p, beam minus greedy
     better, worse = int((gain > 1e-4).sum()), int((gain < -1e-4).sum())
     print(f"k={k:2d}: more probable than greedy on {better:3d} images, less probable on "
           f"{worse} (mean gain in log p {gain.mean():+.3f})")
@@ -275,11 +276,10 @@ for k in (K, 2 * K):
     if worse:
         i = int(gain.argmin())
         print(f"      lost the greedy caption: {vocab.decode(greedy_first.tokens[i])!r} "
-              f"({greedy_first.scores[i]:.2f}) -> {vocab.decode(plain.tokens[i])!r} "
-              f"({plain.scores[i]:.2f})")
-plain = beam_search(model, first, vocab, beam_size=K, length_norm=False)
+              f"({greedy_first.scores[i]:.2f}) -> {vocab.decode(plain[k].tokens[i])!r} "
+              f"({plain[k].scores[i]:.2f})")
 print(f"mean caption length: greedy {mean_len(greedy_first):.2f}, "
-      f"beam (sum) {mean_len(plain):.2f}, beam (per word) {mean_len(beam_first):.2f} words")
+      f"beam (sum) {mean_len(plain[K]):.2f}, beam (per word) {mean_len(beam_first):.2f} words")
 
 # %% [markdown]
 # ## Attention you can see
@@ -294,8 +294,9 @@ print(f"mean caption length: greedy {mean_len(greedy_first):.2f}, "
 words3, beams3 = decode_batch(model, first[:3], vocab, beam_size=K)
 for i in range(3):
     assert beams3.alphas[i].shape == (len(words3[i]), 49)
-    display(plot_attention(test_records[i].image, words3[i], beams3.alphas[i],
-                           title=f"test image {i}: {' '.join(words3[i])}"))
+    if words3[i]:  # an empty caption has nothing to show
+        display(plot_attention(test_records[i].image, words3[i], beams3.alphas[i],
+                               title=f"test image {i}: {' '.join(words3[i])}"))
 
 # %%
 # NBVAL_CHECK_OUTPUT
