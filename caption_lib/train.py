@@ -364,7 +364,7 @@ def recipe(name: str) -> tuple[CaptionerConfig, TrainConfig]:
         return (CaptionerConfig(encoder_weights="DEFAULT", fine_tune="auto", embed_dim=256,
                                 decoder_dim=256, attention_dim=256, dropout=0.3,
                                 alpha_c=0.02),
-                TrainConfig(epochs=6, batch_size=32, lr=4e-4, encoder_lr=2e-4, min_freq=1,
+                TrainConfig(epochs=8, batch_size=32, lr=4e-4, encoder_lr=2e-4, min_freq=1,
                             captions_per_image=1, val_images=150))
     if name == "flickr8k":
         return (CaptionerConfig(encoder_weights="DEFAULT", fine_tune="auto", alpha_c=1.0),
