@@ -44,7 +44,11 @@ import dataclasses
 
 import matplotlib.pyplot as plt
 
+import torch
+import torch.nn.functional as F
+
 import caption_lib
+from caption_lib.decoder import caption_loss, step_mask
 from caption_lib.evaluate import evaluate
 from caption_lib.model import Captioner
 from caption_lib.train import ensure_trained, recipe
@@ -258,10 +262,6 @@ for label, (scores, epochs) in rows.items():
 # real words; return the mean negative log-likelihood over the real words only.
 
 # %% nbgrader={"grade": false, "grade_id": "ex1-solution", "locked": false, "schema_version": 3, "solution": true}
-import torch
-import torch.nn.functional as F
-
-
 def masked_xent(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     ### BEGIN SOLUTION
     logp = F.log_softmax(logits, dim=-1)  # (B, T, V)
@@ -271,8 +271,6 @@ def masked_xent(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor)
 
 
 # %% nbgrader={"grade": true, "grade_id": "ex1-test", "locked": true, "points": 2, "schema_version": 3, "solution": false}
-from caption_lib.decoder import caption_loss, step_mask
-
 torch.manual_seed(0)
 logits = torch.randn(3, 5, 11)
 captions = torch.randint(4, 11, (3, 6))
@@ -306,6 +304,9 @@ def attention_penalty(alphas: torch.Tensor, mask: torch.Tensor, lam: float) -> t
 
 # %% nbgrader={"grade": true, "grade_id": "ex2-test", "locked": true, "points": 2, "schema_version": 3, "solution": false}
 torch.manual_seed(1)
+captions = torch.randint(4, 11, (3, 6))
+lengths = torch.tensor([6, 4, 3])
+mask = step_mask(lengths, 5)
 alphas = torch.softmax(torch.randn(3, 5, 49), dim=-1)
 zero_logits = torch.zeros(3, 5, 11)
 _, parts = caption_loss(zero_logits, captions, lengths, alphas, alpha_c=1.0)
