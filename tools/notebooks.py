@@ -61,13 +61,18 @@ def out_of_sync(script: Path, notebook: Path) -> str | None:
 
 def write(script: Path, notebook: Path, execute: bool) -> None:
     nb = from_script(script)
-    if not execute and notebook.exists():
-        # keep outputs of cells whose source did not change
+    if notebook.exists():
+        # keep the ids (and, when not executing, the outputs) of unchanged cells: small diffs
         old = {_key(c): c for c in nbformat.read(notebook, as_version=4).cells}
         for cell in nb.cells:
-            if cell.cell_type == "code" and _key(cell) in old:
-                cell.outputs = old[_key(cell)].get("outputs", [])
-                cell.execution_count = old[_key(cell)].get("execution_count")
+            before = old.get(_key(cell))
+            if before is None:
+                continue
+            if "id" in before:
+                cell["id"] = before["id"]
+            if cell.cell_type == "code" and not execute:
+                cell.outputs = before.get("outputs", [])
+                cell.execution_count = before.get("execution_count")
     if execute:
         start = time.perf_counter()
         NotebookClient(nb, timeout=1800, kernel_name="python3",
