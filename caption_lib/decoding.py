@@ -194,6 +194,7 @@ def beam_search(
     max_len: int = 20,
     length_norm: bool | float = True,
     return_beams: bool = False,
+    keep_greedy: bool = True,
 ) -> DecodeResult:
     """Beam search over a batch of images at once (k = `beam_size` beams per image).
 
@@ -215,6 +216,9 @@ def beam_search(
             <end>; True means alpha = 1 (mean log-prob per word), a float sets alpha,
             False ranks by the plain sum.
         return_beams: also return every collected hypothesis per image (`.beams`).
+        keep_greedy: also rank the greedy caption (computed at about 1/k of the cost), so
+            that the result never ranks below a finished greedy caption; beam search
+            alone can lose it when its prefix falls out of the beam.
 
     Returns:
         `DecodeResult` with the best hypothesis of each image.
@@ -308,6 +312,21 @@ def beam_search(
                     norm_score=normalise(score, steps),
                     alphas=attn[row, :steps].cpu(), finished=False))
 
+    if keep_greedy and k > 1:
+        # the greedy caption competes too: beam search can lose it (its prefix may fall out
+        # of the beam), and it costs about 1/k of the search; so beam >= greedy, always
+        greedy = greedy_decode(decoder, features, start_id, end_id, max_len)
+        for b, hyps in enumerate(finished):
+            tokens = greedy.tokens[b]
+            done = bool(greedy.finished[b])
+            # as for the beams: an unfinished caption only competes when none finished
+            if any(hyp.tokens == tokens for hyp in hyps) or (
+                    not done and any(hyp.finished for hyp in hyps)):
+                continue
+            score = float(greedy.scores[b])
+            hyps.append(Hypothesis(tokens=tokens, score=score,
+                                   norm_score=normalise(score, len(tokens) + int(done)),
+                                   alphas=greedy.alphas[b], finished=done))
     for hyps in finished:
         hyps.sort(key=lambda hyp: hyp.norm_score, reverse=True)
     best = [hyps[0] for hyps in finished]

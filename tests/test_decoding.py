@@ -146,6 +146,28 @@ def test_beam_never_below_greedy_on_model_log_probs(features):
     assert compared >= 50
 
 
+def test_beam_never_below_greedy_even_where_the_beam_loses_it():
+    """Plain beam search can drop the greedy caption; keep_greedy makes beam >= greedy.
+
+    The four stand-ins below are cases (found by search) where plain k=2 beam search
+    returns a less probable caption than greedy decoding.
+    """
+    feats = torch.randn(4, 6, 3, generator=torch.Generator().manual_seed(0))  # (B, P, E)
+    lost = 0
+    for V, end_bias, seed in [(6, 0.5, 43), (8, -0.5, 4), (8, 0.5, 33), (12, 0.0, 50)]:
+        dec = TableDecoder(vocab_size=V, seed=seed, end_bias=end_bias)
+        g = greedy_decode(dec, feats, START, END, max_len=10)
+        ended = g.finished  # (B,) greedy captions that reached <end>
+        plain = beam_search(dec, feats, START, END, beam_size=2, max_len=10,
+                            length_norm=False, keep_greedy=False)
+        kept = beam_search(dec, feats, START, END, beam_size=2, max_len=10,
+                           length_norm=False)
+        lost += int((plain.scores < g.scores - 1e-5)[ended].sum())
+        assert bool((kept.scores >= g.scores - 1e-5)[ended].all()), (V, seed)
+        assert bool((kept.scores >= plain.scores - 1e-5).all()), (V, seed)
+    assert lost == 4, "each stand-in should show plain beam search losing the greedy caption"
+
+
 def test_no_end_fallback_returns_max_len_tokens(features):
     dec = TableDecoder(end_bias=-1e4)  # <end> practically impossible
     for k in (1, 3):
