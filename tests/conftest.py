@@ -45,12 +45,11 @@ def tiny_configs(fine_tune=False, epochs=2):
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tiny_shapes, tmp_path_factory) -> Path:
     """best.pt of a tiny model trained for 2 epochs on `tiny_shapes`."""
-    import os
-
     from caption_lib.train import train
 
     out = tmp_path_factory.mktemp("run")
-    os.environ["CAPTION_LIB_HOME"] = str(tmp_path_factory.getbasetemp() / "workspace")
     model_config, config = tiny_configs(epochs=2)
-    train(tiny_shapes, out, model_config, config, progress=False, log=lambda *_: None)
+    with pytest.MonkeyPatch.context() as mp:  # only while training: notebooks keep theirs
+        mp.setenv("CAPTION_LIB_HOME", str(tmp_path_factory.getbasetemp() / "workspace"))
+        train(tiny_shapes, out, model_config, config, progress=False, log=lambda *_: None)
     return out / "best.pt"
