@@ -120,6 +120,16 @@ def _to_tensor(image) -> torch.Tensor:
     return x.float() / 255.0
 
 
+def pad_captions(captions: Sequence, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists of different lengths -> `(captions (B, Lmax) int64 padded with
+    pad_id, lengths (B,) int64)`."""
+    lengths = torch.tensor([len(c) for c in captions], dtype=torch.int64)  # (B,)
+    padded = torch.full((len(captions), int(lengths.max())), pad_id, dtype=torch.int64)  # (B, L)
+    for b, c in enumerate(captions):
+        padded[b, : len(c)] = torch.as_tensor(c, dtype=torch.int64)
+    return padded, lengths
+
+
 def collate_captions(batch: Sequence[tuple], pad_id: int = 0
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stack `(x, caption[, index])` items: `(x (B, ...), captions (B, Lmax), lengths (B,),
@@ -127,10 +137,7 @@ def collate_captions(batch: Sequence[tuple], pad_id: int = 0
     one (`FeatureCaptionDataset`), else the position in the batch.
     """
     xs = torch.stack([torch.as_tensor(item[0]) for item in batch])  # (B, ...)
-    lengths = torch.tensor([len(item[1]) for item in batch], dtype=torch.int64)  # (B,)
-    captions = torch.full((len(batch), int(lengths.max())), pad_id, dtype=torch.int64)  # (B, L)
-    for b, item in enumerate(batch):
-        captions[b, : len(item[1])] = torch.as_tensor(item[1], dtype=torch.int64)
+    captions, lengths = pad_captions([item[1] for item in batch], pad_id)  # (B, L), (B,)
     index = torch.tensor([int(item[2]) if len(item) > 2 else b  # (B,)
                           for b, item in enumerate(batch)], dtype=torch.int64)
     return xs, captions, lengths, index

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from caption_lib.data import Record, load_dataset, split_records
+from caption_lib.data import Record, load_dataset, pad_captions, split_records
 from caption_lib.decoder import caption_loss
 from caption_lib.decoding import greedy_decode
 from caption_lib.encoder import recalibrate_batchnorm
@@ -115,11 +115,8 @@ class _Split:
         image in the features."""
         images = sorted({i for i, _ in pairs})
         row = {i: r for r, i in enumerate(images)}
-        caps = [self.encoded[i][j] for i, j in pairs]
-        lengths = torch.tensor([len(c) for c in caps])  # (N,)
-        captions = torch.full((len(caps), int(lengths.max())), self.pad_id, dtype=torch.long)
-        for b, c in enumerate(caps):
-            captions[b, :len(c)] = torch.tensor(c)  # (N, L)
+        captions, lengths = pad_captions([self.encoded[i][j] for i, j in pairs],
+                                         self.pad_id)  # (N, L), (N,)
         owner = torch.tensor([row[i] for i, _ in pairs])  # (N,)
         return self.features[torch.tensor(images)], captions, lengths, owner
 
