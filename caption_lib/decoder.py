@@ -198,6 +198,7 @@ def caption_loss(
     alphas: torch.Tensor,
     alpha_c: float = 1.0,
     pad_id: int = 0,
+    normalizers: tuple[float, float] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Cross-entropy over real tokens + the doubly stochastic attention regulariser.
 
@@ -210,6 +211,10 @@ def caption_loss(
         alphas: (B, T, P) attention weights.
         alpha_c: lambda, the weight of the regulariser (0 switches it off).
         pad_id: id of the padding token (only used when `lengths` is None).
+        normalizers: (tokens, captions) to divide the summed cross-entropy and regulariser
+            by instead of this batch's own counts. Data-parallel training passes the
+            global batch's counts divided by the number of processes, so that the
+            gradient DDP averages is the gradient of the global batch's mean loss.
 
     Returns:
         the scalar loss (with gradient) and {"xent": ..., "reg": ..., "tokens": ...} as floats.
@@ -223,5 +228,9 @@ def caption_loss(
     attention_total = (alphas * real.unsqueeze(2).to(alphas.dtype)).sum(dim=1)  # (B, P)
     reg = ((1.0 - attention_total) ** 2).sum(dim=1).mean()  # scalar
     loss = xent + alpha_c * reg
+    if normalizers is not None:  # data-parallel: sums over this rank / global counts
+        per_token = F.cross_entropy(logits[real], targets[real], reduction="sum")
+        per_caption = ((1.0 - attention_total) ** 2).sum()
+        loss = per_token / normalizers[0] + alpha_c * per_caption / normalizers[1]
     return loss, {"xent": float(xent.detach()), "reg": float(reg.detach()),
                   "tokens": float(real.sum())}

@@ -13,6 +13,12 @@ image size, the images themselves by path, size and modification time); another 
 another folder. Extraction writes to a temporary file and renames it when complete, so an
 interrupted run never leaves a cache that looks valid.
 
+Data-parallel (under `torchrun`, see `caption_lib.distributed`): each of the N processes
+extracts a contiguous block of the images into a cache of its own, rank 0 joins the
+blocks into the one cache (same key, same folder as a one-process run would make), and
+every process then memory-maps it. The cache folder must be on a file system all
+processes see (on a cluster: a shared one, e.g. set CAPTION_LIB_HOME there).
+
 Letters: N images, C channels, h x w the stored grid.
 """
 
@@ -32,6 +38,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from caption_lib import distributed
 from caption_lib.encoder import EncoderCNN, image_transform
 from caption_lib.errors import CaptionLibError
 
@@ -125,11 +132,13 @@ def extract_frozen(encoder: EncoderCNN, images: torch.Tensor, fast: bool = True)
 
 def cached_features(encoder: EncoderCNN, paths: Sequence[Path], *, cache_root: Path,
                     image_size: int = 224, batch_size: int = 32, device: torch.device | str = "cpu",
-                    fast: bool = True, num_workers: int = 0, progress: bool = True) -> FeatureStore:
+                    fast: bool = True, num_workers: int = 0, progress: bool = True,
+                    shard: bool = True) -> FeatureStore:
     """The frozen encoder's output for every image in `paths`, computed once and cached.
 
     Returns a `FeatureStore` whose row i belongs to `paths[i]`. A cache hit costs a
-    memory map; a miss runs the frozen encoder with a progress bar.
+    memory map; a miss runs the frozen encoder with a progress bar. `shard`: under
+    torchrun, split the extraction across the processes (see the module docstring).
     """
     device = torch.device(device)
     key = cache_key(encoder, paths, image_size)
@@ -140,6 +149,10 @@ def cached_features(encoder: EncoderCNN, paths: Sequence[Path], *, cache_root: P
         meta = json.loads(meta_path.read_text())
         if meta.get("key") == key:
             return FeatureStore(data, meta)
+    if shard and distributed.world_size() > 1:  # data-parallel: each rank extracts a block
+        return _cached_sharded(encoder, list(paths), folder, key, cache_root=Path(cache_root),
+                               image_size=image_size, batch_size=batch_size, device=device,
+                               fast=fast, num_workers=num_workers, progress=progress)
     if folder.exists():  # left over by an interrupted or different run
         shutil.rmtree(folder)
     tmp = Path(cache_root) / f".{folder.name}.partial-{os.getpid()}"
@@ -179,3 +192,44 @@ def cached_features(encoder: EncoderCNN, paths: Sequence[Path], *, cache_root: P
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return FeatureStore(data, meta)
+
+
+def _cached_sharded(encoder: EncoderCNN, paths: list[Path], folder: Path, key: dict, *,
+                    cache_root: Path, **options) -> FeatureStore:
+    """Data-parallel miss: rank r caches `paths[block r]` under `.shards/`, rank 0 joins
+    the blocks (N, C, h, w) into `folder`, every rank then opens the joined cache."""
+    rank, world = distributed.rank(), distributed.world_size()
+    part = distributed.block(len(paths), rank, world)
+    mine = None
+    if len(part):
+        mine = cached_features(encoder, paths[part.start:part.stop], shard=False,
+                               cache_root=cache_root / ".shards", **options).path
+    blocks = distributed.all_gather_object(None if mine is None else str(mine))
+    if rank == 0:
+        tmp = cache_root / f".{folder.name}.partial-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            stores = [FeatureStore(Path(b), {}) for b in blocks if b is not None]
+            shape = (len(paths), *stores[0].shape[1:])
+            out = np.lib.format.open_memmap(tmp / "features.npy", mode="w+",
+                                            dtype=np.float16, shape=shape)
+            row = 0
+            for store in stores:
+                out[row:row + len(store)] = store.array
+                row += len(store)
+            out.flush()
+            del out
+            meta = {"key": key, "shape": list(shape), "dtype": "float16", "shards": world,
+                    "device": str(options.get("device")), "fast": options.get("fast")}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(tmp, folder)
+            for b in blocks:  # the blocks are not needed any more
+                if b is not None:
+                    shutil.rmtree(Path(b).parent, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    distributed.barrier()
+    data, meta_path = folder / "features.npy", folder / "meta.json"
+    return FeatureStore(data, json.loads(meta_path.read_text()))

@@ -16,6 +16,15 @@ and `best.pt` (best validation BLEU-4). Resuming restores model, optimiser, sche
 history and the random number generator, so the run continues exactly as if it had not
 stopped (on the same machine and device).
 
+Data-parallel (`torchrun --nproc_per_node=N`, see `caption_lib.distributed`): the same
+code runs in N processes. `batch_size` stays the *global* batch (images per optimiser
+step): every process draws the same shuffled epoch order (seeded by seed and epoch, as
+`DistributedSampler` does) and takes every N-th image of each batch; the loss of each
+process is normalised by the global token and caption counts, so the gradient DDP
+averages is the one-process gradient of the same batch. Only rank 0 logs, shows progress
+and writes checkpoints; validation images are split across processes and the generated
+captions gathered, so every image is scored exactly once.
+
 Letters: B images in a batch, N captions in a batch, C/h/w cached channels and grid,
 P regions, E encoder dim, L caption length.
 """
@@ -32,8 +41,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from caption_lib import distributed
 from caption_lib.data import Record, load_dataset, pad_captions, split_records
 from caption_lib.decoder import caption_loss
 from caption_lib.decoding import greedy_decode
@@ -66,6 +77,7 @@ class TrainConfig:
     bn_images: int = 1024  # training images used to re-estimate BatchNorm statistics
     precision: str = "auto"  # "fp32", "bf16" or "auto" (bf16 encoder stage on CPU, AMP on CUDA)
     seed: int = 0
+    restval: str = "train"  # COCO's Karpathy "restval" images: "train" (customary) or "drop"
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -132,13 +144,16 @@ def _autocast(device: torch.device, precision: str):
 
 
 def regions(model: Captioner, cached: torch.Tensor, device: torch.device,
-            precision: str = "auto") -> torch.Tensor:
-    """Cached frozen output (B, C, h, w) -> region features (B, P, E) in fp32."""
+            precision: str = "auto", stage: nn.Module | None = None) -> torch.Tensor:
+    """Cached frozen output (B, C, h, w) -> region features (B, P, E) in fp32.
+
+    `stage`: what runs the trained encoder stage (data-parallel: its DDP wrapper);
+    default `model.encoder.forward_cached`."""
     x = cached.to(device, torch.float32, non_blocking=True)
     if model.encoder.trained_stages:
         x = x.contiguous(memory_format=torch.channels_last)
         with _autocast(device, precision):
-            return model.encoder.forward_cached(x).float()  # (B, P, E)
+            return (stage or model.encoder.forward_cached)(x).float()  # (B, P, E)
     return model.encoder.forward_cached(x)  # (B, 49, 2048)
 
 
@@ -156,8 +171,10 @@ def evaluate_split(model: Captioner, split: _Split, device: torch.device, config
     model.eval()
     n = len(split.records) if limit <= 0 else min(limit, len(split.records))
     losses, hyps, refs, objects = [], [], [], []
-    for start in range(0, n, batch_size):
-        idx = list(range(start, min(n, start + batch_size)))
+    # data-parallel: this process decodes every world-th image (all of them for one)
+    mine = distributed.shard(range(n), distributed.rank(), distributed.world_size())
+    for start in range(0, len(mine), batch_size):
+        idx = mine[start:start + batch_size]
         cached, captions, lengths, _ = split.batch([(i, 0) for i in idx])
         feats = regions(model, cached, device, config.precision)  # (B, P, E)
         logits, alphas = model.decoder(feats, captions.to(device), lengths.to(device))
@@ -169,6 +186,10 @@ def evaluate_split(model: Captioner, split: _Split, device: torch.device, config
         hyps += [[model.vocab.itos[t] for t in toks] for toks in result.tokens]
         refs += [[tokenize(c) for c in split.records[i].captions] for i in idx]
         objects += [split.records[i].objects for i in idx]
+    if distributed.world_size() > 1:  # gather every process's captions, each image once
+        parts = distributed.all_gather_object(dict(zip(mine, zip(hyps, refs, objects))))
+        hyps, refs, objects = map(list, zip(*distributed.merge_by_index(parts, n)))
+        losses = distributed.all_reduce_sum([sum(losses)])
     scores = {"loss": sum(losses) / n, **bleu(refs, hyps)}
     if all(o is not None for o in objects):
         scores["semantic_f1"] = semantic_f1(hyps, objects)
@@ -201,14 +222,23 @@ def train(data_dir: str | Path, out_dir: str | Path, model_config: CaptionerConf
     `caption_lib.data.load_dataset`). With `resume=True` and `out_dir/last.pt` present,
     training continues from it: the configs stored in the checkpoint win, except the
     number of epochs, which `config` may raise.
+
+    Under `torchrun` (WORLD_SIZE > 1) this joins the process group and trains data-parallel
+    (see the module docstring); `log` and `progress` then only act on rank 0.
     """
     device = pick_device(str(device)) if not isinstance(device, torch.device) else device
+    # -- data-parallel: one process per device; only rank 0 talks and writes -------------
+    device = distributed.local_device(device)
+    created_group = distributed.setup(device)
+    rank, world = distributed.rank(), distributed.world_size()
+    if rank != 0:
+        log, progress = (lambda *_: None), False
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     last, best = out_dir / "last.pt", out_dir / "best.pt"
-    records = load_dataset(data_dir)
+    records = load_dataset(data_dir, restval_to_train=False)  # restval: see TrainConfig.restval
     train_records, val_records = split_records(records, "train"), split_records(records, "val")
-    if not train_records or not val_records:
+    if not (train_records or split_records(records, "restval")) or not val_records:
         raise CaptionLibError(f"{data_dir}: need a train and a val split "
                               f"(found {len(train_records)} train, {len(val_records)} val images)")
 
@@ -219,10 +249,12 @@ def train(data_dir: str | Path, out_dir: str | Path, model_config: CaptionerConf
         epochs = config.epochs if config is not None else None
         config = TrainConfig.from_dict(json.loads(extra["train_config"]))
         config.epochs = epochs or config.epochs  # the only setting a resume may change
+        train_records = _train_records(records, config.restval)
         log(f"resuming from {last} after epoch {extra['epoch']}")
     else:
         config = config or TrainConfig()
         model_config = model_config or CaptionerConfig()
+        train_records = _train_records(records, config.restval)
         seed_everything(config.seed)
         vocab = Vocabulary.build([c for r in train_records for c in r.captions],
                                  min_freq=config.min_freq)
@@ -247,6 +279,12 @@ def train(data_dir: str | Path, out_dir: str | Path, model_config: CaptionerConf
         history = json.loads(extra["history"])
         first_epoch = int(extra["epoch"]) + 1
         torch.set_rng_state(extra["rng"])
+    # data-parallel: each rank its own dropout stream (rank 0 keeps the one-process one)
+    if world > 1 and extra.get("rng_ranks") is not None and len(extra["rng_ranks"]) == world:
+        torch.set_rng_state(extra["rng_ranks"][rank])
+    elif rank > 0:
+        torch.manual_seed(config.seed * 1000 + 7919 * rank + first_epoch)
+    decoder, stage = _data_parallel(model, device, world)
 
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda"
                                   and config.precision != "fp32"
@@ -265,16 +303,19 @@ def train(data_dir: str | Path, out_dir: str | Path, model_config: CaptionerConf
         bar = tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", unit="batch",
                    disable=not progress, mininterval=2.0)
         for batch in bar:
-            cached, captions, lengths, owner = train_split.batch(batch)
+            mine, norms, weight = _rank_share(train_split, batch, rank, world)  # data-parallel
+            cached, captions, lengths, owner = train_split.batch(mine)
             captions, lengths = captions.to(device), lengths.to(device)
             # the encoder stage runs once per image; its captions share the result
-            feats = regions(model, cached, device, config.precision)[owner.to(device)]  # (N, P, E)
+            feats = regions(model, cached, device, config.precision,
+                            stage)[owner.to(device)]  # (N, P, E)
             seen += len(batch)
             cuda_amp = _autocast(device, config.precision) if device.type == "cuda" else nullcontext()
             with cuda_amp:
-                logits, alphas = model.decoder(feats, captions, lengths)  # (B, L-1, V), (B, L-1, P)
+                logits, alphas = decoder(feats, captions, lengths)  # (B, L-1, V), (B, L-1, P)
                 loss, parts = caption_loss(logits.float(), captions, lengths, alphas.float(),
-                                           alpha_c=model.config.alpha_c)
+                                           alpha_c=model.config.alpha_c, normalizers=norms)
+                loss = loss * weight  # 0 only for a rank with no image in this batch
             if not _finite(parts["xent"]):
                 raise CaptionLibError(f"training diverged (loss {parts['xent']}) in epoch "
                                       f"{epoch}; lower --lr")
@@ -284,10 +325,12 @@ def train(data_dir: str | Path, out_dir: str | Path, model_config: CaptionerConf
             nn.utils.clip_grad_norm_(params, config.grad_clip)
             scaler.step(optimizer)
             scaler.update()
-            total += parts["xent"] * parts["tokens"]
-            tokens += parts["tokens"]
+            total += parts["xent"] * parts["tokens"] * weight
+            tokens += parts["tokens"] * weight
             bar.set_postfix(loss=f"{parts['xent']:.3f}", refresh=False)
         bar.close()
+        if world > 1:  # data-parallel: the epoch's loss over all processes' tokens
+            total, tokens = distributed.all_reduce_sum([total, tokens])
         train_seconds = time.perf_counter() - start
         if model.encoder.trained_stages:
             _recalibrate(model, train_split, device, config, epoch)
@@ -307,10 +350,73 @@ def train(data_dir: str | Path, out_dir: str | Path, model_config: CaptionerConf
                  "scheduler": scheduler.state_dict(), "history": json.dumps(history),
                  "rng": torch.get_rng_state(), "train_config": json.dumps(asdict(config)),
                  "data_dir": str(Path(data_dir).resolve())}
-        model.save(last, extra=state)
-        if is_best:
-            model.save(best, extra=state)
+        if world > 1:  # data-parallel: every rank's RNG, so that a resume is exact
+            state["rng_ranks"] = distributed.all_gather_object(torch.get_rng_state())
+            state["world_size"] = world
+        if rank == 0:  # data-parallel: one process writes
+            model.save(last, extra=state)
+            if is_best:
+                model.save(best, extra=state)
+        distributed.barrier()
+    distributed.cleanup(created_group)
     return TrainResult(model=model, history=history, out_dir=out_dir)
+
+
+# -- data-parallel helpers (one process: no-ops) ----------------------------------------
+
+class _EncoderStage(nn.Module):
+    """The trained encoder stage as a module DDP can wrap: cached (B, C, h, w) -> (B, P, E)."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder.forward_cached(x)  # (B, P, E)
+
+
+def _data_parallel(model: Captioner, device: torch.device, world: int):
+    """(decoder, encoder stage) to train with: DDP wrappers sharing the model's weights
+    when `world` > 1, else the decoder itself and None (`regions`' default)."""
+    if world == 1:
+        return model.decoder, None
+    ids = [device.index] if device.type == "cuda" else None
+    decoder = DistributedDataParallel(model.decoder, device_ids=ids,
+                                      find_unused_parameters=not model.config.use_attention)
+    stage = None
+    if model.encoder.trained_stages:
+        # BatchNorm buffers are not broadcast: the statistics are re-estimated identically
+        # on every rank before each validation (`_recalibrate`)
+        stage = DistributedDataParallel(_EncoderStage(model.encoder), device_ids=ids,
+                                        broadcast_buffers=False)
+    return decoder, stage
+
+
+def _rank_share(split: _Split, batch: list[tuple[int, int]], rank: int, world: int):
+    """This rank's part of a global batch of (image, caption) pairs.
+
+    Returns (pairs, normalizers, weight): every `world`-th image of the batch with its
+    captions; `caption_loss` normalizers (global tokens / world, global captions / world);
+    weight 1, or 0 when this rank has no image in the batch (it then runs the first pair
+    with a zero loss, so that every rank still takes part in the gradient all-reduce).
+    """
+    if world == 1:
+        return batch, None, 1.0
+    images = list(dict.fromkeys(i for i, _ in batch))  # the batch's images, in order
+    own = set(images[rank::world])
+    mine = [(i, j) for i, j in batch if i in own]
+    tokens = sum(len(split.encoded[i][j]) - 1 for i, j in batch)  # targets: all but <start>
+    norms = (tokens / world, len(batch) / world)
+    return (mine, norms, 1.0) if mine else (batch[:1], norms, 0.0)
+
+
+def _train_records(records: list[Record], restval: str) -> list[Record]:
+    """The training images: split "train", plus COCO's "restval" when `restval` is "train"
+    (Karpathy's split: 82,783 + 30,504 = 113,287 images) or without them ("drop")."""
+    if restval not in ("train", "drop"):
+        raise CaptionLibError(f"restval={restval!r}: use 'train' or 'drop'")
+    keep = {"train", "restval"} if restval == "train" else {"train"}
+    return [r for r in records if r.split in keep]
 
 
 def _stale(history: list[dict], config: TrainConfig) -> bool:
@@ -367,7 +473,11 @@ def recipe(name: str) -> tuple[CaptionerConfig, TrainConfig]:
         return (CaptionerConfig(encoder_weights="DEFAULT", fine_tune="auto", alpha_c=1.0),
                 TrainConfig(epochs=20, batch_size=64, min_freq=5, captions_per_image=0,
                             val_images=0))
-    raise CaptionLibError(f"unknown recipe {name!r} (use shapes or flickr8k)")
+    if name == "coco":  # Karpathy's COCO split; restval folded into train (113,287 images)
+        model_config, config = recipe("flickr8k")
+        config.val_images, config.restval = 5000, "train"
+        return model_config, config
+    raise CaptionLibError(f"unknown recipe {name!r} (use shapes, flickr8k or coco)")
 
 
 def _cmd_train(args) -> int:
@@ -376,10 +486,11 @@ def _cmd_train(args) -> int:
         raise CaptionLibError(f"{data}: no such data folder (make one with `caption-lib make-shapes`)")
     name = args.recipe
     if name == "auto":
-        name = "shapes" if any(data.glob("dataset_shapes.json")) else "flickr8k"
+        name = ("shapes" if any(data.glob("dataset_shapes.json"))
+                else "coco" if any(data.glob("dataset_coco.json")) else "flickr8k")
     model_config, config = recipe(name)
     overrides = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-                 "seed": args.seed}
+                 "seed": args.seed, "restval": args.restval}
     for key, value in overrides.items():
         if value is not None:
             setattr(config, key, value)
@@ -387,21 +498,24 @@ def _cmd_train(args) -> int:
     result = train(data, out, model_config, config, device=args.device, resume=args.resume,
                    progress=not args.no_progress)
     best = max(result.history, key=lambda h: h["val_bleu4"]) if result.history else None
-    if best:
+    if best and distributed.is_main():  # data-parallel: rank 0 speaks
         print(f"best val BLEU-4 {best['val_bleu4']:.1f} at epoch {best['epoch']}; "
               f"checkpoints in {out}")
     return 0
 
 
 def register(sub) -> None:
-    p = sub.add_parser("train", help="train a captioner (checkpoints: RUN_DIR/last.pt, best.pt)")
+    p = sub.add_parser("train", help="train a captioner (checkpoints: RUN_DIR/last.pt, best.pt); "
+                       "runs data-parallel under torchrun --nproc_per_node=N")
     p.add_argument("--data", required=True, help="folder from make-shapes or a real data set")
     p.add_argument("--out", help="run folder (default: WORKSPACE/runs/DATA_NAME)")
-    p.add_argument("--recipe", default="auto", choices=["auto", "shapes", "flickr8k"])
+    p.add_argument("--recipe", default="auto", choices=["auto", "shapes", "flickr8k", "coco"])
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float, help="decoder learning rate")
     p.add_argument("--seed", type=int)
+    p.add_argument("--restval", choices=["train", "drop"],
+                   help="COCO Karpathy split: fold the restval images into train (default) or drop them")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
