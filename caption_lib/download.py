@@ -1,4 +1,4 @@
-"""Getting Flickr8k on Colab: streamed, checked, resumable downloads and safe extraction.
+"""Getting Flickr8k (on Colab) and COCO 2014 (on a workstation or cluster): streamed, checked, resumable downloads and safe extraction.
 
 Offline (this book's CI) nothing here runs against the internet; the tests use a local
 HTTP server. A download:
@@ -45,6 +45,11 @@ FLICKR8K_TEXT = Source(
     "https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/Flickr8k_text.zip")
 KARPATHY_SPLITS = Source(
     "https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip")
+# COCO 2014 images from the COCO project's own server (train2014: 82,783 images, ~13 GB;
+# val2014: 40,504 images, ~6 GB); Karpathy's dataset_coco.json splits both (with its
+# `filepath` train2014/val2014) into 113,287 train (incl. restval) / 5,000 val / 5,000 test.
+COCO_TRAIN2014 = Source("http://images.cocodataset.org/zips/train2014.zip")
+COCO_VAL2014 = Source("http://images.cocodataset.org/zips/val2014.zip")
 
 
 def sha256_of(path: str | Path, chunk_size: int = 1 << 20) -> str:
@@ -152,6 +157,27 @@ def prepare_flickr8k(root: str | Path | None = None, karpathy_splits: bool = Tru
     steps = [(FLICKR8K_TEXT, None), (FLICKR8K_IMAGES, None)]
     if karpathy_splits:
         steps.append((KARPATHY_SPLITS, ["dataset_flickr8k.json"]))
+    return _fetch(root, steps, progress)
+
+
+def prepare_coco(root: str | Path | None = None, progress: bool = True) -> Path:
+    """Download and extract COCO 2014 (train2014/, val2014/, ~19 GB of zips, ~20 GB
+    extracted) and Karpathy's `dataset_coco.json` into `root` (default:
+    `workspace_dir()/coco`); return that folder, which `caption-lib train --data` reads.
+
+    On a cluster, run this once on a node with internet access into a shared folder.
+    Finished steps leave a marker and are skipped; interrupted downloads resume.
+    """
+    from caption_lib.runtime import workspace_dir
+
+    root = Path(root) if root is not None else workspace_dir() / "coco"
+    steps = [(KARPATHY_SPLITS, ["dataset_coco.json"]), (COCO_VAL2014, None),
+             (COCO_TRAIN2014, None)]
+    return _fetch(root, steps, progress)
+
+
+def _fetch(root: Path, steps: list[tuple[Source, list[str] | None]], progress: bool) -> Path:
+    """Download and extract each (source, members) into `root`, once (marker files)."""
     for source, members in steps:
         name = source.url.rsplit("/", 1)[-1]
         marker = root / f".{name}.extracted"

@@ -160,3 +160,20 @@ def test_prepare_flickr8k_from_a_local_mirror(server, tmp_path, monkeypatch):
     assert prepare_flickr8k(root, progress=False) == root  # markers: nothing fetched again
     assert len(_Handler.ranges) == fetched
     assert Path(root / "downloads" / "data.zip").is_file()
+
+
+def test_prepare_coco_from_a_local_mirror(server, tmp_path, monkeypatch):
+    from caption_lib import download as dl
+
+    _Handler.files["/splits.zip"] = _zip_bytes({"data/dataset_coco.json": b"{}",
+                                                "data/dataset_flickr8k.json": b"[]"})
+    _Handler.files["/train2014.zip"] = _zip_bytes({"train2014/COCO_train2014_1.jpg": b"x"})
+    _Handler.files["/val2014.zip"] = _zip_bytes({"val2014/COCO_val2014_2.jpg": b"y"})
+    monkeypatch.setattr(dl, "KARPATHY_SPLITS", dl.Source(f"{server}/splits.zip"))
+    monkeypatch.setattr(dl, "COCO_TRAIN2014", dl.Source(f"{server}/train2014.zip"))
+    monkeypatch.setattr(dl, "COCO_VAL2014", dl.Source(f"{server}/val2014.zip"))
+    root = dl.prepare_coco(tmp_path / "coco", progress=False)
+    assert (root / "dataset_coco.json").read_text() == "{}"
+    assert not (root / "dataset_flickr8k.json").exists(), "only the COCO split file"
+    assert (root / "train2014" / "COCO_train2014_1.jpg").read_bytes() == b"x"
+    assert (root / "val2014" / "COCO_val2014_2.jpg").read_bytes() == b"y"
