@@ -3,9 +3,9 @@
 The step of `caption_lib.train` for the paper's COCO setting: frozen encoder, so the
 cached layer4 output (B, 2048, 7, 7) goes straight to the decoder (512/512/512, a
 vocabulary of V = 10,000 words, about COCO's with min_freq 5), 5 captions of 14 tokens
-per image; loss normalised by the global token count; DDP averages the gradients
-(about 24 M parameters, all-reduced every step); gradient clipping; Adam. The same
-global batch of images is timed with 1 process and with N processes (each 1/N of it).
+per image; loss normalised by the global token count; DDP averages the gradients (21.0 M
+parameters: 84 MB of fp32 gradients all-reduced every step); gradient clipping; Adam.
+The same global batch of images is timed with 1 process and with N processes (each 1/N).
 
 On the CPU (default) the processes use the Gloo backend and one thread each; with
 `--device cuda` one GPU per process and NCCL (then N <= number of GPUs). Results (median

@@ -440,7 +440,10 @@ def _finite(x: float) -> bool:
 
 def run_dir_for(data_dir: str | Path, model_config: CaptionerConfig, config: TrainConfig) -> Path:
     """The run folder of a (data, configs) combination: another setting, another folder."""
-    key = json.dumps([str(Path(data_dir).resolve()), asdict(model_config), asdict(config)],
+    settings = asdict(config)
+    if settings.get("restval") == "train":  # added later: at its default, older runs' folder
+        del settings["restval"]
+    key = json.dumps([str(Path(data_dir).resolve()), asdict(model_config), settings],
                      sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
     return workspace_dir() / "runs" / f"{Path(data_dir).name}-{digest}"

@@ -27,7 +27,8 @@ from caption_lib.errors import CaptionLibError
 from caption_lib.model import Captioner
 
 GLOBAL_BATCH = 4  # images per optimiser step, in both runs (2 per process with 2 processes)
-WHOLE_SPLIT = 24  # a global batch of all 24 training images: one optimiser step per epoch
+UNEVEN = 23  # global batches of 23 and 1 of the 24 training images: in the second, rank 1
+#              has no image and joins the all-reduce with a zero loss
 
 
 def _free_port() -> int:
@@ -102,7 +103,7 @@ def _worker(rank: int, world: int, port: int, data: str, out: str) -> None:
     grads = _step_gradients(data, rank, world)
     naive = _step_gradients(data, rank, world, normalise=False)
     # 1) the run to compare with one process (dropout off)
-    model_config, config = _configs(epochs=2, batch_size=WHOLE_SPLIT)
+    model_config, config = _configs(epochs=2, batch_size=UNEVEN)
     result = train_module.train(data, out / "ddp", model_config, config, progress=False,
                                 log=_quiet)
     # 2) resume under DDP (dropout on: each rank's RNG must be restored) vs straight
@@ -166,6 +167,24 @@ def test_without_a_process_group_everything_is_one_process():
     distributed.barrier()
 
 
+def test_each_rank_takes_every_nth_image_of_a_global_batch():
+    from types import SimpleNamespace
+
+    from caption_lib.train import _rank_share
+
+    # 3 images with 2, 1, 2 captions of 5, 4, 6, 3, 5 tokens (incl. <start>/<end>)
+    split = SimpleNamespace(encoded=[[[0] * 5, [0] * 4], [[0] * 6], [[0] * 3, [0] * 5]])
+    batch = [(2, 1), (0, 0), (2, 0), (1, 0), (0, 1)]
+    targets = (4 + 3) + 5 + (2 + 4)  # tokens after <start>
+    assert _rank_share(split, batch, 0, 1) == (batch, None, 1.0)
+    # images in batch order: 2, 0, 1 -> rank 0 gets images 2 and 1, rank 1 image 0
+    assert _rank_share(split, batch, 0, 2) == ([(2, 1), (2, 0), (1, 0)],
+                                               (targets / 2, 5 / 2), 1.0)
+    assert _rank_share(split, batch, 1, 2) == ([(0, 0), (0, 1)], (targets / 2, 5 / 2), 1.0)
+    # a short last batch: rank 3 of 4 has no image, runs one pair with weight 0
+    assert _rank_share(split, batch, 3, 4) == ([(2, 1)], (targets / 4, 5 / 4), 0.0)
+
+
 @pytest.fixture(scope="module")
 def ddp_run(tiny_shapes, tmp_path_factory):
     """2 processes: a run, a straight run and an interrupted + resumed one (dropout on)."""
@@ -190,21 +209,23 @@ def test_two_processes_compute_the_gradient_of_one_at_the_same_global_batch(
 
 def test_two_processes_train_the_weights_of_one_at_the_same_global_batch(
         tiny_shapes, tmp_path, ddp_run, monkeypatch):
-    """2 epochs of one step each (global batch = the 24 training images, 12 per process).
+    """2 epochs of 2 steps each (global batches of 23 and 1 images; 12 + 11, then 1 + 0
+    per process).
 
     Tolerance: the gradients agree to float rounding (test above), but Adam amplifies
     rounding: an entry whose gradient is near Adam's epsilon (1e-8) moves by up to a whole
     lr step on noise, and this tiny model's training is chaotic (in ONE process, scaling
     the loss by 1 + 1e-6 moves 25% of the weights by more than 1e-4 after 12 steps). So
-    after 2 steps: at most 0.01% of the weights differ by more than 1e-4, none by more
-    than one lr step, and the gap is below 0.5% of the distance the weights travelled.
-    The attention score's bias is left out: its true gradient is 0 (softmax ignores a
-    constant), so Adam moves it on rounding noise alone."""
+    after 4 steps: at most 0.01% of the weights differ by more than 1e-4 (measured:
+    0.0007%), the gap is below 1% of the distance the weights travelled (measured: 0.3%),
+    and no entry differs by more than the 4 steps' lr. The attention score's bias is left
+    out: its true gradient is 0 (softmax ignores a constant), so Adam moves it on rounding
+    noise alone."""
     from caption_lib.train import train
 
     out, ranks = ddp_run
     monkeypatch.setenv("CAPTION_LIB_HOME", str(out / "workspace"))  # the same cached features
-    model_config, config = _configs(epochs=2, batch_size=WHOLE_SPLIT)
+    model_config, config = _configs(epochs=2, batch_size=UNEVEN)
     one = train(tiny_shapes, tmp_path / "one", model_config, config, progress=False, log=_quiet)
     start = train(tiny_shapes, tmp_path / "start", model_config, _configs(epochs=0)[1],
                   progress=False, log=_quiet).model.state_dict()  # the initial weights
@@ -216,10 +237,10 @@ def test_two_processes_train_the_weights_of_one_at_the_same_global_batch(
                      for n in names])  # (number of decoder weights,)
     travelled = torch.cat([(one.model.state_dict()[n] - start[n]).flatten() for n in names])
     assert float((gap > 1e-4).float().mean()) < 1e-4, float((gap > 1e-4).float().mean())
-    assert float(gap.max()) < config.lr, float(gap.max())
-    assert float(gap.norm() / travelled.norm()) < 5e-3, float(gap.norm() / travelled.norm())
+    assert float(gap.max()) < 4 * config.lr, float(gap.max())
+    assert float(gap.norm() / travelled.norm()) < 1e-2, float(gap.norm() / travelled.norm())
     for a, b in zip(ranks[0]["history"], one.history):
-        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
         assert a["val_bleu4"] == pytest.approx(b["val_bleu4"], rel=1e-3, abs=1e-9)
     untimed = [[{k: v for k, v in h.items() if "seconds" not in k and "_per_s" not in k}
                 for h in r["history"]] for r in ranks]
