@@ -66,6 +66,8 @@ class TrainConfig:
     lr: float = 4e-4  # decoder, Adam
     encoder_lr: float = 1e-4  # the fine-tuned encoder stage, if any
     grad_clip: float = 5.0
+    schedule: str = "plateau"  # "plateau": lr_factor after lr_patience stale epochs;
+    #                            "cosine": decay every step from lr to 0 over all epochs
     lr_factor: float = 0.5  # multiply the learning rates by this ...
     lr_patience: int = 1  # ... after this many epochs without a better val BLEU-4
     early_stop: int = 3  # stop after this many epochs without a better val BLEU-4
@@ -159,9 +161,12 @@ def regions(model: Captioner, cached: torch.Tensor, device: torch.device,
 
 def _features_for(model: Captioner, records: list[Record], device: torch.device,
                   progress: bool) -> FeatureStore:
-    return cached_features(model.encoder, [r.image for r in records],
-                           cache_root=workspace_dir() / "features", device=device,
-                           progress=progress)
+    # a cache miss runs a DataLoader, which draws from the global RNG: without fork_rng
+    # a run would depend on whether the cache existed (other dropout masks)
+    with torch.random.fork_rng(devices=[]):
+        return cached_features(model.encoder, [r.image for r in records],
+                               cache_root=workspace_dir() / "features", device=device,
+                               progress=progress)
 
 
 @torch.no_grad()
@@ -211,6 +216,18 @@ def _optimizer(model: Captioner, config: TrainConfig) -> torch.optim.Optimizer:
     if trainable:
         groups.append({"params": trainable, "lr": config.encoder_lr})
     return torch.optim.Adam(groups)
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int):
+    """The learning-rate schedule: on val BLEU-4 (stepped per epoch) or cosine (per step)."""
+    if config.schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=config.lr_factor, patience=config.lr_patience)
+    if config.schedule == "cosine":
+        total = max(1, config.epochs * steps_per_epoch)
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
+    raise CaptionLibError(f"unknown schedule {config.schedule!r} (use plateau or cosine)")
 
 
 def train(data_dir: str | Path, out_dir: str | Path, model_config: CaptionerConfig | None = None,
@@ -269,8 +286,8 @@ def train(data_dir: str | Path, out_dir: str | Path, model_config: CaptionerConf
                        model.vocab, config.max_caption_len)
 
     optimizer = _optimizer(model, config)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="max", factor=config.lr_factor, patience=config.lr_patience)
+    steps_per_epoch = math.ceil(len(train_records) / config.batch_size)
+    scheduler = _scheduler(optimizer, config, steps_per_epoch)
     history: list[dict] = []
     first_epoch = 1
     if extra:
@@ -325,6 +342,8 @@ def train(data_dir: str | Path, out_dir: str | Path, model_config: CaptionerConf
             nn.utils.clip_grad_norm_(params, config.grad_clip)
             scaler.step(optimizer)
             scaler.update()
+            if config.schedule == "cosine":
+                scheduler.step()
             total += parts["xent"] * parts["tokens"] * weight
             tokens += parts["tokens"] * weight
             bar.set_postfix(loss=f"{parts['xent']:.3f}", refresh=False)
@@ -335,7 +354,8 @@ def train(data_dir: str | Path, out_dir: str | Path, model_config: CaptionerConf
         if model.encoder.trained_stages:
             _recalibrate(model, train_split, device, config, epoch)
         val = evaluate_split(model, val_split, device, config, limit=config.val_images)
-        scheduler.step(val["bleu4"])
+        if config.schedule == "plateau":
+            scheduler.step(val["bleu4"])
         entry = {"epoch": epoch, "train_loss": total / max(tokens, 1.0), "val_loss": val["loss"],
                  "val_bleu4": val["bleu4"], "lr": optimizer.param_groups[0]["lr"],
                  "train_seconds": round(train_seconds, 1),

@@ -54,7 +54,9 @@ def test_resume_reproduces_the_next_epoch_exactly(tiny_shapes, tmp_path):
         assert torch.equal(a, b)
 
 
-def test_same_seed_same_run(tiny_shapes, tmp_path):
+def test_same_seed_same_run(tiny_shapes, tmp_path, monkeypatch):
+    # an empty workspace: the first run extracts the features, the second finds them cached
+    monkeypatch.setenv("CAPTION_LIB_HOME", str(tmp_path / "workspace"))
     runs = []
     for name in ("x", "y"):
         model_config, config = _configs(epochs=1)
@@ -102,3 +104,39 @@ def test_ensure_trained_reuses_a_finished_run(tiny_shapes):
     other = ensure_trained(tiny_shapes, model_config, _configs(epochs=2)[1], progress=False,
                            log=lambda *_: None)
     assert other.out_dir != first.out_dir
+
+
+def test_cosine_schedule_decays_to_zero_and_resumes_exactly(tiny_shapes, tmp_path,
+                                                            monkeypatch):
+    model_config, config = _configs(epochs=2)
+    config.schedule = "cosine"
+    straight = train(tiny_shapes, tmp_path / "a", model_config, config, progress=False,
+                     log=lambda *_: None)
+    lrs = [h["lr"] for h in straight.history]
+    # 24 training images in batches of 2: 12 steps per epoch, half way after epoch 1
+    assert lrs[0] == pytest.approx(config.lr * 0.5, rel=1e-6) and lrs[1] == pytest.approx(0.0)
+
+    save = Captioner.save
+
+    def stops_before_epoch_2(self, path, extra=None):  # the run dies after epoch 1
+        if extra and extra["epoch"] == 2:
+            raise KeyboardInterrupt
+        return save(self, path, extra=extra)
+
+    monkeypatch.setattr(Captioner, "save", stops_before_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_shapes, tmp_path / "b", model_config, config, progress=False,
+              log=lambda *_: None)
+    monkeypatch.setattr(Captioner, "save", save)
+    resumed = train(tiny_shapes, tmp_path / "b", resume=True, progress=False,
+                    log=lambda *_: None)
+    assert _losses(resumed.history) == _losses(straight.history)
+    assert [h["lr"] for h in resumed.history] == lrs
+
+
+def test_unknown_schedule_is_one_clear_error(tiny_shapes, tmp_path):
+    model_config, config = _configs(epochs=1)
+    config.schedule = "linear"
+    with pytest.raises(CaptionLibError, match="unknown schedule 'linear'"):
+        train(tiny_shapes, tmp_path / "c", model_config, config, progress=False,
+              log=lambda *_: None)
