@@ -405,10 +405,13 @@ def _data_parallel(model: Captioner, device: torch.device, world: int):
                                       find_unused_parameters=not model.config.use_attention)
     stage = None
     if model.encoder.trained_stages:
-        # BatchNorm buffers are not broadcast: the statistics are re-estimated identically
-        # on every rank before each validation (`_recalibrate`)
+        # BatchNorm buffers are not synced at each forward: the statistics are re-estimated
+        # identically on every rank before each validation (`_recalibrate`). The stage
+        # runs on channels_last input, so its conv weights (and gradients) are made
+        # channels_last too: DDP's gradient buckets then match the gradients' strides
+        model.encoder.trainable.to(memory_format=torch.channels_last)
         stage = DistributedDataParallel(_EncoderStage(model.encoder), device_ids=ids,
-                                        broadcast_buffers=False)
+                                        forward_sync_buffers=False)
     return decoder, stage
 
 
