@@ -103,6 +103,18 @@ def test_every_chapter_ends_with_summary_and_exercises(path):
     assert _markdown_headings(path)[-2:] == ["Summary", "Exercises"]
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_every_figure_has_alt_text_and_every_plotting_cell_shows_one(path):
+    nb = nbformat.read(path, as_version=4)
+    for cell in (c for c in nb.cells if c.cell_type == "code"):
+        images = [o for o in cell.outputs if "image/png" in o.get("data", {})]
+        alt = cell.metadata.get("mystnb", {}).get("image", {}).get("alt", "")
+        if images:
+            assert alt.strip(), f"a figure without alt text (mystnb.image.alt): {cell.source[:60]!r}"
+        if "plt.show()" in cell.source or alt:
+            assert images, f"a plotting cell that shows no figure: {cell.source[:60]!r}"
+
+
 def test_the_setup_cell_of_every_notebook_is_collapsed():
     for script, notebook in _tools().pairs():
         nb = nbformat.read(notebook, as_version=4)

@@ -78,6 +78,8 @@ FAULTS = {
     "JavaScript error": (GOOD + "<script>undefinedFunction();</script>",
                          ["JavaScript error: undefinedFunction is not defined"]),
     "no alt text": (GOOD.replace(' alt="a one-pixel figure"', ""), ["image without alt text: figure.png"]),
+    "file name as alt text": (GOOD.replace('alt="a one-pixel figure"', 'alt="../_images/figure.png"'),
+                              ["image without alt text: figure.png"]),
     "request outside the book": (GOOD + '<img src="https://example.org/x.png" alt="remote">',
                                  ["request outside the book (offline): https://example.org/x.png"]),
 }
