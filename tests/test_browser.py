@@ -114,6 +114,13 @@ def test_toc_pages_lists_the_book_in_reading_order():
     assert chapters[0] == "notebooks/01_dataset.html" and len(chapters) >= 6
 
 
+def test_without_chromium_the_command_says_why_in_one_line(tmp_path, capsys):
+    code = check_book.main(["--site", str(tmp_path), "--chromium", str(tmp_path / "chromium")])
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"check_book: no Chromium at {tmp_path / 'chromium'} (`make browser` installs Debian's)"]
+
+
 def test_a_good_site_passes_and_every_page_has_a_screenshot(tmp_path, chromium):
     assert _check(tmp_path, chromium, GOOD) == []
     shots = sorted(p.name for p in (tmp_path / "shots").iterdir())

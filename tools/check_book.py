@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import functools
 import http.server
+import itertools
 import shutil
 import sys
 import threading
@@ -106,12 +107,10 @@ def toc_pages(toc: Path) -> list[Page]:
 
 
 def find_chromium(explicit: str | None = None) -> str | None:
-    """The Chromium executable to drive: `explicit`, Debian's, or one on PATH (None if none)."""
-    for candidate in [explicit, DEFAULT_CHROMIUM, shutil.which("chromium"),
-                      shutil.which("chromium-browser")]:
-        if candidate and Path(candidate).is_file():
-            return candidate
-    return None
+    """The Chromium to drive: `explicit` if given, else Debian's or one on PATH (or None)."""
+    candidates = [explicit] if explicit else [DEFAULT_CHROMIUM, shutil.which("chromium"),
+                                              shutil.which("chromium-browser")]
+    return next((c for c in candidates if c and Path(c).is_file()), None)
 
 
 @contextlib.contextmanager
@@ -160,6 +159,7 @@ def _problems(page: Page, seen: dict) -> list[str]:
 def check_site(site: Path, pages: list[Page], screenshots: Path | None,
                chromium: str, timeout_s: float = 60.0) -> list[str]:
     """Check `pages` of the built `site` in headless Chromium; one line per problem."""
+    from playwright.sync_api import Error as PlaywrightError
     from playwright.sync_api import sync_playwright
 
     failures: list[str] = []
@@ -187,7 +187,7 @@ def check_site(site: Path, pages: list[Page], screenshots: Path | None,
                     shot = screenshots / Path(page_spec.path).with_suffix(".png")
                     shot.parent.mkdir(parents=True, exist_ok=True)
                     page.screenshot(path=str(shot), full_page=True)
-            except Exception as error:  # a timeout or a crashed page is a failure, not a crash
+            except PlaywrightError as error:  # a timeout or a crashed page: a failure, not a crash
                 problems.append(f"could not check the page: {str(error).splitlines()[0]}")
             failures += [f"{page_spec.path}: {p}" for p in dict.fromkeys(problems)]
             page.close()
@@ -231,7 +231,7 @@ def _offline(local: str, problems: list[str]):
 def _navigation(order: list[str], nexts: dict[str, str | None]) -> list[str]:
     """The 'next' link of every page must lead to the following page of `order`."""
     out = []
-    for here, want in zip(order, order[1:]):
+    for here, want in itertools.pairwise(order):
         if here not in nexts:
             continue
         got = (nexts[here] or "").split("#")[0]
