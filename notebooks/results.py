@@ -146,9 +146,11 @@ if folder.is_dir():
     rows = []
     for path in sorted(folder.glob("*.json")):
         record = json.loads(path.read_text())
-        for name, value in ratios(record).items():
-            rows.append([f"`{path.name}`", record.get("benchmark", path.stem), f"`{name}`",
-                         f"{value:g}×", record.get("threads", "?")])
+        for k, (name, value) in enumerate(ratios(record).items()):
+            first = k == 0  # name the file and the benchmark once
+            rows.append([f"`{path.name}`" if first else "",
+                         record.get("benchmark", path.stem) if first else "",
+                         f"`{name}`", f"{value:g}×", record.get("threads", "?")])
     display(table(["file", "benchmark", "ratio", "value", "threads"], rows))
 else:
     print(f"{folder} is not here: the benchmark results live in the repository ({REPO_URL})")

@@ -75,6 +75,8 @@ FAULTS = {
                         "raw maths in the text: '\\\\(\\\\alpha_{ti\\\\)'"]),
     "TeX error": (GOOD.replace("\\alpha_{ti}\\)", "\\frac{\\alpha}\\)", 1),
                   ["MathJax error: Missing argument for \\frac"]),
+    "raw Markdown table": (GOOD + "<p>| epoch | loss |\n|---|---|\n| 1 | 2.3 |</p>",
+                           ["raw Markdown table in the text: '| epoch | loss |\\n|---|---|\\n| 1 | 2.3 |'"]),
     "JavaScript error": (GOOD + "<script>undefinedFunction();</script>",
                          ["JavaScript error: undefinedFunction is not defined"]),
     "no alt text": (GOOD.replace(' alt="a one-pixel figure"', ""), ["image without alt text: figure.png"]),

@@ -11,6 +11,7 @@ asserts:
   request failed;
 - maths rendered: every `.math` element holds MathJax output (`mjx-container`), no MathJax
   error, and no raw `\\(`, `\\[`, `$$` or `\\begin{` left in the text readers see;
+- no Markdown table left as text (`| a | b |` and `|---|`);
 - no JavaScript error (uncaught exception or `console.error`);
 - chapter pages (the toc's numbered parts) have the Colab launch button and end with the
   headings "Summary" and "Exercises";
@@ -58,11 +59,12 @@ async () => {
   };
   const skip = "pre, code, script, style, textarea, mjx-container, .highlight";
   const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
-  const raw = [];
+  const raw = [], tables = [];
   for (let node = walker.nextNode(); node; node = walker.nextNode()) {
     if (node.parentElement && node.parentElement.closest(skip)) continue;
-    const m = node.textContent.match(/\\\(|\\\[|\$\$|\\begin\{/);
-    if (m) raw.push(node.textContent.trim().slice(0, 60));
+    const line = node.textContent.trim().slice(0, 60);
+    if (/\\\(|\\\[|\$\$|\\begin\{/.test(node.textContent)) raw.push(line);
+    if (/\|\s*(-{3,}|—)\s*\|/.test(node.textContent)) tables.push(line);
   }
   const maths = Array.from(document.querySelectorAll(".math"));
   const next = document.querySelector("a.right-next");
@@ -81,6 +83,7 @@ async () => {
     math_errors: Array.from(document.querySelectorAll("mjx-merror"))
       .map(el => (el.getAttribute("data-mjx-error") || el.textContent).slice(0, 80)),
     raw_math: raw,
+    raw_tables: tables,
     colab: document.querySelectorAll('a[href^="https://colab.research.google.com"]').length,
     next: next ? next.href : null,
   };
@@ -147,6 +150,7 @@ def _problems(page: Page, seen: dict) -> list[str]:
         out.append(f"maths not rendered: {seen['unrendered']} of {seen['maths']} formulas")
     out += [f"MathJax error: {msg}" for msg in seen["math_errors"]]
     out += [f"raw maths in the text: {text!r}" for text in seen["raw_math"]]
+    out += [f"raw Markdown table in the text: {text!r}" for text in seen["raw_tables"]]
     if page.chapter:
         if not seen["colab"]:
             out.append("no Colab launch button")
