@@ -125,8 +125,8 @@ assert scores[1]["bleu4"] > 10
 # ## Performance: the benchmark ratios
 #
 # Each file of `benchmarks/results/` is one benchmark's output (`make bench` rewrites
-# them). The table lists every ratio and speed-up they hold, with the number of CPU
-# threads they ran on.
+# them). Below, every ratio and speed-up each file holds, with the number of CPU threads
+# it ran on.
 
 # %% tags=["hide-input"]
 # NBVAL_IGNORE_OUTPUT
@@ -144,14 +144,11 @@ def ratios(record: dict, prefix: str = "") -> dict[str, float]:
 
 folder = Path(BENCHMARKS)
 if folder.is_dir():
-    rows = []
     for path in sorted(folder.glob("*.json")):
         record = json.loads(path.read_text())
-        for k, (name, value) in enumerate(ratios(record).items()):
-            first = k == 0  # name the file and the benchmark once
-            rows.append([f"`{path.name}`" if first else "",
-                         record.get("benchmark", path.stem) if first else "",
-                         f"`{name}`", f"{value:g}×", record.get("threads", "?")])
-    display(table(["file", "benchmark", "ratio", "value", "threads"], rows))
+        display(Markdown(f"**`{path.name}`**: {record.get('benchmark', path.stem)} "
+                         f"(CPU threads: {record.get('threads', '?')})"))
+        display(table(["ratio", "value"],
+                      [[f"`{name}`", f"{value:g}×"] for name, value in ratios(record).items()]))
 else:
     print(f"{folder} is not here: the benchmark results live in the repository ({REPO_URL})")
