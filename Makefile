@@ -9,12 +9,20 @@ EXTRAS := book,test,eval,teach,dev
 # exact torch pair that installs offline here; pyproject.toml keeps ranges for Colab
 TORCH := torch==2.14.1 torchvision==0.29.1
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
+# MathJax served by the book itself (maths renders offline): the npm package, pinned and verified
+MATHJAX_VERSION := 3.2.2
+MATHJAX_SHA256 := 1b9c0a1c44df864e915690558e72adb9cc5203360daefd385084ced3b6c64c09
+MATHJAX_URL := https://registry.npmjs.org/mathjax/-/mathjax-$(MATHJAX_VERSION).tgz
+MATHJAX := _vendor/mathjax/tex-mml-chtml.js
+# the browser check drives Debian's Chromium (Playwright cannot download browsers here)
+CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: install test book notebooks student bench lint clean help
+.PHONY: install test book check-book browser mathjax notebooks student bench lint clean help
 
 help:
 	@echo "make book   build the book (_build/html) with every notebook executed offline"
 	@echo "make test   run all tests, nbval over notebooks/ included"
+	@echo "make check-book  open every page of _build/html in headless Chromium; screenshots in _build/screenshots/"
 	@echo "make notebooks [NB=01_dataset]  execute notebooks/*.py into notebooks/*.ipynb (commit them)"
 	@echo "make student  student notebooks (solutions and hidden tests removed) into student/"
 	@echo "make bench  run benchmarks/ and write benchmarks/results/*.json"
@@ -32,11 +40,32 @@ $(STAMP): pyproject.toml constraints.txt | $(PY)
 
 install: $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) $(MATHJAX)
+	-@$(MAKE) --no-print-directory browser
 	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env --nbval-cell-timeout=1200 -p no:cacheprovider
 
-book: $(STAMP)
+book: $(STAMP) $(MATHJAX)
 	$(VENV)/bin/jupyter-book build -W -n --keep-going .
+
+mathjax: $(MATHJAX)
+
+$(MATHJAX):
+	@echo "== MathJax $(MATHJAX_VERSION) from the npm registry into _vendor/mathjax/"
+	@mkdir -p _vendor/mathjax
+	curl -fsSL --retry 3 -o _vendor/mathjax.tgz $(MATHJAX_URL)
+	echo "$(MATHJAX_SHA256)  _vendor/mathjax.tgz" | sha256sum --check --quiet
+	tar -xzf _vendor/mathjax.tgz -C _vendor/mathjax --strip-components=2 package/es5
+	rm _vendor/mathjax.tgz
+	@test -f $@
+
+# Debian's Chromium; installed with apt-get when missing and we may (root on Debian)
+browser:
+	@test -x $(CHROMIUM) || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] \
+	  && apt-get install -y --no-install-recommends chromium; } \
+	  || { echo "make browser: $(CHROMIUM) missing; install Debian's chromium (apt-get install chromium)"; exit 1; }
+
+check-book: $(STAMP) browser
+	$(PY) tools/check_book.py --site _build/html --toc _toc.yml --screenshots _build/screenshots --chromium $(CHROMIUM)
 
 notebooks: $(STAMP)
 	$(PY) tools/notebooks.py execute $(NB)
@@ -51,7 +80,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check caption_lib tests benchmarks
 
 clean:
-	rm -rf _build student .pytest_cache .hypothesis .ruff_cache
+	rm -rf _build _vendor student .pytest_cache .hypothesis .ruff_cache
 	find . -name __pycache__ -not -path "./$(VENV)/*" -prune -exec rm -rf {} +
 
 distclean: clean

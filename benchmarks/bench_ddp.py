@@ -113,6 +113,9 @@ def main() -> dict:
     captions = args.images * CAPTIONS_PER_IMAGE
     name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
     result = {
+        "benchmark": f"one DDP training step at COCO sizes, 1 vs {args.procs} processes "
+                     f"({'NCCL' if args.device == 'cuda' else 'Gloo'})",
+        "threads": args.threads if args.device == "cpu" else None,
         "device": name,
         "threads_per_process": args.threads if args.device == "cpu" else None,
         "global_batch_images": args.images,

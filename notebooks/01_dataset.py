@@ -172,7 +172,7 @@ for obj in first.objects or []:
 # later chapters *measure* whether a caption names the right objects and whether the
 # model looked at the right place.
 
-# %%
+# %% mystnb={"image": {"alt": "Eight shapes images, each titled with its first reference caption"}}
 fig, axes = plt.subplots(2, 4, figsize=(13, 7))
 for ax, r in zip(axes.flat, records[:8]):
     ax.imshow(caption_lib.load_image(r.image))
@@ -227,7 +227,7 @@ assert mask.shape == (7, 7) and mask.flatten().shape == (49,)
 print(box)
 print(mask.int())
 
-# %%
+# %% mystnb={"image": {"alt": "One shapes image under a grey mask marking the 32-pixel grid cells its first object covers"}}
 fig, ax = plt.subplots(figsize=(4, 4))
 ax.imshow(caption_lib.load_image(first.image).resize((224, 224)))
 ax.imshow(mask.float().numpy(), extent=(0, 224, 224, 0), cmap="gray", alpha=0.45,
@@ -253,7 +253,7 @@ for key, value in info.items():
     print(f"{key:15s} {value}")
 assert info["missing_images"] == 0
 
-# %%
+# %% mystnb={"image": {"alt": "Histograms of caption length in words and of the most frequent training words"}}
 lengths = [len(tokenize(c)) for r in records for c in r.captions]
 counts = Counter(t for r in split_records(records, "train") for c in r.captions
                  for t in tokenize(c))

@@ -149,7 +149,7 @@ print(tuple(images.shape), "->", tuple(features.shape))
 # weighs its surroundings most.) Here is the grid over an image of the *shapes* data set
 # (chapter 1), with the index of every region:
 
-# %%
+# %% mystnb={"image": {"alt": "A validation image divided into the 7x7 grid of regions, each cell numbered 0 to 48"}}
 data_dir = caption_lib.ensure_shapes()
 records = caption_lib.load_dataset(data_dir)
 val = caption_lib.split_records(records, "val")
@@ -175,7 +175,7 @@ plt.show()
 # objects stand out; what a random network lacks is features that *separate* a circle
 # from a square reliably.
 
-# %%
+# %% mystnb={"image": {"alt": "Four validation images above their 7x7 maps of mean encoder activation"}}
 transform = caption_lib.image_transform()
 batch = torch.stack([transform(caption_lib.load_image(r.image)) for r in val[:4]]).to(device)
 with torch.no_grad():

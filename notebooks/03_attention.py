@@ -249,7 +249,7 @@ print(f"after training: mean weight {after:.3f}, arg-max correct {hit:.1%}")
 # The weights of one test grid, for each of the four colour words: each query moves all
 # the attention onto its own cell.
 
-# %%
+# %% mystnb={"image": {"alt": "A toy 7x7 grid of coloured cells and, for each of the four colour queries, the attention weights that pick out the cells of that colour"}}
 fig, axes = plt.subplots(1, 5, figsize=(13, 2.8))
 axes[0].imshow(test_grid[0].view(7, 7, 3).clamp(0, 1))
 axes[0].set_title("the grid")
@@ -283,7 +283,7 @@ assert cells.shape == (1, 3, 7, 7) and regions.shape == (1, 49, 3)
 print(record.captions[0])
 print(tuple(image.shape), "->", tuple(cells.shape), "->", tuple(regions.shape))
 
-# %%
+# %% mystnb={"image": {"alt": "A shapes image and, for each colour it contains, the attention of the toy model over the image: bright where the object of that colour is"}}
 words = sorted({o["colour"] for o in record.objects})
 fig, axes = plt.subplots(1, len(words) + 1, figsize=(4 * (len(words) + 1), 4))
 axes[0].imshow(image)

@@ -331,7 +331,7 @@ print("shapes:", tuple(step_logits.shape), tuple(state[0].shape), tuple(step_alp
 # A quick sanity check for any model: it must be able to memorise a single batch. A few
 # shapes captions, random "images", no dropout, 100 steps of Adam:
 
-# %%
+# %% mystnb={"image": {"alt": "Cross-entropy and attention regulariser on a log scale, falling over the steps of overfitting one batch"}}
 torch.manual_seed(SEED)
 tiny = DecoderWithAttention(len(vocab), encoder_dim=E, embed_dim=EMBED_DIM,
                             decoder_dim=DECODER_DIM, attention_dim=ATTENTION_DIM, dropout=0.0)

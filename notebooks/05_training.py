@@ -46,6 +46,7 @@ import matplotlib.pyplot as plt
 
 import torch
 import torch.nn.functional as F
+from IPython.display import display
 
 import caption_lib
 from caption_lib.decoder import caption_loss, step_mask
@@ -133,9 +134,10 @@ for row in result.history:
     print(" ".join(f"{row.get(c, float('nan')):>15.4g}" for c in columns))
 print(f"total training time: {sum(h['seconds'] for h in result.history):.0f} s")
 
-# %%
-fig = plot_history(result.history, title=f"Training on {DATASET}")
-plt.show()
+# %% mystnb={"image": {"alt": "Training curves of the book's run: training and validation loss, validation BLEU-4 and semantic F1 per epoch"}}
+# The library draws plain matplotlib figures (no pyplot): show them inline with `display`
+# %matplotlib inline
+display(plot_history(result.history, title=f"Training on {DATASET}"))
 
 # %% [markdown]
 # **Reading the curves.** The training loss falls steadily. The validation loss follows it

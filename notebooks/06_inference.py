@@ -291,7 +291,7 @@ print(f"mean caption length: greedy {mean_len(greedy_first):.2f}, "
 # picture: bright is attended. (The library's figures are plain matplotlib `Figure`s;
 # `display(fig)` shows one, `fig.savefig(path)` saves it.)
 
-# %%
+# %% mystnb={"image": {"alt": "Three test images with the model's attention for every word of its beam-search caption, one panel per word"}}
 # NBVAL_IGNORE_OUTPUT
 words3, beams3 = decode_batch(model, first[:3], vocab, beam_size=K)
 for i in range(3):
@@ -427,7 +427,7 @@ if DATASET == "shapes":
 # reference caption. Typical mistakes on shapes: a colour or a shape confused, an object
 # left out, an object invented.
 
-# %%
+# %% mystnb={"image": {"alt": "Test images whose generated caption misses or misnames an object, each with the model's caption, the true scene, a reference and its F1"}}
 # NBVAL_IGNORE_OUTPUT
 if DATASET == "shapes":
     assert [item["image"] for item in chosen.captions] == [str(r.image) for r in test_records]
@@ -455,7 +455,7 @@ if DATASET == "shapes":
 # Flickr8k, try a photo). Here we caption a freshly generated shapes image — one the model
 # has never seen — and its grayscale copy, which has no colour to name.
 
-# %%
+# %% mystnb={"image": {"alt": "A newly generated shapes image and its grey copy, each with the attention for every word of the caption the model wrote"}}
 # NBVAL_IGNORE_OUTPUT
 own_dir = Path(tempfile.mkdtemp())
 if "google.colab" in sys.modules:

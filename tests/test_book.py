@@ -44,8 +44,10 @@ def test_toc_files_exist_and_every_notebook_is_in_the_toc():
         assert (ROOT / f).with_suffix(".md").exists() or (ROOT / f).with_suffix(".ipynb").exists(), f
     listed = {f.split("/")[-1] for f in files}
     assert {nb.stem for nb in NOTEBOOKS} <= listed
-    chapters = [f.split("/")[-1] for f in files if f.startswith("notebooks/")]
+    chapters = [f.split("/")[-1] for f in files if re.match(r"notebooks/\d\d_", f)]
     assert chapters == [c for c in CHAPTERS if c in chapters], "chapters out of order"
+    appendix = [f.split("/")[-1] for f in files if re.match(r"notebooks/[a-z]", f)]
+    assert appendix == _tools().APPENDIX
 
 
 def test_config_has_execution_launch_buttons_and_bibliography():
@@ -88,6 +90,97 @@ def test_notebook_convention(path):
             for line in printed:
                 assert not re.search(r"__version__|perf_counter|time\.|\bdevice\b|seconds", line), (
                     f"environment-dependent output under a check: {line!r}")
+
+
+def _markdown_headings(path: Path) -> list[str]:
+    nb = nbformat.read(path, as_version=4)
+    return [line[3:].strip() for c in nb.cells if c.cell_type == "markdown"
+            for line in c.source.splitlines() if line.startswith("## ")]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_every_chapter_ends_with_summary_and_exercises(path):
+    assert _markdown_headings(path)[-2:] == ["Summary", "Exercises"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_every_figure_has_alt_text_and_every_plotting_cell_shows_one(path):
+    nb = nbformat.read(path, as_version=4)
+    for cell in (c for c in nb.cells if c.cell_type == "code"):
+        images = [o for o in cell.outputs if "image/png" in o.get("data", {})]
+        alt = cell.metadata.get("mystnb", {}).get("image", {}).get("alt", "")
+        if images:
+            assert alt.strip(), f"a figure without alt text (mystnb.image.alt): {cell.source[:60]!r}"
+        if "plt.show()" in cell.source or alt:
+            assert images, f"a plotting cell that shows no figure: {cell.source[:60]!r}"
+
+
+def test_the_setup_cell_of_every_notebook_is_collapsed():
+    for script, notebook in _tools().pairs():
+        nb = nbformat.read(notebook, as_version=4)
+        setup = next(c for c in nb.cells if c.cell_type == "code")
+        assert "hide-input" in setup.metadata.get("tags", []), notebook.name
+
+
+def test_every_image_in_the_prose_has_alt_text():
+    sources = [ROOT / "README.md", *sorted((ROOT / "book").glob("*.md"))]
+    texts = {p.name: p.read_text() for p in sources}
+    for script, notebook in _tools().pairs():
+        nb = nbformat.read(notebook, as_version=4)
+        texts[notebook.name] = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    for name, text in texts.items():
+        assert not re.findall(r"!\[\s*\]\(", text), f"{name}: an image without alt text"
+        assert not re.findall(r"<img(?![^>]*\balt=\"[^\"]+\")[^>]*>", text), f"{name}: <img> without alt"
+        for block in re.findall(r"```\{(?:image|figure)\}[^`]*```", text):
+            assert ":alt:" in block, f"{name}: image/figure directive without :alt:"
+
+
+def test_the_results_page_reads_its_numbers_from_files():
+    source = (ROOT / "notebooks" / "results.py").read_text()
+    for reads in ["ensure_trained(", "recipe(DATASET)", "run.history", "evaluate(",
+                  "benchmarks/results", "json.loads("]:
+        assert reads in source, reads
+    prose = "\n".join(line for line in source.splitlines() if line.startswith("# ")
+                       and not line.startswith("# %%"))
+    assert not re.findall(r"\d+\.\d+ ?(?:×|x\b|s\b|%)", prose), "a typed number in the prose"
+
+
+def test_maths_is_served_by_the_book_itself():
+    config = yaml.safe_load((ROOT / "_config.yml").read_text())["sphinx"]["config"]
+    assert not config["mathjax_path"].startswith(("http:", "https:", "//"))
+    vendor = config["html_static_path"][0]
+    makefile = (ROOT / "Makefile").read_text()
+    assert f"MATHJAX := {vendor}/{config['mathjax_path']}" in makefile
+    assert re.search(r"^MATHJAX_SHA256 := [0-9a-f]{64}$", makefile, flags=re.MULTILINE)
+    assert "sha256sum --check" in makefile
+    assert vendor in (ROOT / ".gitignore").read_text()
+
+
+def test_ci_checks_the_book_in_a_browser_after_building_it():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert ci.index("make book") < ci.index("make check-book")
+    assert "tools/check_book.py" in (ROOT / "Makefile").read_text()
+
+
+def test_each_script_is_loaded_once_per_page():
+    spec = importlib.util.spec_from_file_location("unique_scripts",
+                                                  ROOT / "book" / "_ext" / "unique_scripts.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    class Script:  # like sphinx.builders.html._assets._JavaScript
+        def __init__(self, filename, **attributes):
+            self.filename, self.attributes = filename, attributes
+
+    thebe = Script(None, body="const THEBE_JS_URL = 1")
+    context = {"script_files": [Script("a.js"), thebe, Script("b.js", defer="defer"),
+                                Script("", body="const THEBE_JS_URL = 1"), Script("b.js")]}
+    module.drop_repeated_scripts(None, "page", "page.html", context, None)
+    kept = context["script_files"]
+    assert [(s.filename, s.attributes) for s in kept] == [
+        ("a.js", {}), (None, {"body": "const THEBE_JS_URL = 1"}), ("b.js", {"defer": "defer"}),
+        ("b.js", {})]
+    assert kept[1] is thebe
 
 
 def _write_raising_notebook(folder: Path) -> Path:

@@ -27,8 +27,13 @@ NOTEBOOKS = ROOT / "notebooks"
 KERNEL = {"display_name": "Python 3", "language": "python", "name": "python3"}
 
 
+# pages of notebooks that are not numbered chapters (the appendix)
+APPENDIX = ["results"]
+
+
 def pairs(names: list[str] | None = None) -> list[tuple[Path, Path]]:
     scripts = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.py"))
+    scripts += [NOTEBOOKS / f"{name}.py" for name in APPENDIX]
     if names:
         scripts = [s for s in scripts if any(n in s.stem for n in names)]
     return [(s, s.with_suffix(".ipynb")) for s in scripts]
