@@ -494,7 +494,7 @@ def recipe(name: str) -> tuple[CaptionerConfig, TrainConfig]:
                                 decoder_dim=256, attention_dim=256, dropout=0.3,
                                 alpha_c=0.02),
                 TrainConfig(epochs=8, batch_size=32, lr=4e-4, encoder_lr=2e-4, min_freq=1,
-                            captions_per_image=1, val_images=150))
+                            captions_per_image=1, val_images=150, bn_images=256))
     if name == "flickr8k":
         return (CaptionerConfig(encoder_weights="DEFAULT", fine_tune="auto", alpha_c=1.0),
                 TrainConfig(epochs=20, batch_size=64, min_freq=5, captions_per_image=0,
