@@ -96,6 +96,9 @@ best = max(run.history, key=lambda row: row["val_bleu4"])
 total_s = sum(row["seconds"] for row in run.history)
 print(f"{len(run.history)} epochs in {total_s:.0f} s ({total_s / len(run.history):.0f} s an epoch); "
       f"best validation BLEU-4 {best['val_bleu4']:.2f} at epoch {best['epoch']}")
+# `encoder_weights` above is what the recipe asks for; offline it falls back to random
+print(f"encoder weights this run used: {run.model.encoder.weights_used}; trained encoder "
+      f"stages: {', '.join(run.model.encoder.trained_stages) or 'none (frozen)'}")
 
 # %% [markdown]
 # ## Quality on the test set
