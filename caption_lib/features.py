@@ -168,15 +168,19 @@ def cached_features(encoder: EncoderCNN, paths: Sequence[Path], *, cache_root: P
         start, row = time.perf_counter(), 0
         bar = tqdm(total=len(paths), desc=f"caching {key['stage']} features", unit="img",
                    disable=not progress, mininterval=1.0)
-        for images in loader:
-            feats = extract_frozen(encoder, images.to(device), fast=fast)  # (B, C, h, w)
-            if out is None:
-                shape = (len(paths), *feats.shape[1:])
-                out = np.lib.format.open_memmap(tmp / "features.npy", mode="w+",
-                                                dtype=np.float16, shape=shape)
-            out[row:row + len(feats)] = feats.cpu().numpy().astype(np.float16)
-            row += len(feats)
-            bar.update(len(feats))
+        # iterating a DataLoader draws a seed from the global RNG: fork it, so that a miss
+        # leaves the caller's random stream as a hit does (a training run must not depend
+        # on whether the cache existed)
+        with torch.random.fork_rng(devices=[]):
+            for images in loader:
+                feats = extract_frozen(encoder, images.to(device), fast=fast)  # (B, C, h, w)
+                if out is None:
+                    shape = (len(paths), *feats.shape[1:])
+                    out = np.lib.format.open_memmap(tmp / "features.npy", mode="w+",
+                                                    dtype=np.float16, shape=shape)
+                out[row:row + len(feats)] = feats.cpu().numpy().astype(np.float16)
+                row += len(feats)
+                bar.update(len(feats))
         bar.close()
         if out is None:
             raise CaptionLibError("no images to cache features for")

@@ -161,12 +161,9 @@ def regions(model: Captioner, cached: torch.Tensor, device: torch.device,
 
 def _features_for(model: Captioner, records: list[Record], device: torch.device,
                   progress: bool) -> FeatureStore:
-    # a cache miss runs a DataLoader, which draws from the global RNG: without fork_rng
-    # a run would depend on whether the cache existed (other dropout masks)
-    with torch.random.fork_rng(devices=[]):
-        return cached_features(model.encoder, [r.image for r in records],
-                               cache_root=workspace_dir() / "features", device=device,
-                               progress=progress)
+    return cached_features(model.encoder, [r.image for r in records],
+                           cache_root=workspace_dir() / "features", device=device,
+                           progress=progress)
 
 
 @torch.no_grad()
