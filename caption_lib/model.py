@@ -38,9 +38,12 @@ from torch import nn
 from caption_lib.decoder import DecoderWithAttention, caption_loss
 from caption_lib.encoder import EncoderCNN
 from caption_lib.errors import CaptionLibError
+from caption_lib.hard_attention import TEST_CONTEXTS, HardAttentionDecoder, hard_attention_loss
 from caption_lib.vocab import Vocabulary
 
 FORMAT = "caption_lib.captioner/1"
+_HARD_FIELDS = ("attention", "lambda_r", "lambda_e", "baseline_decay", "expected_prob",
+                "test_context")
 _KEYS = ("config", "vocab", "decoder", "encoder_trainable", "encoder_weights_used",
          "encoder_fingerprint", "checksum")
 
@@ -53,6 +56,12 @@ class CaptionerConfig:
     fine_tune: encoder stages that train (False, "layer4", "auto", ...; see `EncoderCNN`).
     alpha_c: weight of the doubly stochastic attention regulariser in the loss.
     max_len: longest caption (in words) the decoders generate.
+    attention: "soft" (Sec. 4.2, the expected context) or "hard" (Sec. 4.1, one sampled
+        region per word, trained with REINFORCE; see `caption_lib.hard_attention`).
+    lambda_r, lambda_e: hard attention's weights of the REINFORCE and entropy terms.
+    baseline_decay: the moving-average baseline's decay (the paper's 0.9).
+    expected_prob: chance that a caption trains with the expected context (paper: 0.5).
+    test_context: the context hard attention decodes with: "expected", "argmax", "sample".
     """
 
     encoder_weights: str | None = "DEFAULT"
@@ -66,6 +75,44 @@ class CaptionerConfig:
     alpha_c: float = 1.0
     use_attention: bool = True
     max_len: int = 20
+    attention: str = "soft"
+    lambda_r: float = 1.0
+    lambda_e: float = 0.01
+    baseline_decay: float = 0.9
+    expected_prob: float = 0.5
+    test_context: str = "expected"
+
+    def __post_init__(self) -> None:
+        self._check_attention()
+
+    def _check_attention(self) -> None:
+        """One clear line for a bad hard-attention setting."""
+        def bad(what: str) -> CaptionLibError:
+            return CaptionLibError(f"CaptionerConfig: {what}")
+
+        if self.attention not in ("soft", "hard"):
+            raise bad(f"attention={self.attention!r}: use 'soft' or 'hard'")
+        if self.attention == "hard" and not self.use_attention:
+            raise bad("attention='hard' needs use_attention=True")
+        for name in ("lambda_r", "lambda_e"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise bad(f"{name}={value!r}: must be a finite number >= 0")
+        if not (isinstance(self.baseline_decay, (int, float)) and 0 <= self.baseline_decay < 1):
+            raise bad(f"baseline_decay={self.baseline_decay!r}: must be in [0, 1)")
+        if not (isinstance(self.expected_prob, (int, float)) and 0 <= self.expected_prob <= 1):
+            raise bad(f"expected_prob={self.expected_prob!r}: must be in [0, 1]")
+        if self.test_context not in TEST_CONTEXTS:
+            raise bad(f"test_context={self.test_context!r}: use one of {', '.join(TEST_CONTEXTS)}")
+
+    def key_dict(self) -> dict:
+        """The fields that name a run: hard-attention settings left out for soft attention
+        (they came later; soft runs keep the run folders they had)."""
+        data = dataclasses.asdict(self)
+        if self.attention == "soft":
+            for name in _HARD_FIELDS:
+                data.pop(name)
+        return data
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -110,10 +157,14 @@ class Captioner(nn.Module):
         self.encoder = encoder or EncoderCNN(weights=config.encoder_weights,
                                              fine_tune=config.fine_tune, grid=config.grid,
                                              init_seed=config.init_seed)
-        self.decoder = DecoderWithAttention(
-            len(vocab), encoder_dim=self.encoder.encoder_dim, embed_dim=config.embed_dim,
-            decoder_dim=config.decoder_dim, attention_dim=config.attention_dim,
-            dropout=config.dropout, use_attention=config.use_attention)
+        dims = {"encoder_dim": self.encoder.encoder_dim, "embed_dim": config.embed_dim,
+                "decoder_dim": config.decoder_dim, "attention_dim": config.attention_dim,
+                "dropout": config.dropout, "use_attention": config.use_attention}
+        if config.attention == "hard":
+            self.decoder = HardAttentionDecoder(len(vocab), expected_prob=config.expected_prob,
+                                                test_context=config.test_context, **dims)
+        else:
+            self.decoder = DecoderWithAttention(len(vocab), **dims)
         self.extra: dict[str, Any] = {}  # what `load` found under "extra"
 
     # -- the model ------------------------------------------------------------------------
@@ -136,11 +187,30 @@ class Captioner(nn.Module):
         """Like `forward`, from cached frozen-encoder outputs instead of images."""
         return self.decoder(self.encode_cached(cached), captions, lengths)
 
-    def loss(self, logits: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
-             alphas: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """`caption_loss` with this model's alpha_c and pad id."""
-        return caption_loss(logits, captions, lengths, alphas, alpha_c=self.config.alpha_c,
-                            pad_id=self.vocab.pad_id)
+    def loss(self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
+             decoder: nn.Module | None = None,
+             normalizers: tuple[float, float] | None = None,
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The training loss of region features (B, P, E) and captions (B, L).
+
+        Soft attention: `caption_loss` of the teacher-forced pass. Hard attention: the
+        REINFORCE estimate of `caption_lib.hard_attention` (which, in train mode, also
+        moves the baseline). `decoder`: what runs the decoder (data-parallel: its DDP
+        wrapper; default `self.decoder`); `normalizers`: see `caption_loss`.
+        Returns the scalar loss and its parts ("xent", "reg", "tokens", ...).
+        """
+        config = self.config
+        runner = decoder if decoder is not None else self.decoder
+        if config.attention == "hard":
+            return hard_attention_loss(self.decoder, features, captions, lengths,
+                                       lambda_r=config.lambda_r, lambda_e=config.lambda_e,
+                                       alpha_c=config.alpha_c,
+                                       baseline_decay=config.baseline_decay, runner=runner,
+                                       normalizers=normalizers)
+        logits, alphas = runner(features, captions, lengths)  # (B, L-1, V), (B, L-1, P)
+        return caption_loss(logits.float(), captions, lengths, alphas.float(),
+                            alpha_c=config.alpha_c, pad_id=self.vocab.pad_id,
+                            normalizers=normalizers)
 
     # -- checkpoints ----------------------------------------------------------------------
 

@@ -326,9 +326,9 @@ def train(data_dir: str | Path, out_dir: str | Path, model_config: CaptionerConf
             seen += len(batch)
             cuda_amp = _autocast(device, config.precision) if device.type == "cuda" else nullcontext()
             with cuda_amp:
-                logits, alphas = decoder(feats, captions, lengths)  # (B, L-1, V), (B, L-1, P)
-                loss, parts = caption_loss(logits.float(), captions, lengths, alphas.float(),
-                                           alpha_c=model.config.alpha_c, normalizers=norms)
+                # soft: cross-entropy + regulariser; hard: the REINFORCE estimate
+                loss, parts = model.loss(feats, captions, lengths, decoder=decoder,
+                                         normalizers=norms)
                 loss = loss * weight  # 0 only for a rank with no image in this batch
             if not _finite(parts["xent"]):
                 raise CaptionLibError(f"training diverged (loss {parts['xent']}) in epoch "
@@ -463,7 +463,7 @@ def run_dir_for(data_dir: str | Path, model_config: CaptionerConfig, config: Tra
     settings = asdict(config)
     if settings.get("restval") == "train":  # added later: at its default, older runs' folder
         del settings["restval"]
-    key = json.dumps([str(Path(data_dir).resolve()), asdict(model_config), settings],
+    key = json.dumps([str(Path(data_dir).resolve()), model_config.key_dict(), settings],
                      sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
     return workspace_dir() / "runs" / f"{Path(data_dir).name}-{digest}"
