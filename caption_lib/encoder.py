@@ -163,6 +163,40 @@ class EncoderCNN(nn.Module):
         with torch.no_grad():
             return float(sum(p.double().abs().sum() for p in self.frozen.parameters()))
 
+    def freeze(self, weights_used: str) -> EncoderCNN:
+        """Freeze the trained stages too (a fine-tuned encoder reused under a new decoder).
+
+        The whole network becomes the frozen, cached part, named `weights_used`. Its old
+        frozen part stays reachable as `prefix`, so that the feature cache can finish its
+        already cached output instead of running the images again (`caption_lib.features`).
+        """
+        self.prefix = _Prefix(self)
+        self.frozen = nn.Sequential(*self.frozen, *self.trainable)
+        self.trainable = nn.Sequential()
+        self.trained_stages, self.fine_tune = (), False
+        self.frozen.requires_grad_(False)
+        self.frozen.eval()  # BatchNorm: the statistics the stage was evaluated with
+        self.weights_used = weights_used
+        return self
+
+
+class _Prefix(nn.Module):
+    """The frozen part an encoder had before `freeze`: what its old feature cache holds."""
+
+    def __init__(self, encoder: EncoderCNN) -> None:
+        super().__init__()
+        self.frozen = encoder.frozen  # the same modules, not a copy
+        self.weights_used, self.cached_stage = encoder.weights_used, encoder.cached_stage
+        self.size = len(encoder.frozen)  # children of the full network it covers
+        self.fingerprint = encoder.frozen_fingerprint()
+
+    def frozen_fingerprint(self) -> float:
+        return self.fingerprint
+
+    def extract(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.frozen(images)  # (B, C, h, w)
+
 
 def image_transform(image_size: int = 224) -> T.Compose:
     """PIL image -> normalised (3, image_size, image_size) tensor.

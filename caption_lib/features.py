@@ -155,6 +155,12 @@ def cached_features(encoder: EncoderCNN, paths: Sequence[Path], *, cache_root: P
                                fast=fast, num_workers=num_workers, progress=progress)
     if folder.exists():  # left over by an interrupted or different run
         shutil.rmtree(folder)
+    prefix = getattr(encoder, "prefix", None)
+    if prefix is not None:  # a frozen fine-tuned encoder: finish its prefix's cache
+        return _cached_from_prefix(encoder, prefix, list(paths), folder, key,
+                                   cache_root=Path(cache_root), image_size=image_size,
+                                   batch_size=batch_size, device=device, fast=fast,
+                                   num_workers=num_workers, progress=progress)
     tmp = Path(cache_root) / f".{folder.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -196,6 +202,45 @@ def cached_features(encoder: EncoderCNN, paths: Sequence[Path], *, cache_root: P
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return FeatureStore(data, meta)
+
+
+@torch.no_grad()
+def _cached_from_prefix(encoder: EncoderCNN, prefix, paths: list[Path], folder: Path,
+                        key: dict, *, cache_root: Path, **options) -> FeatureStore:
+    """The full frozen output from the cache of the encoder's old frozen part (`freeze`):
+    only the stages after it run (e.g. a frozen fine-tuned layer4 on cached layer3)."""
+    base = cached_features(prefix, paths, cache_root=cache_root, **options)
+    device, fast = torch.device(options["device"]), options["fast"]
+    suffix = encoder.frozen[prefix.size:]
+    was_on = next(encoder.parameters()).device
+    suffix.to(device)
+    tmp = cache_root / f".{folder.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        start, out = time.perf_counter(), None
+        for row in range(0, len(base), options["batch_size"]):
+            x = base[row:row + options["batch_size"]].to(device, torch.float32)  # (B, C, h, w)
+            if fast:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with _autocast(device, fast):
+                feats = suffix(x).float()  # (B, C', h', w')
+            if out is None:
+                shape = (len(paths), *feats.shape[1:])
+                out = np.lib.format.open_memmap(tmp / "features.npy", mode="w+",
+                                                dtype=np.float16, shape=shape)
+            out[row:row + len(feats)] = feats.cpu().numpy().astype(np.float16)
+        out.flush()
+        del out
+        seconds = time.perf_counter() - start
+        meta = {"key": key, "shape": list(shape), "dtype": "float16", "from": str(base.path),
+                "seconds": round(seconds, 1), "device": str(device), "fast": fast}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, folder)
+    finally:
+        suffix.to(was_on)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return FeatureStore(folder / "features.npy", meta)
 
 
 def _cached_sharded(encoder: EncoderCNN, paths: list[Path], folder: Path, key: dict, *,

@@ -52,7 +52,10 @@ _KEYS = ("config", "vocab", "decoder", "encoder_trainable", "encoder_weights_use
 class CaptionerConfig:
     """Everything needed to rebuild a `Captioner` (stored in checkpoints as JSON).
 
-    encoder_weights: "DEFAULT" (ImageNet when reachable) or None (random init, seeded).
+    encoder_weights: "DEFAULT" (ImageNet when reachable), None (random init, seeded), or
+        the path of a caption_lib checkpoint (ending in .pt): its encoder, every stage
+        frozen (a new decoder on an encoder trained before, as the Hard attention chapter
+        does with chapter 5's fine-tuned `layer4`).
     fine_tune: encoder stages that train (False, "layer4", "auto", ...; see `EncoderCNN`).
     alpha_c: weight of the doubly stochastic attention regulariser in the loss.
     max_len: longest caption (in words) the decoders generate.
@@ -84,6 +87,9 @@ class CaptionerConfig:
 
     def __post_init__(self) -> None:
         self._check_attention()
+        if _is_checkpoint(self.encoder_weights) and self.fine_tune not in (False, None, "auto"):
+            raise CaptionLibError(f"CaptionerConfig: fine_tune={self.fine_tune!r}: the encoder "
+                                  f"of {self.encoder_weights} is used frozen (use False)")
 
     def _check_attention(self) -> None:
         """One clear line for a bad hard-attention setting."""
@@ -154,9 +160,7 @@ class Captioner(nn.Module):
         super().__init__()
         self.vocab = vocab
         self.config = config = config or CaptionerConfig()
-        self.encoder = encoder or EncoderCNN(weights=config.encoder_weights,
-                                             fine_tune=config.fine_tune, grid=config.grid,
-                                             init_seed=config.init_seed)
+        self.encoder = encoder or build_encoder(config)
         dims = {"encoder_dim": self.encoder.encoder_dim, "embed_dim": config.embed_dim,
                 "decoder_dim": config.decoder_dim, "attention_dim": config.attention_dim,
                 "dropout": config.dropout, "use_attention": config.use_attention}
@@ -272,8 +276,12 @@ class Captioner(nn.Module):
         # rebuild the frozen part exactly as it was: the same weights, or the same seed
         weights = None if used.startswith("random") else used
         try:
-            encoder = EncoderCNN(weights=weights, fine_tune=config.fine_tune, grid=config.grid,
-                                 strict=weights is not None, init_seed=config.init_seed)
+            if _is_checkpoint(config.encoder_weights):  # the encoder of another checkpoint
+                encoder = build_encoder(config)
+            else:
+                encoder = EncoderCNN(weights=weights, fine_tune=config.fine_tune,
+                                     grid=config.grid, strict=weights is not None,
+                                     init_seed=config.init_seed)
         except CaptionLibError as err:
             raise bad(f"needs encoder weights {used}: {_line(err)}") from None
         if encoder.weights_used != used:
@@ -292,6 +300,27 @@ class Captioner(nn.Module):
                       f"({_line(err)})") from None
         model.extra = payload.get("extra") or {}
         return model.to(map_location)
+
+
+def _is_checkpoint(weights: object) -> bool:
+    return isinstance(weights, str) and weights.endswith(".pt")
+
+
+def build_encoder(config: CaptionerConfig) -> EncoderCNN:
+    """The encoder `config` asks for: a ResNet-50 (ImageNet or seeded random init), or the
+    encoder of the checkpoint `config.encoder_weights`, every stage frozen and named after
+    that file and its weights (a changed file gives another name, hence another cache)."""
+    if not _is_checkpoint(config.encoder_weights):
+        return EncoderCNN(weights=config.encoder_weights, fine_tune=config.fine_tune,
+                          grid=config.grid, init_seed=config.init_seed)
+    path = Path(config.encoder_weights).resolve()
+    encoder = Captioner.load(path).encoder  # CaptionLibError naming the file when bad
+    if encoder.grid != config.grid:
+        raise CaptionLibError(f"{path}: its encoder has grid {encoder.grid}, the config asks "
+                              f"for {config.grid}")
+    stages = "+".join(encoder.trained_stages) or "frozen"
+    checksum = _tensor_checksum(encoder.trainable.state_dict())
+    return encoder.freeze(f"{encoder.weights_used}+{stages} of {path} ({checksum:.10g})")
 
 
 def _line(err: BaseException, limit: int = 160) -> str:

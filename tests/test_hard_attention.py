@@ -346,3 +346,40 @@ def test_caption_and_evaluate_commands_on_a_hard_checkpoint(tiny_hard_checkpoint
     assert cli.main(["evaluate", str(tiny_hard_checkpoint), "--json", "--limit", "2",
                      "--no-meteor"]) == 0
     assert "bleu4" in json.loads(capsys.readouterr().out)
+
+
+def test_a_decoder_on_a_frozen_fine_tuned_encoder(tiny_shapes, tmp_path):
+    """The chapter's fair design: chapter 5's encoder, frozen, its output cached from the
+    cache of its own frozen part; only the new (hard) decoder trains."""
+    from caption_lib.features import cached_features
+    from caption_lib.runtime import workspace_dir
+
+    model_config, config = tiny_configs(fine_tune="layer4", epochs=1)
+    source = train(tiny_shapes, tmp_path / "ft", model_config, config, progress=False,
+                   log=lambda *_: None).model
+    path = tmp_path / "ft" / "last.pt"
+    hard = dataclasses.replace(model_config, encoder_weights=str(path), fine_tune=False,
+                               attention="hard")
+    result = train(tiny_shapes, tmp_path / "hard", hard, config, progress=False,
+                   log=lambda *_: None)
+    encoder = result.model.encoder
+    assert encoder.trained_stages == () and not any(p.requires_grad for p in encoder.parameters())
+    assert str(path.resolve()) in encoder.weights_used
+    images = [r.image for r in split_records(load_dataset(tiny_shapes), "val")]
+    store = cached_features(encoder, images, cache_root=workspace_dir() / "features",
+                            progress=False)
+    assert store.meta.get("from"), "derived from the layer3 cache, not from the images"
+    source.eval()
+    with torch.no_grad():
+        want = source.encode_cached(cached_features(source.encoder, images, progress=False,
+                                                    cache_root=workspace_dir() / "features")[:2])
+    got = result.model.encode_cached(store[:2])  # (2, 49, 2048)
+    assert torch.allclose(got, want, atol=0.05 * float(want.abs().max()))
+    loaded = Captioner.load(tmp_path / "hard" / "last.pt")
+    assert loaded.encoder.weights_used == encoder.weights_used
+    source.save(path)  # same weights: still loads; other weights: one clear line
+    with torch.no_grad():
+        source.encoder.trainable[0][0].conv1.weight.add_(1.0)
+    source.save(path)
+    with pytest.raises(CaptionLibError, match="encoder weights"):
+        Captioner.load(tmp_path / "hard" / "last.pt")
