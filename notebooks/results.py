@@ -155,3 +155,31 @@ if folder.is_dir():
                       [[f"`{name}`", f"{value:g}×"] for name, value in ratios(record).items()]))
 else:
     print(f"{folder} is not here: the benchmark results live in the repository ({REPO_URL})")
+
+# %% [markdown]
+# ## Hard against soft attention: the cost of a training step
+#
+# `benchmarks/bench_hard.py` times one decoder training step (loss, backward, clipping,
+# Adam) on cached features at the Colab recipe's sizes, for soft attention, for hard
+# attention as the Hard attention chapter trains it (the expected context for half of
+# the captions), and for hard attention with a drawn location for every caption.
+
+# %% tags=["hide-input"]
+# NBVAL_IGNORE_OUTPUT
+hard_bench = Path(BENCHMARKS) / "hard.json"
+if hard_bench.is_file():
+    record = json.loads(hard_bench.read_text())
+    ms = record["ms_per_step_median"]
+    display(table(["attention", "ms per step (median)", "relative to soft"],
+                  [[name, value, f"{value / ms['soft']:.2f}×"] for name, value in ms.items()]))
+    sizes = record["sizes"]
+    print(f"{sizes['captions']} captions, decoder {sizes['decoder_dim']}, vocabulary "
+          f"{sizes['vocab']}, {record['device']} with {record['threads']} threads, "
+          f"{record['repeats']} interleaved repeats")
+    print(f"Reading: a hard-attention step costs {record['ratio_hard_over_soft']:.2f}× a soft "
+          f"one here ({record['ratio_all_sampled_over_soft']:.2f}× with every caption sampled): "
+          "the draws and the gather of one region per step replace nothing of the soft "
+          "pass (the attention weights are computed either way), so the cost of hard "
+          "attention is in its noisier gradient, not in its step.")
+else:
+    print(f"{hard_bench} is not here: see the repository ({REPO_URL})")

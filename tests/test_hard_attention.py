@@ -383,3 +383,12 @@ def test_a_decoder_on_a_frozen_fine_tuned_encoder(tiny_shapes, tmp_path):
     source.save(path)
     with pytest.raises(CaptionLibError, match="encoder weights"):
         Captioner.load(tmp_path / "hard" / "last.pt")
+
+
+def test_grounding_of_an_empty_caption_is_no_error():
+    """A model may say nothing (e.g. hard attention early in training): no words, no score."""
+    from caption_lib.metrics import grounding_report
+
+    box = {"shape": "circle", "colour": "red", "size": "big", "box": [0, 0, 60, 60]}
+    report = grounding_report([[]], [torch.zeros(0, 49)], [[box]])
+    assert report["words"] == 0 and report["mass"] == 0.0
