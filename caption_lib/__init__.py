@@ -15,6 +15,7 @@ module, in the order the book meets them:
     download  Flickr8k for the Colab path (streamed, verified, resumable)
     attention additive (Bahdanau) soft attention over the 49 regions
     decoder   the attention LSTM decoder and the captioning loss
+    hard_attention  stochastic hard attention (Sec. 4.1) and its REINFORCE estimator
     model     Captioner = vocabulary + encoder + decoder; safe checkpoints
     decoding  greedy decoding and batched beam search; caption one image
     metrics   BLEU, CIDEr, ROUGE-L, METEOR; semantic F1 and attention grounding

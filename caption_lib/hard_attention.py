@@ -24,7 +24,9 @@ caption likely. Its variance is high. The baseline b lowers it without changing 
 mean, because E_s[grad log p(s | a)] = 0 for any b that does not depend on the sample:
 b is the paper's moving average b_k = 0.9 b_{k-1} + 0.1 log p(y | s~_k, a) (the mean
 over the batch's sampled captions), kept in the decoder's state as a buffer (checkpoints
-and resumes carry it), and batch k uses b_{k-1}, the value from before its own samples.
+and resumes carry it), and batch k uses b_{k-1}, the value from before its own samples
+(data-parallel: DDP broadcasts rank 0's buffers before each forward, so every process
+uses rank 0's b, the average over rank 0's share of the batches; the checkpoint keeps it).
 H[s~] = sum_t H(alpha_t) along the sampled path, each step's multinoulli entropy in
 closed form (-sum_i alpha_ti log alpha_ti). And "with probability 0.5 ... the sampled
 attention location s~ is set to its expected value alpha" (Sec. 4.1): such a caption,

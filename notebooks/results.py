@@ -176,10 +176,12 @@ if hard_bench.is_file():
     print(f"{sizes['captions']} captions, decoder {sizes['decoder_dim']}, vocabulary "
           f"{sizes['vocab']}, {record['device']} with {record['threads']} threads, "
           f"{record['repeats']} interleaved repeats")
-    print(f"Reading: a hard-attention step costs {record['ratio_hard_over_soft']:.2f}× a soft "
-          f"one here ({record['ratio_all_sampled_over_soft']:.2f}× with every caption sampled): "
-          "the draws and the gather of one region per step replace nothing of the soft "
-          "pass (the attention weights are computed either way), so the cost of hard "
-          "attention is in its noisier gradient, not in its step.")
+    r, r_all = record["ratio_hard_over_soft"], record["ratio_all_sampled_over_soft"]
+    reading = ("about as costly as" if abs(r - 1) < 0.1
+               else "costlier than" if r > 1 else "cheaper than")
+    print(f"Reading: a hard-attention step is {reading} a soft one on this machine ({r:.2f}×; "
+          f"{r_all:.2f}× with every caption sampled). Both compute the attention weights at "
+          "every step; hard attention adds the draws, the gather of one region per step "
+          "and the log-probabilities the REINFORCE term needs.")
 else:
     print(f"{hard_bench} is not here: see the repository ({REPO_URL})")

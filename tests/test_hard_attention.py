@@ -392,3 +392,42 @@ def test_grounding_of_an_empty_caption_is_no_error():
     box = {"shape": "circle", "colour": "red", "size": "big", "box": [0, 0, 60, 60]}
     report = grounding_report([[]], [torch.zeros(0, 49)], [[box]])
     assert report["words"] == 0 and report["mass"] == 0.0
+
+
+def _hard_ddp_worker(rank: int, world: int, port: int, data: str, out: str) -> None:
+    import os
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      CAPTION_LIB_HOME=str(Path(out) / "workspace"))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    model_config, config = tiny_configs(epochs=1, attention="hard")
+    config.batch_size = 4
+    result = train(data, Path(out) / "ddp", model_config, config, progress=False,
+                   log=lambda *_: None)
+    torch.save(result.model.state_dict(), Path(out) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_hard_attention_trains_data_parallel(tiny_shapes, tmp_path):
+    """Two processes (Gloo): the same weights on both ranks. Every forward uses rank 0's
+    baseline (DDP broadcasts buffers from rank 0), which is what the checkpoint keeps."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_hard_ddp_worker, args=(2, port, str(tiny_shapes), str(tmp_path)), nprocs=2,
+             join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for name in ranks[0]:
+        if name != "decoder.baseline":  # rank 1's own last update, never used
+            assert torch.equal(ranks[0][name], ranks[1][name]), name
+    assert float(ranks[0]["decoder.baseline"]) < 0
+    assert Captioner.load(tmp_path / "ddp" / "last.pt").config.attention == "hard"
