@@ -37,7 +37,7 @@ if "google.colab" in sys.modules:
 # Parameters: "shapes" runs offline on a CPU (what this book shows); "flickr8k" on Colab
 DATASET = "shapes"
 SEED = 0
-EPOCHS = 3  # decoder-only epochs for each of the two models (the same budget)
+EPOCHS = 2  # decoder-only epochs for each of the two models (the same budget)
 GRAD_SAMPLES = 16  # gradient estimates drawn to measure the estimator's variance
 
 # %%
