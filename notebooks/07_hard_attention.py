@@ -250,7 +250,7 @@ display(table(["estimator", "variance of one estimate", "max |z|", "mean z²"], 
 model_config, config = recipe(DATASET)
 chapter5 = ensure_trained(data_dir, model_config, config, device=device, progress=False,
                           log=lambda *_: None)
-encoder = (str(chapter5.out_dir / "best.pt") if chapter5.model.encoder.trained_stages
+encoder = (str((chapter5.out_dir / "best.pt").resolve()) if chapter5.model.encoder.trained_stages
            else model_config.encoder_weights)  # ImageNet on Colab: already frozen
 base = dataclasses.replace(model_config, encoder_weights=encoder, fine_tune=False)
 budget = dataclasses.replace(config, epochs=EPOCHS)
@@ -407,6 +407,7 @@ print(f"on {DATASET}, hard attention {verdict(gap)} on BLEU-4 and {verdict(f1_ga
 
 # %% mystnb={"image": {"alt": "The same test image captioned by the soft and the hard attention model: one panel per word with that word's attention map"}}
 # NBVAL_IGNORE_OUTPUT
+# %matplotlib inline
 test_records = split_records(load_dataset(data_dir), "test")
 image = next(r for r in test_records if r.objects and len(r.objects) >= 2)
 index = test_records.index(image)
