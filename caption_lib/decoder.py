@@ -191,6 +191,25 @@ class DecoderWithAttention(nn.Module):
         return logits, state, alpha
 
 
+def loss_terms(logits: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor | None,
+               alphas: torch.Tensor, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The two terms of the paper's loss, each a mean, and the number of real tokens.
+
+    Returns (xent, reg, tokens): the cross-entropy averaged over the real tokens, the
+    regulariser sum_i (1 - sum_{t real} alpha_ti)^2 averaged over the captions, both
+    scalars with gradient; `tokens` a float. Arguments as for `caption_loss`.
+    """
+    steps = logits.size(1)  # T
+    targets = captions[:, 1:steps + 1].to(logits.device)  # (B, T)
+    if lengths is None:
+        lengths = (captions != pad_id).sum(dim=1)  # (B,)
+    real = step_mask(lengths, steps, logits.device)  # (B, T)
+    xent = F.cross_entropy(logits[real], targets[real])  # mean over the real tokens
+    attention_total = (alphas * real.unsqueeze(2).to(alphas.dtype)).sum(dim=1)  # (B, P)
+    reg = ((1.0 - attention_total) ** 2).sum(dim=1).mean()  # scalar
+    return xent, reg, float(real.sum())
+
+
 def caption_loss(
     logits: torch.Tensor,
     captions: torch.Tensor,
@@ -198,7 +217,6 @@ def caption_loss(
     alphas: torch.Tensor,
     alpha_c: float = 1.0,
     pad_id: int = 0,
-    normalizers: tuple[float, float] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Cross-entropy over real tokens + the doubly stochastic attention regulariser.
 
@@ -211,26 +229,10 @@ def caption_loss(
         alphas: (B, T, P) attention weights.
         alpha_c: lambda, the weight of the regulariser (0 switches it off).
         pad_id: id of the padding token (only used when `lengths` is None).
-        normalizers: (tokens, captions) to divide the summed cross-entropy and regulariser
-            by instead of this batch's own counts. Data-parallel training passes the
-            global batch's counts divided by the number of processes, so that the
-            gradient DDP averages is the gradient of the global batch's mean loss.
 
     Returns:
         the scalar loss (with gradient) and {"xent": ..., "reg": ..., "tokens": ...} as floats.
     """
-    steps = logits.size(1)  # T
-    targets = captions[:, 1:steps + 1].to(logits.device)  # (B, T)
-    if lengths is None:
-        lengths = (captions != pad_id).sum(dim=1)  # (B,)
-    real = step_mask(lengths, steps, logits.device)  # (B, T)
-    xent = F.cross_entropy(logits[real], targets[real])  # mean over the real tokens
-    attention_total = (alphas * real.unsqueeze(2).to(alphas.dtype)).sum(dim=1)  # (B, P)
-    reg = ((1.0 - attention_total) ** 2).sum(dim=1).mean()  # scalar
+    xent, reg, tokens = loss_terms(logits, captions, lengths, alphas, pad_id)
     loss = xent + alpha_c * reg
-    if normalizers is not None:  # data-parallel: sums over this rank / global counts
-        per_token = F.cross_entropy(logits[real], targets[real], reduction="sum")
-        per_caption = ((1.0 - attention_total) ** 2).sum()
-        loss = per_token / normalizers[0] + alpha_c * per_caption / normalizers[1]
-    return loss, {"xent": float(xent.detach()), "reg": float(reg.detach()),
-                  "tokens": float(real.sum())}
+    return loss, {"xent": float(xent.detach()), "reg": float(reg.detach()), "tokens": tokens}

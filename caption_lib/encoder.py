@@ -41,7 +41,6 @@ STRICT_ENV = "CAPTION_LIB_STRICT_WEIGHTS"
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
 # children of torchvision's resnet50 after dropping avgpool and fc, by stage
 _STAGE_OF_CHILD = ("stem", "stem", "stem", "stem", "layer1", "layer2", "layer3", "layer4")
-_CHANNELS = {"stem": 64, "layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048}
 
 
 def load_resnet50(weights: str | None = "DEFAULT", strict: bool | None = None,
@@ -131,10 +130,6 @@ class EncoderCNN(nn.Module):
         """Name of the stage whose output the feature cache stores (the frozen part's end)."""
         frozen_stages = [s for s in STAGES if s not in self.trained_stages]
         return frozen_stages[-1] if frozen_stages else "image"
-
-    @property
-    def cached_channels(self) -> int:
-        return _CHANNELS.get(self.cached_stage, 3)
 
     def train(self, mode: bool = True) -> EncoderCNN:
         """Like nn.Module.train, but the frozen part always stays in eval mode."""

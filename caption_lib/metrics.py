@@ -175,12 +175,6 @@ def _close_meteor(scorer: object) -> None:
         proc.wait(timeout=10)
 
 
-def text_scores(references: Sequence[Sequence[Tokens]], hypotheses: Sequence[Tokens],
-                meteor: bool = True) -> dict[str, float | None]:
-    """BLEU-1..4, CIDEr, ROUGE-L and METEOR in one dict (0-100)."""
-    return {**bleu(references, hypotheses), **coco_scores(references, hypotheses, meteor)}
-
-
 # -- shapes data set: what the caption says vs what is in the image ---------------------
 
 def _scene_pairs(objects: Sequence[dict]) -> Counter:
@@ -289,4 +283,4 @@ def grounding(hypotheses: Sequence[Tokens], alphas: Sequence[torch.Tensor],
 
 
 __all__ = ["bleu", "coco_bleu", "coco_scores", "grounding", "grounding_report",
-           "semantic_counts", "semantic_f1", "text_scores"]
+           "semantic_counts", "semantic_f1"]

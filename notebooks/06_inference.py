@@ -70,7 +70,7 @@ from caption_lib.decoding import decode_batch
 from caption_lib.evaluate import evaluate
 from caption_lib.features import cached_features
 from caption_lib.metrics import bleu, grounding_report, semantic_f1
-from caption_lib.train import ensure_trained, recipe, regions
+from caption_lib.train import ensure_trained, recipe
 
 device = caption_lib.pick_device("auto")  # a GPU on Colab, the CPU here
 caption_lib.seed_everything(SEED)
@@ -106,7 +106,7 @@ print(f"{checkpoint.parent.name}: encoder weights {model.encoder.weights_used}, 
 
 # %% [markdown]
 # The frozen part of the encoder never changes, so its output for the test images comes
-# from the feature cache (computed once); `regions` runs the rest of the encoder (the
+# from the feature cache (computed once); `model.encode_cached` runs the rest of the encoder (the
 # fine-tuned stage, if any) and gives the region features $a$ of each image.
 
 # %%
@@ -119,7 +119,7 @@ store = cached_features(model.encoder, [r.image for r in test_records],
 def features_of(index: list[int]) -> torch.Tensor:
     """Region features (B, 49, 2048) of some test images."""
     with torch.no_grad():
-        return regions(model, store[torch.tensor(index)], device)  # (B, 49, 2048)
+        return model.encode_cached(store[torch.tensor(index)])  # (B, 49, 2048)
 
 
 features = features_of([0, 1])  # (2, 49, 2048)
