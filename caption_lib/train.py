@@ -214,8 +214,8 @@ def train_one_epoch(model: Captioner, batches: Iterable[Batch],
     for batch in batches:
         with autocast(device, config.precision, cpu=False):  # CUDA: the decoder too
             loss, parts = loss_fn(batch.cached, batch.captions.to(device),
-                                  batch.lengths.to(device), batch.owner, batch.weights,
-                                  config.precision)
+                                  batch.lengths.to(device), owner=batch.owner,
+                                  weights=batch.weights, precision=config.precision)
         if not math.isfinite(parts["xent"]):
             raise CaptionLibError(f"training diverged (loss {parts['xent']}); lower --lr")
         optimizer.zero_grad(set_to_none=True)

@@ -338,11 +338,15 @@ assert vocab.decode(vocab.encode(first.captions[0])) == " ".join(tokenize(first.
 #
 # ## From records to batches
 #
-# Training iterates over *captions* (`CaptionDataset`: each image appears once per
-# reference); evaluation over *images* (`ImageDataset`). Captions differ in length, so
-# `collate_captions` pads a batch with `<pad>` to the longest and returns the lengths; the
-# loss of chapter 4 ignores the padded positions. (Chapter 2 adds `FeatureCaptionDataset`,
-# the same over cached encoder features.)
+# The plain way to feed a captioner is one item per *caption* (`CaptionDataset`: each
+# image appears once per reference, as an image tensor and its token ids). Captions differ
+# in length, so `collate_captions` pads a batch with `<pad>` to the longest and returns the
+# lengths; the loss of chapter 4 ignores the padded positions. The book's trainer
+# (chapter 5) batches the same captions differently: it never loads an image, but reads
+# the encoder's cached output (chapter 2) and groups the captions by *image*, so a batch
+# of images brings some of their captions (`captions_per_image`) and the encoder runs
+# once per image; evaluation generates one caption per image and compares it with all
+# its references.
 
 # %%
 # NBVAL_CHECK_OUTPUT

@@ -41,18 +41,21 @@ SEED = 0
 # %%
 # NBVAL_IGNORE_OUTPUT
 import dataclasses
+import inspect
+import math
 
 import matplotlib.pyplot as plt
 
 import torch
 import torch.nn.functional as F
-from IPython.display import display
+from IPython.display import Code, display
 
 import caption_lib
 from caption_lib.decoder import caption_loss, step_mask
 from caption_lib.evaluate import evaluate
+from caption_lib.features import cached_features
 from caption_lib.model import Captioner
-from caption_lib.train import ensure_trained, recipe
+from caption_lib.train import CachedSplit, ensure_trained, recipe, train_one_epoch
 from caption_lib.viz import plot_history
 
 device = caption_lib.pick_device("auto")
@@ -111,6 +114,81 @@ for name, value in {**dataclasses.asdict(model_config), **dataclasses.asdict(con
 # | BatchNorm statistics | re-estimated over 256 training images before each validation | 256 × 49 positions per channel are plenty, and it costs seconds instead of tens of seconds per epoch |
 # | batches of 32 images, one caption each per epoch | 3,000 captions an epoch | five times cheaper epochs than all references; each epoch draws other references |
 #
+# ## The training loop
+#
+# Everything `train` does per epoch happens in one library function, `train_one_epoch`.
+# Here is its source, exactly as the trainer runs it:
+
+# %%
+display(Code(inspect.getsource(train_one_epoch), language="python"))
+
+# %% [markdown]
+# Line by line:
+#
+# - `model.train()` switches dropout on (and the fine-tuned `layer4`'s BatchNorm to batch
+#   statistics).
+# - `loss_fn` is `model.cached_loss`: it finishes the encoder on the cached `layer3`
+#   output of each image of the batch (the frozen part never runs: chapter 2's feature
+#   cache), gives each caption its image's region features (`batch.owner`), runs the
+#   decoder with teacher forcing and returns the loss of {eq}`eq-objective` with its parts
+#   (`"xent"`, `"reg"`, `"tokens"`). Under `torchrun` the trainer passes a
+#   `DistributedDataParallel` wrapper of the same method instead, and `batch.weights`
+#   make each process's loss its share of the global batch's; for one process they are
+#   `None`.
+# - `scaler` matters only for fp16 on older GPUs (it scales the loss so small gradients
+#   survive fp16); here it does nothing. `params` are the weights the optimiser updates:
+#   the decoder and the fine-tuned encoder stage.
+# - `autocast(..., cpu=False)` runs the decoder in bf16 on a GPU; on the CPU it does
+#   nothing (the encoder stage has its own bf16 autocast inside `cached_loss`).
+# - A loss that is not finite stops the run with one clear line instead of training on.
+# - `zero_grad`, `backward()`: the gradient of the loss with respect to every weight.
+# - `clip_grad_norm_` rescales the gradient when its norm exceeds `grad_clip` (5.0):
+#   LSTMs occasionally produce a very large one.
+# - `step()` is Adam's update; a cosine schedule would also step here, once per batch.
+# - The returned sum of cross-entropies and the number of real tokens give the epoch's
+#   training loss (their ratio) that the history reports.
+#
+# Before the full run, three steps of it on the real data: a fresh model of the book's
+# settings, the first batches of an epoch (32 images with one caption each), the loss
+# printed after every step. The features come from the same cache the full run uses.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+records = caption_lib.load_dataset(data_dir)
+train_records = caption_lib.split_records(records, "train")
+vocab = caption_lib.Vocabulary.build([c for r in train_records for c in r.captions],
+                                     min_freq=config.min_freq)
+torch.manual_seed(SEED)
+fresh = Captioner(vocab, model_config).to(device)
+store = cached_features(fresh.encoder, [r.image for r in train_records],
+                        cache_root=caption_lib.workspace_dir() / "features", device=device,
+                        progress=False)
+split = CachedSplit(train_records, store, vocab, config.max_caption_len)
+optimizer = torch.optim.Adam([
+    {"params": fresh.decoder.parameters(), "lr": config.lr},
+    {"params": fresh.encoder.trainable.parameters(), "lr": config.encoder_lr}])
+epoch = split.epoch_batches(config.batch_size, config.captions_per_image,
+                            torch.Generator().manual_seed(SEED))
+first_batch = split.batch(epoch[0])
+print("a batch:", tuple(first_batch.cached.shape), "cached,", tuple(first_batch.captions.shape),
+      "captions")
+demo_losses = []
+for step, pairs in enumerate(epoch[:3], start=1):
+    total, tokens = train_one_epoch(fresh, [split.batch(pairs)], optimizer, config, device)
+    demo_losses.append(total / tokens)
+    print(f"step {step}: loss {demo_losses[-1]:.3f} over {tokens:.0f} words")
+assert all(math.isfinite(x) for x in demo_losses)
+
+# %% [markdown]
+# The loss starts near $\log V$, the cross-entropy of a uniform guess over the vocabulary
+# (printed below), and falls with every step. `train` repeats exactly this, epoch after
+# epoch, with validation and checkpoints around it.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+print(f"log V = log {len(vocab)} = {math.log(len(vocab)):.3f}")
+del fresh, optimizer, store, split
+
 # ## Training
 #
 # `ensure_trained` trains and checkpoints after every epoch (`last.pt`, and `best.pt`
