@@ -189,7 +189,7 @@ def data_parallel(model: nn.Module, method: str, device: torch.device,
                   **ddp_options: Any) -> Callable:
     """`model.<method>`; under a process group, the same through `DistributedDataParallel`,
     which shares the model's weights and averages their gradients over the processes in
-    `backward()`. `ddp_options` go to DDP (e.g. `broadcast_buffers=False`)."""
+    `backward()`. `ddp_options` go to DDP (e.g. `forward_sync_buffers=False`)."""
     if world_size() == 1:
         return getattr(model, method)
     ids = [device.index] if device.type == "cuda" else None

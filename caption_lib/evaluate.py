@@ -28,10 +28,9 @@ from caption_lib import distributed
 from caption_lib.data import Record, load_dataset, pad_captions, split_records
 from caption_lib.decoding import MAX_LEN, decode_batch
 from caption_lib.errors import CaptionLibError
-from caption_lib.features import FeatureStore, cached_features
+from caption_lib.features import FeatureStore, workspace_features
 from caption_lib.metrics import bleu, coco_scores, grounding, semantic_f1
 from caption_lib.model import Captioner
-from caption_lib.runtime import workspace_dir
 from caption_lib.vocab import tokenize
 
 
@@ -59,9 +58,7 @@ def evaluate(model: Captioner, data_dir: str | Path, split: str = "test", beam_s
         records = records[:limit]
     if not records:
         raise CaptionLibError(f"{data_dir}: no images in split {split!r}")
-    store = cached_features(model.encoder, [r.image for r in records],
-                            cache_root=workspace_dir() / "features", device=device,
-                            progress=progress)
+    store = workspace_features(model.encoder, records, device=device, progress=progress)
     result = score_split(model, records, store, beam_size=beam_size, max_len=max_len,
                          batch_size=batch_size, meteor=meteor, progress=progress,
                          desc=f"decoding {split}")

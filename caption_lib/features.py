@@ -40,7 +40,7 @@ from tqdm import tqdm
 from caption_lib import distributed
 from caption_lib.encoder import EncoderCNN, image_transform
 from caption_lib.errors import CaptionLibError
-from caption_lib.runtime import atomic_folder, autocast
+from caption_lib.runtime import atomic_folder, autocast, workspace_dir
 
 CACHE_VERSION = 1
 
@@ -155,6 +155,16 @@ def cached_features(encoder: EncoderCNN, paths: Sequence[Path], *, cache_root: P
                 "device": str(device), "fast": fast}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     return FeatureStore(data, meta)
+
+
+def workspace_features(encoder: EncoderCNN, records: Sequence, device: torch.device | str = "cpu",
+                       progress: bool = True) -> FeatureStore:
+    """`cached_features` of the images of `records` (anything with `.image`), in the
+    workspace's cache (`runtime.workspace_dir() / "features"`): the one the trainer,
+    `evaluate` and the chapters share."""
+    return cached_features(encoder, [r.image for r in records],
+                           cache_root=workspace_dir() / "features", device=device,
+                           progress=progress)
 
 
 def _extract_into(path: Path, encoder: EncoderCNN, paths: Sequence[Path], key: dict, *,

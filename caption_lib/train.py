@@ -57,7 +57,7 @@ from caption_lib.decoding import MAX_LEN
 from caption_lib.encoder import recalibrate_batchnorm
 from caption_lib.errors import CaptionLibError
 from caption_lib.evaluate import score_split
-from caption_lib.features import FeatureStore, cached_features
+from caption_lib.features import FeatureStore, workspace_features
 from caption_lib.model import Captioner, CaptionerConfig, known_fields
 from caption_lib.runtime import (
     autocast,
@@ -340,17 +340,10 @@ def _train_records(records: list[Record], restval: str) -> list[Record]:
     return [r for r in records if r.split in keep]
 
 
-def _features_for(model: Captioner, records: list[Record], device: torch.device,
-                  progress: bool) -> FeatureStore:
-    return cached_features(model.encoder, [r.image for r in records],
-                           cache_root=workspace_dir() / "features", device=device,
-                           progress=progress)
-
-
 def _cached_split(model: Captioner, records: list[Record], config: TrainConfig,
                   device: torch.device, progress: bool) -> CachedSplit:
-    return CachedSplit(records, _features_for(model, records, device, progress), model.vocab,
-                       config.max_caption_len)
+    features = workspace_features(model.encoder, records, device=device, progress=progress)
+    return CachedSplit(records, features, model.vocab, config.max_caption_len)
 
 
 @dataclass
@@ -424,7 +417,7 @@ def _data_parallel(model: Captioner, device: torch.device) -> Callable:
     channels_last too: DDP's gradient buckets then match the gradients' strides."""
     if distributed.world_size() > 1 and model.encoder.trained_stages:
         model.encoder.trainable.to(memory_format=torch.channels_last)
-    return distributed.data_parallel(model, "cached_loss", device, broadcast_buffers=False,
+    return distributed.data_parallel(model, "cached_loss", device, forward_sync_buffers=False,
                                      find_unused_parameters=not model.config.use_attention)
 
 

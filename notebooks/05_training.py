@@ -53,7 +53,7 @@ from IPython.display import Code, display
 import caption_lib
 from caption_lib.decoder import caption_loss, step_mask
 from caption_lib.evaluate import evaluate
-from caption_lib.features import cached_features
+from caption_lib.features import workspace_features
 from caption_lib.model import Captioner
 from caption_lib.train import CachedSplit, ensure_trained, recipe, train_one_epoch
 from caption_lib.viz import plot_history
@@ -160,9 +160,7 @@ vocab = caption_lib.Vocabulary.build([c for r in train_records for c in r.captio
                                      min_freq=config.min_freq)
 torch.manual_seed(SEED)
 fresh = Captioner(vocab, model_config).to(device)
-store = cached_features(fresh.encoder, [r.image for r in train_records],
-                        cache_root=caption_lib.workspace_dir() / "features", device=device,
-                        progress=False)
+store = workspace_features(fresh.encoder, train_records, device=device, progress=False)
 split = CachedSplit(train_records, store, vocab, config.max_caption_len)
 optimizer = torch.optim.Adam([
     {"params": fresh.decoder.parameters(), "lr": config.lr},

@@ -52,7 +52,8 @@ def _step_gradients(data: str, rank: int, world: int, normalise: bool = True) ->
     """The decoder's gradient for the first global batch of 8 images, through the trainer's
     own pieces (`distributed.split_batch` and its loss weights, DDP when `world` > 1)."""
     from caption_lib.annotations import load_dataset, split_records
-    from caption_lib.train import CachedSplit, _data_parallel, _features_for
+    from caption_lib.features import workspace_features
+    from caption_lib.train import CachedSplit, _data_parallel
     from caption_lib.vocab import Vocabulary
 
     model_config, config = _configs(epochs=1)
@@ -61,13 +62,14 @@ def _step_gradients(data: str, rank: int, world: int, normalise: bool = True) ->
     vocab = Vocabulary.build([c for r in records for c in r.captions], min_freq=1)
     model = Captioner(vocab, model_config).train()
     cpu = torch.device("cpu")
-    split = CachedSplit(records, _features_for(model, records, cpu, False), vocab,
+    split = CachedSplit(records, workspace_features(model.encoder, records, cpu, False), vocab,
                         config.max_caption_len)
     pairs = split.epoch_batches(8, 0, torch.Generator().manual_seed(1))[0]
     mine, weights = distributed.split_batch(pairs, split.targets, rank, world)
     batch = split.batch(mine, weights)
-    loss, _ = _data_parallel(model, cpu)(batch.cached, batch.captions, batch.lengths,
-                                         batch.owner, weights if normalise else None)
+    loss_fn = _data_parallel(model, cpu)  # keep the DDP wrapper alive until backward()
+    loss, _ = loss_fn(batch.cached, batch.captions, batch.lengths, owner=batch.owner,
+                      weights=weights if normalise else None)
     loss.backward()
     return {n: p.grad.clone() for n, p in model.decoder.named_parameters()}
 
