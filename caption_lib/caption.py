@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from caption_lib.decoding import caption_image
+from caption_lib.decoding import MAX_LEN, caption_image
 from caption_lib.errors import CaptionLibError
 from caption_lib.model import Captioner
 
@@ -53,7 +53,7 @@ def plot_path(out: str | Path, index: int, count: int) -> Path:
 
 
 def caption_files(model: Captioner, images: list[str | Path], beam_size: int = 3,
-                  max_len: int = 20, device: str | torch.device = "cpu",
+                  max_len: int = MAX_LEN, device: str | torch.device = "cpu",
                   attention_plot: str | Path | None = None) -> list[CaptionedFile]:
     """Caption each image file; a broken file is reported in its result, never raised.
 

@@ -176,6 +176,7 @@ for step, pairs in enumerate(epoch[:3], start=1):
     demo_losses.append(total / tokens)
     print(f"step {step}: loss {demo_losses[-1]:.3f} over {tokens:.0f} words")
 assert all(math.isfinite(x) for x in demo_losses)
+assert demo_losses == sorted(demo_losses, reverse=True), "the loss falls step by step"
 
 # %% [markdown]
 # The loss starts near $\log V$, the cross-entropy of a uniform guess over the vocabulary
