@@ -362,7 +362,7 @@ print(f"cross-entropy fell more than 10x: {history[-1]['xent'] < history[0]['xen
 # ## The baseline without attention
 #
 # To see what attention buys (chapter 5 trains both), `use_attention=False` gives a
-# "Show and Tell"-like decoder {cite:p}`xu2015show`: the same LSTM, but the context is the
+# "Show and Tell"-like decoder {cite:p}`vinyals2015show`: the same LSTM, but the context is the
 # *mean* of the regions at every step — as if the weights were always uniform, $1/P$.
 
 # %%
@@ -406,6 +406,65 @@ try:
     Captioner.load(folder / "notes.pt")
 except caption_lib.CaptionLibError as err:
     print("error:", str(err).replace(str(folder), "...").split(" (")[0])
+
+# %% [markdown]
+# ## What this book changes from the paper
+#
+# {cite:t}`xu2015show` encode each image with the Oxford VGG network pretrained on
+# ImageNet, not fine-tuned, and take the 14×14×512 feature map of the fourth convolutional
+# layer of its last block, before max-pooling (`conv5_4`): 196 regions of 512 values
+# (Sec. 4.3). They train
+# two attention mechanisms, deterministic *soft* attention (Sec. 4.2, this chapter) and
+# stochastic *hard* attention (Sec. 4.1). This book keeps the decoder of Sec. 3.1.2 and
+# changes the pieces below; each row says why. The values in the "this book" columns are
+# read from the code (`recipe`, a decoder built with the book's sizes), not typed.
+
+# %% tags=["hide-input"]
+# NBVAL_IGNORE_OUTPUT
+from IPython.display import Markdown, display
+
+from caption_lib.train import recipe
+
+shapes_model, shapes_train = recipe("shapes")
+colab_model, colab_train = recipe("flickr8k")
+probe = DecoderWithAttention(10, encoder_dim=2048, embed_dim=8, decoder_dim=8, attention_dim=8)
+beta_size = probe.f_beta.out_features  # one gate value per feature of the context
+rows = [
+    ("encoder", "VGG-19 `conv5_4`, ImageNet, frozen",
+     "ResNet-50 to `layer4`; offline: random init, `layer4` fine-tuned; Colab: ImageNet, frozen",
+     "ResNet-50 is the seed's encoder; offline there are no ImageNet weights (chapter 2)"),
+    ("regions P × feature size E", "14×14 = 196 × 512", "7×7 = 49 × 2048",
+     "ResNet-50's last stage has stride 32: 224 / 32 = 7"),
+    ("gate β", "one scalar per step, $\\sigma(f_\\beta(h_{t-1}))$ (Sec. 4.2.1)",
+     f"a vector of {beta_size} values per step, one per feature",
+     "a per-feature gate, as most re-implementations use; the scalar is its special case"),
+    ("output layer", "deep output: $L_o(E y_{t-1} + L_h h_t + L_z \\hat z_t)$ (Sec. 3.1.2)",
+     "one linear layer on dropout($h_t$)", "fewer parameters; $y_{t-1}$ and $\\hat z_t$ reach the output through $h_t$"),
+    ("regulariser λ", "$\\lambda \\sum_i (1 - \\sum_t \\alpha_{ti})^2$ over 196 regions",
+     f"the same sum over 49 regions; λ = {shapes_model.alpha_c} (shapes), {colab_model.alpha_c} (Flickr8k)",
+     "with many regions the sum outweighs the cross-entropy (chapter 5)"),
+    ("attention mechanisms", "soft and hard", "soft (this chapter) and hard (the Hard attention chapter)", "—"),
+    ("optimiser", "RMSProp (Flickr8k), Adam (Flickr30k, COCO)", "Adam, lr "
+     f"{shapes_train.lr:g} (decoder) and {shapes_train.encoder_lr:g} (fine-tuned stage)",
+     "the common choice today; one optimiser for every data set"),
+    ("sizes (embedding / LSTM / attention)", "not all stated", f"{shapes_model.embed_dim} / "
+     f"{shapes_model.decoder_dim} / {shapes_model.attention_dim} (shapes), {colab_model.embed_dim} / "
+     f"{colab_model.decoder_dim} / {colab_model.attention_dim} (Flickr8k)",
+     "the shapes language is small, so is the offline model"),
+    ("data", "Flickr8k, Flickr30k, COCO", "shapes (offline, generated), Flickr8k and COCO (Colab)",
+     "a data set with ground truth makes correctness and grounding measurable"),
+]
+header = "| | paper | this book | why |\n|---|---|---|---|\n"
+display(Markdown(header + "\n".join(f"| {' | '.join(r)} |" for r in rows)))
+
+# %% [markdown]
+# Two consequences for reading the numbers of this book. First, scores on shapes are not
+# comparable with the paper's Table 1 (reproduced on the Results page): the shapes
+# captions come from a grammar of a few dozen words, so a model that has learned it
+# matches long $n$-grams of the references and reaches BLEU-4 scores far above what any
+# model reaches on human captions of photographs. Second, the decoder here sees 49
+# coarser regions instead of 196, so an attention map is a 7×7 grid, and a small object
+# may cover only part of one cell.
 
 # %% [markdown]
 # ## Summary
