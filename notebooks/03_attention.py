@@ -149,9 +149,10 @@ print("library == step by step:", torch.allclose(context_lib, context, atol=1e-5
 # same for every word of a caption, so their projection can be computed **once** and
 # reused at each step; only $W_h h_{t-1}$ is new. That is why `Attention` has a separate
 # `project` method and `forward` takes `projected=`. The saving is large: the projection
-# costs $B \cdot P \cdot E \cdot A$ multiply-adds, 1.6 billion for a batch of 32 at the
-# book's sizes — per word, if it is recomputed at every step (the way the best-known
-# PyTorch tutorial does it), for a caption of 20 words and again in the backward pass.
+# costs $B \cdot P \cdot E \cdot A$ multiply-adds (the cell below counts them for a batch
+# of 32 at the book's sizes) — per word, if it is recomputed at every step (the way
+# sgrvinod's PyTorch tutorial to image captioning, the best-known one, does it), for a
+# caption of 20 words and again in the backward pass.
 
 # %%
 # NBVAL_CHECK_OUTPUT

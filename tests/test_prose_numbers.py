@@ -54,6 +54,7 @@ def test_a_planted_number_is_found_with_its_line(tmp_path, sentence, kind):
 
 def test_code_maths_glue_and_structure_are_not_prose(tmp_path):
     prose = ("A 224×224 image becomes 7×7 = 49 regions of 2048 values (2015, eq. 4).\n"
+             "The paper's Sec. 4.2 and eq. 11–12, Table 1, version v1.0.\n"
              "Glued: {glue:text}`f1:.3f` and `lr=0.0004` in code and $\\lambda = 0.02$.\n"
              "See [the file](results/x_1.5.json) and {cite:p}`xu2015show`.")
     bad, _ = _tool().check(_book(tmp_path, prose))

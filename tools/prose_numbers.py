@@ -55,6 +55,8 @@ _STRIP = [
     re.compile(r"https?://\S+"),                      # bare URLs
     re.compile(r"<!--.*?-->", re.DOTALL),                  # comments
     re.compile(r"\(eq-[\w-]+\)"),                     # equation labels
+    re.compile(r"(?:Secs?\.|Sections?|[Ee]qs?\.|Table|Fig\.|Figure|Chapter|chapter|v)\s?"
+               r"\d+(?:\.\d+)*(?:\s?[–-]\s?\d+(?:\.\d+)*)?"),  # "Sec. 4.2", "eq. 11–12"
 ]
 
 
