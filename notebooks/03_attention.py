@@ -391,8 +391,9 @@ print("Exercise 1: correct")
 # **Exercise 2.** Write `is_attention(alpha, mask=None, atol=1e-5)` that returns `True`
 # when `alpha` `(B, P)` is a valid set of attention weights: no negative entries, every
 # row sums to one (within `atol`), and — when a mask is given — exactly zero on the masked
-# regions. Why can the library's weights never be exactly 0 on an unmasked region, and
-# why does that not matter?
+# regions. Mathematically a softmax weight is never 0 on an unmasked region; is that true
+# of the library's float32 weights (try two scores that differ by 200)? Why does it not
+# matter for this check?
 
 # %% nbgrader={"grade": false, "grade_id": "ex2-solution", "locked": false, "schema_version": 3, "solution": true}
 def is_attention(alpha: torch.Tensor, mask: torch.Tensor | None = None,

@@ -258,8 +258,11 @@ for h in result.beams[0]:
 # beams ("a big ...", "a small ...") all outrank the greedy prefix ("a yellow ..."), that
 # prefix falls out of the beam, even when the caption it would have become is the most
 # probable of all. A larger $k$ makes this rarer. The cell below runs plain beam search
-# (`keep_greedy=False`) to show it; by default `beam_search` also ranks the greedy
-# caption (about $1/k$ of the cost), so its result is never less probable than greedy.
+# (`keep_greedy=False`) to show it. By default `beam_search` also ranks the greedy
+# caption among its finished ones (about $1/k$ of the cost), so its result never has a
+# lower *length-normalised* score {eq}`eq-length-norm` than greedy's; by the plain sum
+# {eq}`eq-seq-logp` it can still be less probable, because the normalised score may prefer
+# a longer caption.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -309,8 +312,9 @@ print("alphas of image 0:", ("T", beams3.alphas[0].shape[1]), "= (T words, P reg
 #
 # Every score below comes from real decoding: the model sees only the image (no teacher
 # forcing), and `<start>`, `<end>` and `<pad>` never reach the metrics. Scores are over
-# the whole test split ("corpus" scores) against its 5 reference captions per image, on a
-# 0–100 scale:
+# the whole test split ("corpus" scores) against its 5 reference captions per image,
+# multiplied by 100 as captioning papers report them (BLEU, ROUGE-L and METEOR are then
+# between 0 and 100; CIDEr-D is not bounded by 100):
 #
 # - **BLEU-n** {cite:p}`papineni2002bleu`: the geometric mean of the clipped $m$-gram
 #   precisions $p_1, \dots, p_n$ times a brevity penalty,
@@ -325,7 +329,9 @@ print("alphas of image 0:", ("T", beams3.alphas[0].shape[1]), "= (T words, P reg
 #   where $c_{\hat y}(g)$ counts $g$ in the caption, $c_r(g)$ in reference $r$, $c$ is the
 #   caption length and $r$ the length of the reference closest to it (sums over the corpus);
 # - **CIDEr-D** {cite:p}`vedantam2015cider`: cosine similarity of TF-IDF weighted
-#   $n$-grams (words common in all references count little);
+#   $n$-grams (words common in all references count little), times 10 in the COCO
+#   evaluation code, so up to 10 per caption before the ×100: on the shapes grammar, where
+#   a good caption shares its references' rarer $n$-grams, it lands far above 100;
 # - **ROUGE-L**: the longest common subsequence with the references;
 # - **METEOR**: unigram matches with stems and synonyms, and a penalty for fragmentation
 #   (a Java program: `None` without Java).
@@ -509,7 +515,7 @@ assert done.returncode == 2 and done.stdout.count("\n") == len(own_images)
 #   are ranked per word {eq}`eq-length-norm`, since plain sums favour short captions.
 # - Beam search runs all beams of all images of a batch as one batch for the decoder.
 # - Scores come from real decoding over the whole test split: BLEU-1..4 {eq}`eq-bleu`,
-#   CIDEr, ROUGE-L, METEOR (0–100).
+#   CIDEr, ROUGE-L, METEOR (all ×100; CIDEr is not bounded by 100).
 # - Shapes' ground truth measures what text metrics cannot: semantic $F_1$
 #   {eq}`eq-semantic-f1` (is the named object there?) and attention grounding
 #   {eq}`eq-grounding` (does the model look at it while naming it?).
