@@ -6,7 +6,13 @@ at the image through soft attention (`caption_lib.attention`), and updates an LS
     alpha_t, z_t = f_att(a, h_{t-1})                   (where to look, and what it sees)
     beta_t       = sigmoid(f_beta(h_{t-1}))            (gate: how much of the image to use)
     h_t, c_t     = LSTM([E y_{t-1}; beta_t * z_t], (h_{t-1}, c_{t-1}))
-    p(y_t | ...) = softmax(L_o dropout(h_t))           (the output / vocabulary layer)
+    p(y_t | ...) = softmax(W_o dropout(h_t))           (the output / vocabulary layer)
+
+The output layer differs from the paper's. Xu et al. use a "deep output" (Sec. 3.1.2):
+p(y_t | a, y_{<t}) ∝ exp(L_o(E y_{t-1} + L_h h_t + L_z z_t)), the embedded previous word,
+the state and the context combined before the vocabulary layer L_o. This module uses one
+linear layer W_o on the dropped-out state, as most re-implementations do; the previous
+word and the context still reach the output through h_t.
 
 The initial state comes from the mean region feature through two linear layers
 (h_0 = f_init,h(mean_i a_i), c_0 = f_init,c(mean_i a_i)). Training maximises the
@@ -85,7 +91,7 @@ class DecoderWithAttention(nn.Module):
         self.f_beta = nn.Linear(decoder_dim, encoder_dim)  # gate beta
         self.lstm = nn.LSTMCell(embed_dim + encoder_dim, decoder_dim)
         self.dropout = nn.Dropout(dropout)
-        self.fc = nn.Linear(decoder_dim, vocab_size)  # L_o, the output layer
+        self.fc = nn.Linear(decoder_dim, vocab_size)  # W_o, the output layer (no deep output)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -142,8 +142,9 @@ for annotations in ["karpathy/dataset_flickr8k.json", "flickr/Flickr8k.token.txt
 #
 # Offline there is no Flickr8k, so the book ships a generator: 224×224 images with 1–3
 # coloured shapes and five captions each, written in Karpathy's format (one code path for
-# both). The parameter cell chooses: `"shapes"` generates it once into the workspace
-# (about half a minute) and reuses it; `"flickr8k"` downloads the real data (Colab).
+# both). The parameter cell chooses: `"shapes"` generates it once into the workspace and
+# reuses it (the cell below prints how long it took this time); `"flickr8k"` downloads the
+# real data (Colab).
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -192,7 +193,7 @@ plt.show()
 # |---|---|---|
 # | objects | 1–3, not overlapping, 6 px apart | counting and relations, each object visible whole |
 # | attributes | 4 colours × 3 shapes × 2 sizes | colour is easy for a CNN, shape harder, size in between |
-# | sizes | 64 / 96 px boxes (2×2 / 3×3 cells of the 7×7 grid) | a random-init ResNet recognises shape better on big objects |
+# | sizes | boxes of 64 / 96 px a side (`HALF_SIZE` in `shapes.py`): 2–3 / 3–4 cells of the 7×7 grid a side, depending on where the box falls | a random-init ResNet recognises shape better on big objects |
 # | noise | shaded background, jittered colours, ±3 grey levels per pixel | no two images alike |
 # | references | 5 per image, ≤ 18 tokens, 32 words | a grammar small enough to learn |
 # | canonical caption | always reference 1: objects left to right, neighbours related | one most likely caption to learn |
@@ -269,9 +270,10 @@ plt.show()
 
 # %% [markdown]
 # The lengths cluster by the number of objects (3–8 words for one object, up to 18 for
-# three). Real captions have a long tail of rare words (Zipf's law): in Flickr8k about half
-# of the ~8,900 distinct words occur once, which is why a `min_freq` threshold maps the
-# rarest words to `<unk>`.
+# three). Real captions have a long tail of rare words (Zipf's law): in Flickr8k a large
+# share of the distinct words occur only once or twice, too rarely to learn, which is why a
+# `min_freq` threshold maps the rarest words to `<unk>` (the shapes grammar has no rare
+# words, so the book's recipe keeps them all).
 #
 # **Why split images, not captions?** The five references of an image describe the same
 # scene. If captions were split at random, most test images would also be training images

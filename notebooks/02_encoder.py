@@ -15,7 +15,7 @@
 #
 # - why the paper describes an image by a *grid* of feature vectors rather than one vector;
 # - how ResNet-50 shrinks a 224×224 image to a 7×7 grid, stage by stage;
-# - the seed's `permute` + `view`, and why `reshape` is the safe general choice;
+# - the `permute` + `view` of captioning tutorials, and why `reshape` is the safe general choice;
 # - what one "region" of the grid is, on the image itself;
 # - what pretrained weights give, and what this book does without them (offline);
 # - why the frozen part of the encoder runs **once** per image (the feature cache).
@@ -99,7 +99,8 @@ with torch.no_grad():
 # %% [markdown]
 # ## From a feature map to a sequence of regions
 #
-# The decoder wants a *set* of $P$ vectors of size $E$: shape `(B, P, E)`. The seed does
+# The decoder wants a *set* of $P$ vectors of size $E$: shape `(B, P, E)`. Most captioning
+# code (and this book's first sketch of the encoder) does
 # it in two moves:
 #
 # $$
@@ -195,12 +196,14 @@ plt.show()
 #
 # Features learned on ImageNet name colours, textures and object parts; a decoder on top
 # of them learns to caption quickly. Offline there are no such weights, and a *frozen
-# random* ResNet-50 is a poor feature extractor: in the project's prototypes a decoder
-# trained on it reached a semantic F1 of 0.76 and put only 38 % of its attention on the
-# object it named. So the offline recipe keeps the paper's architecture and output
+# random* ResNet-50 is a poor feature extractor: its features are badly scaled and mix
+# colour, shape and position (the Training chapter trains a decoder on them and shows how
+# little it learns). So the offline recipe keeps the paper's architecture and output
 # `(B, 49, 2048)` but **fine-tunes the last stage**, `layer4`, on top of a frozen,
 # random `layer1`–`layer3` (`fine_tune="auto"` chooses this when no pretrained weights
-# are found). The Training chapter measures all three settings side by side.
+# are found). The Training chapter trains the two offline settings of the table below
+# side by side; the ImageNet setting runs where the weights can be downloaded (Colab,
+# `DATASET = "flickr8k"`), so this build has no figure for it.
 #
 # | weights | what trains | cached tensor per image | where |
 # |---|---|---|---|

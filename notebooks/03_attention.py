@@ -149,9 +149,10 @@ print("library == step by step:", torch.allclose(context_lib, context, atol=1e-5
 # same for every word of a caption, so their projection can be computed **once** and
 # reused at each step; only $W_h h_{t-1}$ is new. That is why `Attention` has a separate
 # `project` method and `forward` takes `projected=`. The saving is large: the projection
-# costs $B \cdot P \cdot E \cdot A$ multiply-adds, 1.6 billion for a batch of 32 at the
-# book's sizes — per word, if it is recomputed at every step (the way the best-known
-# PyTorch tutorial does it), for a caption of 20 words and again in the backward pass.
+# costs $B \cdot P \cdot E \cdot A$ multiply-adds (the cell below counts them for a batch
+# of 32 at the book's sizes) — per word, if it is recomputed at every step (the way
+# sgrvinod's PyTorch tutorial to image captioning, the best-known one, does it), for a
+# caption of 20 words and again in the backward pass.
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -390,8 +391,9 @@ print("Exercise 1: correct")
 # **Exercise 2.** Write `is_attention(alpha, mask=None, atol=1e-5)` that returns `True`
 # when `alpha` `(B, P)` is a valid set of attention weights: no negative entries, every
 # row sums to one (within `atol`), and — when a mask is given — exactly zero on the masked
-# regions. Why can the library's weights never be exactly 0 on an unmasked region, and
-# why does that not matter?
+# regions. Mathematically a softmax weight is never 0 on an unmasked region; is that true
+# of the library's float32 weights (try two scores that differ by 200)? Why does it not
+# matter for this check?
 
 # %% nbgrader={"grade": false, "grade_id": "ex2-solution", "locked": false, "schema_version": 3, "solution": true}
 def is_attention(alpha: torch.Tensor, mask: torch.Tensor | None = None,

@@ -74,11 +74,14 @@ print(f"caption_lib {caption_lib.__version__} on {device}; data: {data_dir}")
 # For an image with region features $a$ and a reference caption
 # $y = (y_0{=}\texttt{<start>}, y_1, \dots, y_C{=}\texttt{<end>})$, the decoder predicts
 # every word from the words before it (*teacher forcing*: during training the previous
-# word is the reference word, not the model's own guess). The loss of one caption is
+# word is the reference word, not the model's own guess). For a batch of $B$ captions,
+# caption $b$ with $C_b$ tokens after `<start>` (its words and `<end>`), $N = \sum_b C_b$, the
+# loss is the Decoder chapter's
 #
 # $$
-# L = -\frac{1}{C}\sum_{t=1}^{C} \log p(y_t \mid y_{<t}, a)
-#     \;+\; \lambda \sum_{i=1}^{P} \Bigl(1 - \sum_{t=1}^{C} \alpha_{ti}\Bigr)^2
+# L = -\frac{1}{N}\sum_{b=1}^{B}\sum_{t=1}^{C_b} \log p(y_{bt} \mid y_{b,<t}, a_b)
+#     \;+\; \lambda \, \frac{1}{B}\sum_{b=1}^{B}\sum_{i=1}^{P}
+#     \Bigl(1 - \sum_{t=1}^{C_b} \alpha_{bti}\Bigr)^2
 # $$ (eq-objective)
 #
 # The first term is the cross-entropy over the real words only: padding, which makes the
@@ -277,7 +280,7 @@ for item in test.captions[:5]:
 #
 # - **frozen random encoder**: no stage of the random ResNet-50 is trained, the setting
 #   that works with ImageNet weights but not without them;
-# - **no attention** ("Show and Tell"-style): the decoder sees the *mean* of the 49
+# - **no attention** ("Show and Tell"-style, {cite:t}`vinyals2015show`): the decoder sees the *mean* of the 49
 #   region features at every step instead of an attention-weighted one.
 #
 # To keep the book's build short these runs take 2 epochs (the "epochs" column), so

@@ -47,7 +47,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from IPython.display import display
+from IPython.display import Markdown, display
 from PIL import Image
 
 import caption_lib
@@ -258,8 +258,11 @@ for h in result.beams[0]:
 # beams ("a big ...", "a small ...") all outrank the greedy prefix ("a yellow ..."), that
 # prefix falls out of the beam, even when the caption it would have become is the most
 # probable of all. A larger $k$ makes this rarer. The cell below runs plain beam search
-# (`keep_greedy=False`) to show it; by default `beam_search` also ranks the greedy
-# caption (about $1/k$ of the cost), so its result is never less probable than greedy.
+# (`keep_greedy=False`) to show it. By default `beam_search` also ranks the greedy
+# caption among its finished ones (about $1/k$ of the cost), so its result never has a
+# lower *length-normalised* score {eq}`eq-length-norm` than greedy's; by the plain sum
+# {eq}`eq-seq-logp` it can still be less probable, because the normalised score may prefer
+# a longer caption.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -309,8 +312,9 @@ print("alphas of image 0:", ("T", beams3.alphas[0].shape[1]), "= (T words, P reg
 #
 # Every score below comes from real decoding: the model sees only the image (no teacher
 # forcing), and `<start>`, `<end>` and `<pad>` never reach the metrics. Scores are over
-# the whole test split ("corpus" scores) against its 5 reference captions per image, on a
-# 0–100 scale:
+# the whole test split ("corpus" scores) against its 5 reference captions per image,
+# multiplied by 100 as captioning papers report them (BLEU, ROUGE-L and METEOR are then
+# between 0 and 100; CIDEr-D is not bounded by 100):
 #
 # - **BLEU-n** {cite:p}`papineni2002bleu`: the geometric mean of the clipped $m$-gram
 #   precisions $p_1, \dots, p_n$ times a brevity penalty,
@@ -325,7 +329,9 @@ print("alphas of image 0:", ("T", beams3.alphas[0].shape[1]), "= (T words, P reg
 #   where $c_{\hat y}(g)$ counts $g$ in the caption, $c_r(g)$ in reference $r$, $c$ is the
 #   caption length and $r$ the length of the reference closest to it (sums over the corpus);
 # - **CIDEr-D** {cite:p}`vedantam2015cider`: cosine similarity of TF-IDF weighted
-#   $n$-grams (words common in all references count little);
+#   $n$-grams (words common in all references count little), times 10 in the COCO
+#   evaluation code, so up to 10 per caption before the ×100: on the shapes grammar, where
+#   a good caption shares its references' rarer $n$-grams, it lands far above 100;
 # - **ROUGE-L**: the longest common subsequence with the references;
 # - **METEOR**: unigram matches with stems and synonyms, and a penalty for fragmentation
 #   (a Java program: `None` without Java).
@@ -339,17 +345,45 @@ evaluations = {k: evaluate(model, data_dir, "test", beam_size=k, device=device,
                            meteor=(k == BEAM_SIZE), progress=False) for k in BEAM_SIZES}
 columns = ["bleu1", "bleu2", "bleu3", "bleu4", "cider", "rougeL", "meteor",
            "semantic_f1", "grounding"]
-print(f"{'k':>3s} " + " ".join(f"{c:>11s}" for c in columns))
-for k, ev in evaluations.items():
-    cells = ["—" if ev.scores.get(c) is None else f"{ev.scores[c]:.3f}" if c in
-             ("semantic_f1", "grounding") else f"{ev.scores[c]:.1f}" for c in columns]
-    print(f"{k:>3d} " + " ".join(f"{c:>11s}" for c in cells))
+
+
+def score_cell(scores: dict, name: str) -> str:
+    """A score as the table shows it: n/a when the data set has no ground truth for it."""
+    value = scores.get(name)
+    if value is None:
+        return "n/a"
+    return f"{value:.3f}" if name in ("semantic_f1", "grounding") else f"{value:.1f}"
+
+
+rows = ["| k | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+rows += [f"| {k} | " + " | ".join(score_cell(ev.scores, c) for c in columns) + " |"
+         for k, ev in evaluations.items()]
+display(Markdown("\n".join(rows)))
 
 # %% [markdown]
 # Compare the rows: how much do more beams buy? On the shapes data set the references
 # come from a small grammar, so a model that has learned the grammar matches many
 # $n$-grams whatever objects it names; what BLEU hardly sees is *what* the caption says (a
-# wrong colour, a wrong shape). The next two measures look at exactly that.
+# wrong colour, a wrong shape). The cell below puts the change of BLEU-4 next to the
+# change of semantic F1 (next section) and of the captions' length.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+lengths_by_k = {k: sum(len(i["caption"].split()) for i in ev.captions) / len(ev.captions)
+                for k, ev in evaluations.items()}
+low, high = min(evaluations), max(evaluations)
+print("mean caption length: " + ", ".join(f"k={k}: {n:.2f} words" for k, n in lengths_by_k.items()))
+print(f"from k={low} to k={high}: BLEU-4 {evaluations[high].scores['bleu4'] - evaluations[low].scores['bleu4']:+.1f}, "
+      f"semantic F1 {evaluations[high].scores.get('semantic_f1', float('nan')) - evaluations[low].scores.get('semantic_f1', float('nan')):+.3f}")
+
+# %% [markdown]
+# Why captions change length with $k$: the length-normalised score
+# {eq}`eq-length-norm` is a mean per word, so a longer caption made of very probable
+# filler words ("a picture of", "there are two shapes") can outrank a shorter one; greedy
+# decoding has no such choice. Longer captions meet more of the references' $n$-grams and
+# BLEU's brevity penalty less often, so BLEU can rise with $k$ while the objects the
+# caption names, which semantic F1 counts, stay the same. On shapes a gain in BLEU-4 is
+# therefore not, by itself, a better description of the picture.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -424,8 +458,12 @@ if DATASET == "shapes":
 # ## Where it fails
 #
 # The captions whose semantic $F_1$ is below 1, with what is really in the scene and one
-# reference caption. Typical mistakes on shapes: a colour or a shape confused, an object
-# left out, an object invented.
+# reference caption. The cell counts where the failures are: how many objects their
+# scenes hold (against all test images), and how many of the wrong mentions borrow a
+# colour or a shape from another object of the same scene. Read the counts with the
+# gallery: when failures gather in the three-object scenes and the wrong words are
+# borrowed from a neighbour, the model has seen the right attributes but bound them to the
+# wrong object, an error of attention (where it looked while naming), not of vision.
 
 # %% mystnb={"image": {"alt": "Test images whose generated caption misses or misnames an object, each with the model's caption, the true scene, a reference and its F1"}}
 # NBVAL_IGNORE_OUTPUT
@@ -434,6 +472,16 @@ if DATASET == "shapes":
     per_image = [semantic_f1([h], [o]) for h, o in zip(hyps, objects)]
     failures = [i for i, f in enumerate(per_image) if f < 1.0]
     print(f"{len(failures)} of {len(per_image)} test captions have F1 < 1")
+    by_count = {n: sum(len(objects[i]) == n for i in failures) for n in (1, 2, 3)}
+    print("failures by objects in the scene:", by_count,
+          "| all test images:", {n: sum(len(o) == n for o in objects) for n in (1, 2, 3)})
+    borrowed = 0  # a wrong (colour, shape) whose colour or shape belongs to another object
+    for i in failures:
+        truth = [(o["colour"], o["shape"]) for o in objects[i]]
+        wrong = [m for m in parse_mentions(chosen.captions[i]["caption"]) if m not in truth]
+        borrowed += any(c in {t[0] for t in truth} or sh in {t[1] for t in truth}
+                        for c, sh in wrong)
+    print(f"failures naming a colour or shape that another object of the scene has: {borrowed}")
     shown = failures[:6]
     if shown:
         labels = []
@@ -509,7 +557,7 @@ assert done.returncode == 2 and done.stdout.count("\n") == len(own_images)
 #   are ranked per word {eq}`eq-length-norm`, since plain sums favour short captions.
 # - Beam search runs all beams of all images of a batch as one batch for the decoder.
 # - Scores come from real decoding over the whole test split: BLEU-1..4 {eq}`eq-bleu`,
-#   CIDEr, ROUGE-L, METEOR (0–100).
+#   CIDEr, ROUGE-L, METEOR (all ×100; CIDEr is not bounded by 100).
 # - Shapes' ground truth measures what text metrics cannot: semantic $F_1$
 #   {eq}`eq-semantic-f1` (is the named object there?) and attention grounding
 #   {eq}`eq-grounding` (does the model look at it while naming it?).

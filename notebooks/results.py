@@ -125,6 +125,30 @@ display(table(["decoding", *metrics],
 assert scores[1]["bleu4"] > 10
 
 # %% [markdown]
+# ### Beside the paper's Table 1
+#
+# {cite:t}`xu2015show` report, in their Table 1, BLEU-1..4 and METEOR on Flickr8k (as
+# fractions ×100). Below they stand next to this build's test scores. **The rows are not
+# comparable**: the paper's captions are human sentences about photographs, with a
+# vocabulary of thousands of words and five quite different references per image; the
+# shapes captions come from a small grammar, so once a model names the right objects most
+# of its $n$-grams match some reference. The paper's rows say what the model reaches on
+# real data; ours say that this implementation learns the task it is given.
+
+# %% tags=["hide-input"]
+# NBVAL_IGNORE_OUTPUT
+PAPER_TABLE_1_FLICKR8K = {  # Xu et al. 2015, Table 1 (BLEU-1..4, METEOR; ×100)
+    "paper, soft attention (Flickr8k)": (67, 44.8, 29.9, 19.5, 18.93),
+    "paper, hard attention (Flickr8k)": (67, 45.7, 31.4, 21.3, 20.30),
+}
+bleu_keys = ["bleu1", "bleu2", "bleu3", "bleu4"]
+paper_rows = [[name, *(f"{v:g}" for v in values)] for name, values in PAPER_TABLE_1_FLICKR8K.items()]
+ours = [[f"this build, soft attention ({DATASET}, {'greedy' if beam == 1 else f'beam {beam}'})",
+         *(f"{s[k]:.1f}" for k in bleu_keys), "not computed here"]
+        for beam, s in scores.items()]
+display(table(["model", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR"], paper_rows + ours))
+
+# %% [markdown]
 # ## Performance: the benchmark ratios
 #
 # Each file of `benchmarks/results/` is one benchmark's output (`make bench` rewrites
@@ -155,3 +179,65 @@ if folder.is_dir():
                       [[f"`{name}`", f"{value:g}×"] for name, value in ratios(record).items()]))
 else:
     print(f"{folder} is not here: the benchmark results live in the repository ({REPO_URL})")
+
+# %% [markdown]
+# ## Figures for the Scaling-up page
+#
+# The page *Scaling up* (Going further) plans a COCO run from the benchmark files above.
+# Its figures are computed here, from those files and from the model's own sizes, and
+# pasted into that page (MyST-NB `glue`), so that they change when the files do.
+
+# %% tags=["hide-input"]
+# NBVAL_IGNORE_OUTPUT
+from myst_nb import glue
+
+from caption_lib import DecoderWithAttention
+
+COCO_IMAGES, COCO_TRAIN_CAPTIONS = 123_287, 113_287 * 5  # Karpathy's split, 5 captions each
+coco_epochs = recipe("coco")[1].epochs
+coco_decoder = DecoderWithAttention(10_000, encoder_dim=2048, embed_dim=512, decoder_dim=512,
+                                    attention_dim=512)
+n_params = sum(p.numel() for p in coco_decoder.parameters())
+scaling = {  # glue key: (what it is, value)
+    "coco_params_m": ("decoder parameters at COCO sizes (millions)", f"{n_params / 1e6:.1f}"),
+    "coco_grad_mb": ("their fp32 gradients, all-reduced every step (MB)", f"{n_params * 4 / 1e6:.0f}"),
+    "coco_cache_gb": ("feature cache, 2048×7×7 fp16 for all images (GB)",
+                      f"{COCO_IMAGES * 2048 * 49 * 2 / 1e9:.1f}"),
+    "coco_cache_layer3_gb": ("feature cache, 1024×14×14 fp16 `layer3` maps (GB)",
+                             f"{COCO_IMAGES * 1024 * 14 * 14 * 2 / 1e9:.1f}"),
+    "coco_epochs": ("epochs of the coco recipe", str(coco_epochs)),
+}
+encoder_file = folder / "encoder.json"
+if encoder_file.is_file():
+    speed = json.loads(encoder_file.read_text())["extract_bf16_channels_last_images_per_s"]
+    scaling["extract_img_s"] = ("feature extraction, bf16, images/s (encoder.json)", f"{speed:g}")
+    scaling["extract_coco_min"] = ("extracting all COCO images at that speed (minutes)",
+                                   f"{COCO_IMAGES / speed / 60:.0f}")
+for batch in (8, 32):
+    ddp_file = folder / f"ddp_cpu_b{batch}.json"
+    if not ddp_file.is_file():
+        continue
+    ddp = json.loads(ddp_file.read_text())
+    for procs in ("1", "2"):
+        rate = ddp["captions_per_s"][procs]
+        hours = COCO_TRAIN_CAPTIONS / rate / 3600
+        scaling |= {
+            f"ddp{batch}_s{procs}": (f"batch {batch}, {procs} process(es): seconds per step",
+                                     f"{ddp['seconds_per_step_median'][procs]:.2f}"),
+            f"ddp{batch}_c{procs}": (f"batch {batch}, {procs} process(es): captions/s", f"{rate:g}"),
+            f"ddp{batch}_epoch_h{procs}": ("a COCO epoch at that rate (hours)", f"{hours:.1f}"),
+            f"ddp{batch}_run_h{procs}": (f"{coco_epochs} COCO epochs at that rate (hours)",
+                                         f"{hours * coco_epochs:.0f}"),
+        }
+    scaling[f"ddp{batch}_speedup"] = (f"batch {batch}: speed-up of 2 processes over 1",
+                                      f"{ddp['speedup']:g}")
+    scaling[f"ddp{batch}_load"] = (f"batch {batch}: highest 1-minute load average during the runs",
+                                   f"{max(ddp['load_average_1min']):.0f}")
+for key, (_, value) in scaling.items():
+    glue(key, value, display=False)
+display(table(["figure", "value"], [[what, value] for what, value in scaling.values()]))
+
+# %% [markdown]
+# The table is the arithmetic behind that page's plan: sizes follow from the image count
+# and the cached map's shape, times from the measured rates. The last rows are why the
+# page recommends GPUs: at the CPU's measured rate a single COCO epoch takes hours.
