@@ -54,6 +54,11 @@ def step_mask(lengths: torch.Tensor, steps: int,
     return t.unsqueeze(0) < (lengths - 1).unsqueeze(1)  # (B, T)
 
 
+def _prefix(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """x[:rows], or x itself when that is all of it."""
+    return x if rows == x.size(0) else x[:rows]
+
+
 class DecoderWithAttention(nn.Module):
     """LSTM decoder with soft attention (or, `use_attention=False`, the mean feature).
 
@@ -164,8 +169,10 @@ class DecoderWithAttention(nn.Module):
         for t, b in enumerate(running):
             if b == 0:
                 break
-            (h, c), alpha = self._cell(embedded[:b, t], (h[:b], c[:b]), features[:b],
-                                       None if projected is None else projected[:b])
+            # while every caption runs, no slice: a slice's backward pads its gradient to
+            # the full (B, P, E) at every step (a quarter of a fine-tuning step's decoder)
+            (h, c), alpha = self._cell(embedded[:b, t], (h[:b], c[:b]), _prefix(features, b),
+                                       None if projected is None else _prefix(projected, b))
             hidden[:b, t] = h  # (b, H)
             alphas[:b, t] = alpha  # (b, P)
         restore = torch.argsort(order)  # (B,) back to the caller's order
