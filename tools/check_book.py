@@ -39,6 +39,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
@@ -135,12 +136,54 @@ def answer_problems(text: str, cell_text: str, secrets: list[str]) -> list[str]:
     """What gives an answer away: `text` is all of a page's text (shown or collapsed),
     `cell_text` that of its notebook cells."""
     out = [f"nbgrader marker visible: {m!r}" for m in classroom.MARKERS if m in cell_text]
-    lines = {" ".join(line.lstrip("#").split()) for line in text.splitlines()}
-    shown = [s for s in secrets if " ".join(s.split()) in lines]
+    lines = {classroom.normalise(line) for line in text.splitlines()}
+    shown = [s for s in secrets if s in lines]
     if shown:
         out.append(f"answer visible ({len(shown)} lines of solutions, hidden tests or keys), "
                    f"e.g. {shown[0]!r}")
     return out
+
+
+class _Text(HTMLParser):
+    """All text of an HTML page, and that of its notebook cells (`div.cell`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.text: list[str] = []
+        self.cells: list[str] = []
+        self._stack: list[bool] = []  # per open div: inside a cell?
+        self._skip = 0
+
+    def handle_starttag(self, tag, attrs):
+        if tag in ("script", "style"):
+            self._skip += 1
+        if tag == "div":
+            classes = (dict(attrs).get("class") or "").split()
+            self._stack.append(bool(self._stack and self._stack[-1]) or "cell" in classes)
+
+    def handle_endtag(self, tag):
+        if tag in ("script", "style"):
+            self._skip -= 1
+        if tag == "div" and self._stack:
+            self._stack.pop()
+
+    def handle_data(self, data):
+        if self._skip:
+            return
+        self.text.append(data)
+        if self._stack and self._stack[-1]:
+            self.cells.append(data)
+
+
+def html_answer_problems(site: Path, secrets: dict[str, list[str]]) -> list[str]:
+    """`answer_problems` on the HTML files themselves (no browser): every page of `secrets`."""
+    out = []
+    for path, lines in secrets.items():
+        parser = _Text()
+        parser.feed((site / path).read_text(encoding="utf-8"))
+        text, cells = "".join(parser.text), "".join(parser.cells)
+        out += [f"{path}: {p}" for p in answer_problems(text, cells, lines)]
+    return out + download_problems(site, secrets)
 
 
 def download_problems(site: Path, secrets: dict[str, list[str]]) -> list[str]:
@@ -149,11 +192,14 @@ def download_problems(site: Path, secrets: dict[str, list[str]]) -> list[str]:
 
     out = []
     for path, lines in secrets.items():
-        source = site / "_sources" / Path(path).with_suffix(".ipynb")
-        if source.is_file():
+        base = site / "_sources" / Path(path).with_suffix(".ipynb")
+        for source in (base, base.with_name(base.name + ".txt")):
+            if not source.is_file():
+                continue
             nb = nbformat.read(source, as_version=4)
             cells = "\n".join(c.source for c in nb.cells)
-            out += [f"{path}: download (_sources): {p}" for p in answer_problems(cells, cells, lines)]
+            out += [f"{path}: download (_sources): {p}"
+                    for p in answer_problems(cells, cells, lines)]
     return out
 
 

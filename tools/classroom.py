@@ -170,6 +170,15 @@ def cleared(nb):
     return nb
 
 
+def normalise(line: str) -> str:
+    """A line of source or of page text, compared without comment signs, Markdown
+    emphasis, code and maths delimiters, or spacing (what rendering changes)."""
+    line = line.strip().lstrip("#")
+    for char in "*`$\\":
+        line = line.replace(char, "")
+    return " ".join(line.split())
+
+
 def secrets(nb) -> list[str]:
     """Lines no published page may show: solution and hidden-test bodies, key text.
 
@@ -190,7 +199,7 @@ def secrets(nb) -> list[str]:
                 inside = False
             elif stripped:
                 (secret if inside and nbgrader_meta(cell) else public).add(stripped)
-    lines = {s.strip().lstrip("#").strip() for s in secret} - {p.lstrip("#").strip() for p in public}
+    lines = {normalise(s) for s in secret} - {normalise(p) for p in public}
     return sorted(s for s in lines if len(s) > 15)
 
 

@@ -9,8 +9,9 @@ proves every exercise solvable). What a page *shows* is what a student gets:
   region -> `# YOUR CODE HERE` / `raise NotImplementedError()`, hidden-test block
   removed). The cell has already run, so its output ("Exercise N: correct") is real.
   Instructors' key cells carry the tag `remove-cell`, which MyST-NB drops by itself.
-- `build-finished`: the notebooks copied to `_sources/` (the page's download button) are
-  replaced by the same cleared version, outputs kept.
+- `build-finished`: the notebooks copied to `_sources/` (the page's download button;
+  `.ipynb`, or `.ipynb.txt` with Sphinx's default suffix) are replaced by the same
+  cleared version, outputs kept.
 
 Reference solutions are left out of the page rather than put in a collapsed block: a
 collapsed block is one click away and sits in the page's HTML and search index, so a
@@ -41,7 +42,8 @@ def cleared_source(source: str, metadata: dict) -> str:
     """A cell's source as the student version shows it (nbgrader's own clearing)."""
     import nbformat
 
-    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"language": "python"}})
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "language": "python",
+                                                           "display_name": "Python 3"}})
     nb.cells = [nbformat.v4.new_code_cell(source, metadata=dict(metadata))]
     return classroom.cleared(nb).cells[0].source
 
@@ -69,7 +71,8 @@ def clear_downloads(app, exception) -> None:
         return
     import nbformat
 
-    for path in Path(app.outdir, "_sources").rglob("*.ipynb"):
+    sources = Path(app.outdir, "_sources")
+    for path in [*sources.rglob("*.ipynb"), *sources.rglob("*.ipynb.txt")]:
         nb = nbformat.read(path, as_version=4)
         if any(classroom.nbgrader_meta(c) for c in nb.cells) or any(
                 classroom.is_key(c) for c in nb.cells):
