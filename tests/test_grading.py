@@ -21,6 +21,7 @@ Takes a few minutes (21 notebook runs; each starts a kernel and imports torch).
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import sys
 import time
@@ -94,6 +95,10 @@ def graded(tmp_path_factory):
     from traitlets.config import Config
 
     course = tmp_path_factory.mktemp("course")
+    # nbgrader runs `alembic` (the gradebook's migrations) from PATH: the venv's bin
+    bin_dir = str(Path(sys.executable).parent)
+    if bin_dir not in os.environ["PATH"].split(os.pathsep):
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ["PATH"]
     start = time.perf_counter()
     names = course_tool.build(course, timeout=300)
     config = Config()

@@ -75,6 +75,7 @@ class Exercise:
     visible: str
     hidden: str
     key: bool  # an instructors' key cell follows
+    question: bool = False  # the text asks a question in words (it needs a key)
 
 
 _HEAD = re.compile(r"\*\*Exercise (\d+) \(([^)]+)\)\.\*\*\s*(.*)", re.DOTALL)
@@ -112,7 +113,8 @@ def exercises(nb) -> list[Exercise]:
             match = _HEAD.search(cell.source)
             if match:
                 out.append(Exercise(int(match.group(1)), match.group(2),
-                                    _first_sentence(match.group(3)), 0, None, "", "", False))
+                                    _first_sentence(match.group(3)), 0, None, "", "", False,
+                                    "?" in match.group(3)))
                 continue
         if not out:
             continue
