@@ -19,6 +19,7 @@ Used by
 
 from __future__ import annotations
 
+import ast
 import copy
 import re
 from dataclasses import dataclass
@@ -95,14 +96,19 @@ def _comment(source: str, prefix: str) -> str:
 
 
 def _signature(source: str) -> str:
-    """`name(args)` of the first def/class of a solution cell (a class: its methods')."""
-    match = re.search(r"^(?:def|class) (\w+)(\([^)]*\))?", source, flags=re.MULTILINE)
-    if not match:
+    """`name(args)` of the first def of a solution cell; for a class, `Class.forward`."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
         return ""
-    if source.startswith("class"):
-        return f"`{match.group(1)}.forward`"
-    args = ", ".join(a.split(":")[0].split("=")[0].strip() for a in match.group(2)[1:-1].split(","))
-    return f"`{match.group(1)}({args})`"
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef):
+            return f"`{node.name}({', '.join(a.arg for a in node.args.args)})`"
+        if isinstance(node, ast.ClassDef):
+            methods = [n.name for n in node.body if isinstance(n, ast.FunctionDef)
+                       and n.name != "__init__"]
+            return f"`{node.name}.{methods[0]}`" if methods else f"`{node.name}`"
+    return ""
 
 
 def exercises(nb) -> list[Exercise]:
@@ -220,7 +226,8 @@ def run_seconds(nb) -> float | None:
 
 
 def section_seconds(nb) -> float | None:
-    """Like `run_seconds`, over the exercise section only."""
+    """Like `run_seconds`, over the exercise section only (without its key cells: what an
+    assignment runs)."""
     part = nbformat.v4.new_notebook()
-    part.cells = section(nb)
+    part.cells = [c for c in section(nb) if not is_key(c)]
     return run_seconds(part)
