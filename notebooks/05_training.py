@@ -310,12 +310,14 @@ checks.passed("Exercise 1")
 # %% [markdown] tags=["remove-cell", "instructors-key"]
 # **Key, exercise 1.** A caption of $C$ real steps spreads a total attention of $C$ over
 # the $P$ regions; the penalty is smallest when every region gets about one unit, which
-# only a caption of about $P = 49$ steps can do. Short captions (the usual case: about 10
-# words) cannot give every region its unit, so the regulariser pushes them to spread their
-# little attention thinly rather than to stare at one region; the mean over the batch
-# weighs every caption equally, whatever its length. The usual mistakes: summing over the
-# padded steps (no mask), squaring per step instead of after the sum over steps, the sum
-# instead of the mean over the batch, and `.item()` (no gradient).
+# only a caption of about $P = 49$ steps can do. The short captions are pushed hardest:
+# their smallest possible penalty, $P (1 - C/P)^2$ with the attention spread evenly, is
+# larger, and so is the gradient $-2(1 - \sum_t \alpha_{bti})$ at every region. The
+# regulariser thus makes them spread their little attention thinly rather than stare at
+# one region; the mean over the batch weighs every caption equally, whatever its length.
+# The usual mistakes: summing over the padded steps (no mask), squaring per step instead
+# of after the sum over steps, the sum instead of the mean over the batch, and `.item()`
+# (no gradient).
 
 # %% [markdown]
 # **Exercise 2 (quick check).** The trainer clips gradients before each optimiser step.
