@@ -119,6 +119,8 @@ def test_each_chapter_has_a_task_and_keys_for_its_questions(path):
         assert (e.grade_id is None) == (e.kind == "written"), e
     assert not any(classroom.is_key(c) and "remove-cell" not in c.metadata["tags"]
                    for c in nb.cells), "a key cell the book would show"
+    # book/_ext/hide_answers.py clears code cells; a Markdown answer belongs in a key cell
+    assert not any(_nbgrader(c).get("solution") for c in nb.cells if c.cell_type == "markdown")
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
