@@ -356,7 +356,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--toc", type=Path, default=Path("_toc.yml"), help="its table of contents")
     parser.add_argument("--screenshots", type=Path, default=Path("_build/screenshots"))
     parser.add_argument("--chromium", default=None, help=f"browser (default {DEFAULT_CHROMIUM})")
+    parser.add_argument("--answers-only", action="store_true",
+                        help="only check that no page or download gives an answer away, "
+                             "on the HTML files (no browser)")
     args = parser.parse_args(argv)
+    if args.answers_only:
+        pages = toc_pages(args.toc)
+        failures = html_answer_problems(args.site, answer_secrets(args.toc, pages))
+        for line in failures:
+            print(line)
+        print(f"check_book --answers-only: {len(pages)} pages, {len(failures)} problems")
+        return 1 if failures else 0
 
     chromium = find_chromium(args.chromium)
     if chromium is None:
