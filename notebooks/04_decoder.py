@@ -502,76 +502,104 @@ display(Markdown(header + "\n".join(f"| {' | '.join(r)} |" for r in rows)))
 #   `step` decodes one word with the same pieces.
 # - `Captioner` saves configuration, vocabulary and weights as plain data and loads them
 #   with `weights_only=True`.
-#
+
+# %% [markdown]
 # ## Exercises
 #
-# **Exercise 1.** Implement one decoding step with the layers of a `DecoderWithAttention`
-# `dec`: from the previous words `tokens` `(B,)` and the state `(h, c)`, return the
-# next-word logits `(B, V)`, the new state and the attention weights `(B, P)` — what
-# `dec.step` does ({eq}`eq-lstm-gates`–{eq}`eq-beta`).
+# Exercise 1 is a task that needs thought, in the spirit of Stanford's CS231n: the LSTM
+# step from its weights, checked against PyTorch's own cell by values and by numerical
+# gradients. Exercise 2 is a quick check. The test cells say in one sentence what is
+# wrong. The next cell imports what the exercises need, so this section also runs on its
+# own (it is the chapter's nbgrader assignment: see *For instructors*).
+
+# %%
+# the exercises' imports
+import torch
+import torch.nn.functional as F
+
+from caption_lib import checks
+
+# %% [markdown]
+# **Exercise 1 (task).** The decoder calls `nn.LSTMCell`; here you write what it
+# computes. Implement `lstm_step(x, h, c, w_ih, w_hh, b_ih, b_hh)` for a batch: input
+# `x (B, D)`, state `h, c (B, H)`, weights `w_ih (4H, D)`, `w_hh (4H, H)` and biases
+# `b_ih, b_hh (4H,)` laid out as in `nn.LSTMCell` — the rows of each are four blocks of
+# $H$, for the input gate $i$, the forget gate $f$, the candidate $g$ and the output gate
+# $o$, **in that order** (not the order of {eq}`eq-lstm-gates`). Return the new state
+# `(h, c)` of {eq}`eq-lstm-cell` and {eq}`eq-lstm-hidden`, using only matrix products and
+# elementwise functions (no `nn.LSTMCell`, no `torch.lstm_cell`). The test compares your
+# values and gradients with `nn.LSTMCell` and runs `torch.autograd.gradcheck`, which
+# compares your gradients with finite differences. Then: what do the forget gate's values
+# do to the gradient that flows from $c_t$ back to $c_{t-1}$?
 
 # %% nbgrader={"grade": false, "grade_id": "ex1-solution", "locked": false, "schema_version": 3, "solution": true}
-def decode_step(dec: DecoderWithAttention, tokens: torch.Tensor, state, features: torch.Tensor,
-                projected: torch.Tensor):
+def lstm_step(x: torch.Tensor, h: torch.Tensor, c: torch.Tensor, w_ih: torch.Tensor,
+              w_hh: torch.Tensor, b_ih: torch.Tensor, b_hh: torch.Tensor):
     ### BEGIN SOLUTION
-    h, c = state
-    context, alpha = dec.attention(features, h, projected=projected)
-    gate = torch.sigmoid(dec.f_beta(h))
-    x = torch.cat([dec.embedding(tokens), gate * context], dim=1)
-    h, c = dec.lstm(x, (h, c))
-    return dec.fc(dec.dropout(h)), (h, c), alpha
+    gates = x @ w_ih.T + b_ih + h @ w_hh.T + b_hh  # (B, 4H)
+    i, f, g, o = gates.chunk(4, dim=1)  # (B, H) each, nn.LSTMCell's order
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)  # (B, H)
+    h = torch.sigmoid(o) * torch.tanh(c)  # (B, H)
+    return h, c
     ### END SOLUTION
 
 
-# %% nbgrader={"grade": true, "grade_id": "ex1-test", "locked": true, "points": 2, "schema_version": 3, "solution": false}
-dec = DecoderWithAttention(12, encoder_dim=6, embed_dim=5, decoder_dim=4, attention_dim=3).eval()
-f = torch.randn(2, 7, 6)
-tokens = torch.tensor([1, 3])
-with torch.no_grad():
-    mine = decode_step(dec, tokens, dec.init_state(f), f, dec.project(f))
-    ref = dec.step(tokens, dec.init_state(f), f, dec.project(f))
-assert torch.allclose(mine[0], ref[0], atol=1e-6) and torch.allclose(mine[2], ref[2], atol=1e-6)
+# %% nbgrader={"grade": true, "grade_id": "ex1-test", "locked": true, "points": 4, "schema_version": 3, "solution": false}
+# visible: values and gradients against nn.LSTMCell on 2 random sizes; gradcheck in float64
+checks.check_lstm_step(lstm_step, trials=2)
 ### BEGIN HIDDEN TESTS
-with torch.no_grad():
-    s_mine = s_ref = dec.init_state(f)
-    for t in range(4):
-        tokens = torch.randint(0, 12, (2,), generator=torch.Generator().manual_seed(t))
-        out_mine = decode_step(dec, tokens, s_mine, f, dec.project(f))
-        out_ref = dec.step(tokens, s_ref, f, dec.project(f))
-        s_mine, s_ref = out_mine[1], out_ref[1]
-        assert torch.allclose(out_mine[0], out_ref[0], atol=1e-5)
-        assert torch.allclose(s_mine[1], s_ref[1], atol=1e-5)
+# hidden: 20 more random sizes and weights; gradcheck with other inputs
+checks.check_lstm_step(lstm_step, trials=20, seed=1)
 ### END HIDDEN TESTS
-print("Exercise 1: correct")
+checks.passed("Exercise 1")
+
+# %% [markdown] tags=["remove-cell", "instructors-key"]
+# **Key, exercise 1.** $\partial c_t / \partial c_{t-1} = \mathrm{diag}(f_t)$: along the
+# memory, the gradient is multiplied by the forget gate at each step and by no weight
+# matrix, so with $f_t$ near 1 it survives many steps (the reason LSTMs train where plain
+# RNNs' gradients vanish), and with $f_t$ near 0 the step forgets — the gradient too.
+# The usual mistakes: the paper's gate order $(i, f, o, g)$ instead of PyTorch's
+# $(i, f, g, o)$ (the check names it), returning $(c, h)$, $\tanh$ forgotten on $c_t$,
+# and `.detach()` or in-place updates that break gradcheck.
 
 # %% [markdown]
-# **Exercise 2.** Write `masked_xent(logits, captions, lengths)`: the mean cross-entropy
-# of `logits` `(B, T, V)` against the targets `captions[:, 1:]` over the real tokens only
-# (step $t$ of caption $b$ is real when $t <$ `lengths[b] - 1`). Do not use
-# `caption_loss`. What would the loss be if you averaged over all $B \cdot T$ positions
-# instead, and why is that wrong?
+# **Exercise 2 (quick check).** Write `masked_xent(logits, captions, lengths)`: the mean
+# cross-entropy of `logits` `(B, T, V)` against the targets `captions[:, 1:]` over the
+# real tokens only (step $t$ of caption $b$ is real when $t <$ `lengths[b] - 1`). Do not
+# use `caption_loss`. What would the loss be if you averaged over all $B \cdot T$
+# positions instead, and why is that wrong?
 
 # %% nbgrader={"grade": false, "grade_id": "ex2-solution", "locked": false, "schema_version": 3, "solution": true}
 def masked_xent(logits: torch.Tensor, captions: torch.Tensor,
                 lengths: torch.Tensor) -> torch.Tensor:
     ### BEGIN SOLUTION
     T = logits.size(1)
-    real = torch.arange(T).unsqueeze(0) < (lengths - 1).unsqueeze(1)
+    real = torch.arange(T).unsqueeze(0) < (lengths - 1).unsqueeze(1)  # (B, T)
     return F.cross_entropy(logits[real], captions[:, 1:T + 1][real])
     ### END SOLUTION
 
 
 # %% nbgrader={"grade": true, "grade_id": "ex2-test", "locked": true, "points": 2, "schema_version": 3, "solution": false}
-_, ref = caption_loss(logits_lib, captions, lengths, alphas_lib, alpha_c=0.0)
-assert abs(masked_xent(logits_lib, captions, lengths).item() - ref["xent"]) < 1e-5
+# visible: 3 random batches of captions of different lengths, against caption_loss (values and gradients)
+checks.check_masked_xent(masked_xent, trials=3)
 ### BEGIN HIDDEN TESTS
-for seed in range(5):
-    g = torch.Generator().manual_seed(seed)
-    lens = torch.randint(2, 9, (4,), generator=g)
-    caps = torch.randint(1, 10, (4, int(lens.max())), generator=g)
-    lg = torch.randn(4, caps.size(1) - 1, 10, generator=g)
-    al = torch.zeros(4, caps.size(1) - 1, 3)
-    assert abs(masked_xent(lg, caps, lens).item()
-               - caption_loss(lg, caps, lens, al, alpha_c=0.0)[1]["xent"]) < 1e-5
+# hidden: 20 more batches, vocabularies and lengths
+checks.check_masked_xent(masked_xent, trials=20, seed=1)
 ### END HIDDEN TESTS
-print("Exercise 2: correct")
+checks.passed("Exercise 2")
+
+# %% [markdown] tags=["remove-cell", "instructors-key"]
+# **Key, exercise 2.** Averaged over all $B \cdot T$ positions, the loss also counts the
+# predictions at padded steps (of `<pad>` = 0, or of whatever garbage is there), and
+# divides by more tokens than there are: its value then depends on how much padding the
+# batch happens to have — on the other captions in the batch — and the model is trained
+# to predict padding after `<end>`. Section *The loss* shows that the masked loss does
+# not change with garbage in the padding.
+
+# %% [markdown]
+# **Hand in.** The last cell lists the exercises whose test cell ran to its end in this
+# session. On Colab, run all cells, then hand in this notebook (*File → Download →
+# .ipynb*) or a copy of that list; an instructor's grader also runs hidden tests.
+
+# %%
+checks.summary({"Exercise 1": 4, "Exercise 2": 2})

@@ -337,65 +337,115 @@ for label, (scores, epochs) in rows.items():
 #   validation BLEU-4; `best.pt` keeps the best epoch, `last.pt` the latest.
 # - Checkpoints hold state dicts, configs and the vocabulary as JSON; resuming restores
 #   the optimiser and the random generator, so it reproduces the uninterrupted run.
-#
-# ## Exercises
-#
-# **Exercise 1.** Write the masked cross-entropy: `masked_xent(logits, targets, mask)`
-# with logits `(B, T, V)`, targets `(B, T)` and a boolean mask `(B, T)` that is True at
-# real words; return the mean negative log-likelihood over the real words only.
-
-# %% nbgrader={"grade": false, "grade_id": "ex1-solution", "locked": false, "schema_version": 3, "solution": true}
-def masked_xent(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    ### BEGIN SOLUTION
-    logp = F.log_softmax(logits, dim=-1)  # (B, T, V)
-    picked = logp.gather(2, targets.unsqueeze(2)).squeeze(2)  # (B, T)
-    return -(picked * mask).sum() / mask.sum()
-    ### END SOLUTION
-
-
-# %% nbgrader={"grade": true, "grade_id": "ex1-test", "locked": true, "points": 2, "schema_version": 3, "solution": false}
-torch.manual_seed(0)
-logits = torch.randn(3, 5, 11)
-captions = torch.randint(4, 11, (3, 6))
-lengths = torch.tensor([6, 4, 3])
-mask = step_mask(lengths, 5)
-got = masked_xent(logits, captions[:, 1:], mask)
-assert got.shape == (), f"expected a scalar, got shape {tuple(got.shape)}"
-_, parts = caption_loss(logits, captions, lengths, torch.zeros(3, 5, 49), alpha_c=0.0)
-assert abs(float(got) - parts["xent"]) < 1e-5, "padded steps must not count"
-### BEGIN HIDDEN TESTS
-captions2 = captions.clone()
-captions2[1, 4:] = 0
-assert abs(float(masked_xent(logits, captions2[:, 1:], mask)) - parts["xent"]) < 1e-5
-### END HIDDEN TESTS
-print("Exercise 1: correct")
 
 # %% [markdown]
-# **Exercise 2.** Write `attention_penalty(alphas, mask, lam)`: the doubly stochastic
-# regulariser $\lambda \cdot \text{mean}_b \sum_i (1 - \sum_{t\,\text{real}} \alpha_{bti})^2$
-# for alphas `(B, T, P)` and the mask of real steps `(B, T)`. Then think: what happens to
-# the attention maps when $\lambda$ is 0, or 10? (Try it: `dataclasses.replace(model_config,
-# alpha_c=...)` and a short `ensure_trained` run.)
+# ## Exercises
+#
+# Exercise 1 is a task that needs thought: the paper's regulariser over captions of
+# different lengths. Exercise 2 is a quick check, exercise 3 a question in words. The
+# test cells say in one sentence what is wrong. The next cell imports what the exercises
+# need, so this section also runs on its own, without the trained model (it is the
+# chapter's nbgrader assignment: see *For instructors*).
 
-# %% nbgrader={"grade": false, "grade_id": "ex2-solution", "locked": false, "schema_version": 3, "solution": true}
+# %%
+# the exercises' imports
+import torch
+
+from caption_lib import checks
+from caption_lib.decoder import step_mask
+
+# %% [markdown]
+# **Exercise 1 (task).** Write `attention_penalty(alphas, mask, lam)`, the doubly
+# stochastic regulariser of {eq}`eq-loss` (the paper's Sec. 4.2.1):
+# $\lambda \cdot \frac{1}{B}\sum_b \sum_i \big(1 - \sum_{t\ \text{real}} \alpha_{bti}\big)^2$
+# for the attention weights `alphas (B, T, P)` of a batch of captions of different
+# lengths, the boolean mask of real steps `mask (B, T)` (`step_mask`), and $\lambda$ =
+# `lam`. It must return a scalar tensor that gradients flow through (training
+# back-propagates it) and match `caption_loss`'s term for every $\lambda$, not only 0.
+# Which captions of a batch does the regulariser push hardest, the short or the long ones?
+
+# %% nbgrader={"grade": false, "grade_id": "ex1-solution", "locked": false, "schema_version": 3, "solution": true}
 def attention_penalty(alphas: torch.Tensor, mask: torch.Tensor, lam: float) -> torch.Tensor:
     ### BEGIN SOLUTION
-    total = (alphas * mask.unsqueeze(2)).sum(dim=1)  # (B, P)
+    total = (alphas * mask.unsqueeze(2)).sum(dim=1)  # (B, P): attention over the real steps
     return lam * ((1 - total) ** 2).sum(dim=1).mean()
     ### END SOLUTION
 
 
-# %% nbgrader={"grade": true, "grade_id": "ex2-test", "locked": true, "points": 2, "schema_version": 3, "solution": false}
-torch.manual_seed(1)
-captions = torch.randint(4, 11, (3, 6))
-lengths = torch.tensor([6, 4, 3])
-mask = step_mask(lengths, 5)
-alphas = torch.softmax(torch.randn(3, 5, 49), dim=-1)
-zero_logits = torch.zeros(3, 5, 11)
-_, parts = caption_loss(zero_logits, captions, lengths, alphas, alpha_c=1.0)
-got = attention_penalty(alphas, mask, 2.0)
-assert abs(float(got) - 2.0 * parts["reg"]) < 1e-4, f"expected {2.0 * parts['reg']:.4f}, got {float(got):.4f}"
+# %% nbgrader={"grade": true, "grade_id": "ex1-test", "locked": true, "points": 4, "schema_version": 3, "solution": false}
+# visible: 5 random batches of lengths 2-8 and lambdas in 0.1-4.1, against caption_loss's regulariser, with gradients
+checks.check_attention_penalty(attention_penalty, trials=5)
+checks.check_equal(float(attention_penalty(torch.full((1, 2, 4), 0.25), step_mask(torch.tensor([3]), 2),
+                                           3.0)), 3.0, "attention_penalty(uniform weights, 2 steps, 4 regions, lam=3)",
+                   "each region gets 0.5 over the caption: 4 * (1 - 0.5)^2 = 1, times lam")
 ### BEGIN HIDDEN TESTS
-assert float(attention_penalty(alphas, mask, 0.0)) == 0.0
+# hidden: 30 more batches and lambdas; lambda = 0 gives 0
+checks.check_attention_penalty(attention_penalty, trials=30, seed=1)
+alphas = torch.softmax(torch.randn(2, 5, 7), dim=2)  # (B, T, P)
+mask = step_mask(torch.tensor([6, 3]), 5)  # (B, T)
+checks.check_equal(float(attention_penalty(alphas, mask, 0.0)), 0.0, "attention_penalty(..., lam=0)")
 ### END HIDDEN TESTS
-print("Exercise 2: correct")
+checks.passed("Exercise 1")
+
+# %% [markdown] tags=["remove-cell", "instructors-key"]
+# **Key, exercise 1.** A caption of $C$ real steps spreads a total attention of $C$ over
+# the $P$ regions; the penalty is smallest when every region gets about one unit, which
+# only a caption of about $P = 49$ steps can do. The short captions are pushed hardest:
+# their smallest possible penalty, $P (1 - C/P)^2$ with the attention spread evenly, is
+# larger, and so is the gradient $-2(1 - \sum_t \alpha_{bti})$ at every region. The
+# regulariser thus makes them spread their little attention thinly rather than stare at
+# one region; the mean over the batch weighs every caption equally, whatever its length.
+# The usual mistakes: summing over the padded steps (no mask), squaring per step instead
+# of after the sum over steps, the sum instead of the mean over the batch, and `.item()`
+# (no gradient).
+
+# %% [markdown]
+# **Exercise 2 (quick check).** The trainer clips gradients before each optimiser step.
+# Write `clip_grad_norm(grads, max_norm)` for a list of gradient tensors: compute the
+# norm of all of them together, $\lVert g \rVert = \sqrt{\sum_k \lVert g_k \rVert^2}$,
+# and when it exceeds `max_norm` scale *every* tensor by `max_norm / (norm + 1e-6)`;
+# return the list of (clipped) tensors and the norm before clipping, as a tensor — what
+# `torch.nn.utils.clip_grad_norm_` does in place.
+
+# %% nbgrader={"grade": false, "grade_id": "ex2-solution", "locked": false, "schema_version": 3, "solution": true}
+def clip_grad_norm(grads: list[torch.Tensor], max_norm: float):
+    ### BEGIN SOLUTION
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads)).float()
+    scale = min(1.0, max_norm / (float(norm) + 1e-6))
+    return [g * scale for g in grads], norm
+    ### END SOLUTION
+
+
+# %% nbgrader={"grade": true, "grade_id": "ex2-test", "locked": true, "points": 2, "schema_version": 3, "solution": false}
+# visible: one norm over all tensors; 5 random lists against clip_grad_norm_; small gradients untouched
+checks.check_clip_grad_norm(clip_grad_norm, trials=5)
+### BEGIN HIDDEN TESTS
+# hidden: 30 more lists and limits
+checks.check_clip_grad_norm(clip_grad_norm, trials=30, seed=1)
+### END HIDDEN TESTS
+checks.passed("Exercise 2")
+
+# %% [markdown]
+# **Exercise 3 (written).** What happens to the attention maps when $\lambda$
+# (`alpha_c`) is 0, or 10? Predict first, then try it: `dataclasses.replace(model_config,
+# alpha_c=...)` and a short `ensure_trained` run, and look at the maps of chapter 6.
+
+# %% [markdown] tags=["remove-cell", "instructors-key"]
+# **Key, exercise 3.** With $\lambda = 0$ nothing asks attention to cover the image: the
+# cross-entropy alone lets the decoder look at the same few regions for every word (or
+# spread its weight without picking any), and the maps show less of where each object
+# is; the paper credits the regulariser with better captions and richer maps. With
+# $\lambda = 10$ the regulariser's pull dominates the cross-entropy's: attention is pushed
+# towards the spread that minimises it (for a caption of 10 steps over 49 regions, every
+# region at $10/49$ of a step), the context comes close to the mean region for every word,
+# and grounding and captions should get worse. (These are the expected effects; the book
+# does not train the $\lambda = 10$ model.) A good answer predicts the
+# direction, runs both, and compares maps or the grounding score, not only BLEU.
+
+# %% [markdown]
+# **Hand in.** The last cell lists the exercises whose test cell ran to its end in this
+# session. On Colab, run all cells, then hand in this notebook (*File → Download →
+# .ipynb*) or a copy of that list; an instructor's grader also runs hidden tests.
+
+# %%
+checks.summary({"Exercise 1": 4, "Exercise 2": 2})

@@ -563,14 +563,30 @@ assert done.returncode == 2 and done.stdout.count("\n") == len(own_images)
 #   {eq}`eq-grounding` (does the model look at it while naming it?).
 # - `caption_image` and `caption-lib caption` caption any image file; broken files are
 #   reported one line each, never silently skipped.
-#
+
+# %% [markdown]
 # ## Exercises
 #
-# **Exercise 1.** Implement one step of beam search ({eq}`eq-beam-step`) for one image:
-# given the log-probabilities `log_probs` `(k, V)` of the next word for each of the $k$
-# beams and the beams' scores `beam_scores` `(k,)`, return the $k$ best candidates as three
-# tensors `(beam, word, score)`, each `(k,)`, best first: `beam[j]` is the beam the
-# candidate extends (int64), `word[j]` the word added (int64), `score[j]` its new score.
+# Exercise 1 is a quick check; exercise 2 is a task that needs thought (BLEU's clipping
+# and brevity penalty, from {eq}`eq-bleu`); exercise 3 is a question in words. The test
+# cells say in one sentence what is wrong. The next cell imports what the exercises need,
+# so this section also runs on its own, without the trained model (it is the chapter's
+# nbgrader assignment: see *For instructors*).
+
+# %%
+# the exercises' imports
+import torch
+
+from caption_lib import checks, tokenize
+from caption_lib.metrics import bleu
+
+# %% [markdown]
+# **Exercise 1 (quick check).** Implement one step of beam search ({eq}`eq-beam-step`)
+# for one image: given the log-probabilities `log_probs` `(k, V)` of the next word for
+# each of the $k$ beams and the beams' scores `beam_scores` `(k,)`, return the $k$ best
+# candidates as three tensors `(beam, word, score)`, each `(k,)`, best first: `beam[j]`
+# is the beam the candidate extends (int64), `word[j]` the word added (int64), `score[j]`
+# its new score.
 
 # %% nbgrader={"grade": false, "grade_id": "ex1-solution", "locked": false, "schema_version": 3, "solution": true}
 def beam_step(log_probs: torch.Tensor, beam_scores: torch.Tensor):
@@ -582,11 +598,14 @@ def beam_step(log_probs: torch.Tensor, beam_scores: torch.Tensor):
 
 
 # %% nbgrader={"grade": true, "grade_id": "ex1-test", "locked": true, "points": 2, "schema_version": 3, "solution": false}
+# visible: a hand-made 2-beam, 3-word example
 log_probs = torch.log(torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]]))
 beam_w, word_w, score_w = beam_step(log_probs, torch.log(torch.tensor([0.6, 0.4])))
-assert beam_w.tolist() == [1, 0] and word_w.tolist() == [2, 0], (beam_w, word_w)
-assert torch.allclose(score_w.exp(), torch.tensor([0.32, 0.30]))
+checks.check_equal(beam_w.tolist(), [1, 0], "beam", "the best candidate, 0.4 * 0.8, extends beam 1")
+checks.check_equal(word_w.tolist(), [2, 0], "word")
+checks.check_close(score_w.exp(), torch.tensor([0.32, 0.30]), "exp(score)")
 ### BEGIN HIDDEN TESTS
+# hidden: 20 random beams and vocabularies against a reference
 
 
 def _reference_beam_step(log_probs, beam_scores):
@@ -604,15 +623,15 @@ def _beam_inputs(g):
 
 checks.check_function(beam_step, _reference_beam_step, _beam_inputs, trials=20)
 ### END HIDDEN TESTS
-print("Exercise 1: correct")
+checks.passed("Exercise 1")
 
 # %% [markdown]
-# **Exercise 2.** Compute BLEU-4 ({eq}`eq-bleu`, $n = 4$, on a 0–100 scale) by hand for
-# one caption `hypothesis` (a list of at least 4 words) against its `references` (lists
-# of words): clip each $m$-gram count by its largest count in any single reference, take
-# $r$ as the length of the reference closest to the caption's length (the shorter one on
-# a tie), and return 0 when some $p_m$ is 0. Do not use nltk or `caption_lib.metrics`.
-# Why does a 3-word caption get BLEU-4 = 0 however good it is?
+# **Exercise 2 (task).** Compute BLEU-4 ({eq}`eq-bleu`, $n = 4$, on a 0–100 scale) by
+# hand for one caption `hypothesis` (a list of at least 4 words) against its
+# `references` (lists of words): clip each $m$-gram count by its largest count in any
+# single reference, take $r$ as the length of the reference closest to the caption's
+# length (the shorter one on a tie), and return 0 when some $p_m$ is 0. Do not use nltk
+# or `caption_lib.metrics`. Why does a 3-word caption get BLEU-4 = 0 however good it is?
 
 # %% nbgrader={"grade": false, "grade_id": "ex2-solution", "locked": false, "schema_version": 3, "solution": true}
 def bleu4_by_hand(references: list[list[str]], hypothesis: list[str]) -> float:
@@ -640,7 +659,8 @@ def bleu4_by_hand(references: list[list[str]], hypothesis: list[str]) -> float:
     ### END SOLUTION
 
 
-# %% nbgrader={"grade": true, "grade_id": "ex2-test", "locked": true, "points": 2, "schema_version": 3, "solution": false}
+# %% nbgrader={"grade": true, "grade_id": "ex2-test", "locked": true, "points": 4, "schema_version": 3, "solution": false}
+# visible: one caption against caption_lib.metrics.bleu; 20 random sentences
 refs = [tokenize("a big red circle left of a small blue square"),
         tokenize("a red circle and a blue square")]
 hyp = tokenize("a red circle left of a blue square")
@@ -649,20 +669,44 @@ expected = bleu([refs], [hyp])["bleu4"]
 print(f"by hand {mine:.3f}, caption_lib.metrics.bleu {expected:.3f}")
 checks.check_close(torch.tensor(float(mine), dtype=torch.float64),
                    torch.tensor(expected, dtype=torch.float64), name="bleu4_by_hand(...)")
+checks.check_bleu4(bleu4_by_hand, trials=20)
 ### BEGIN HIDDEN TESTS
-for item, record in zip(chosen.captions[:40], test_records[:40]):
-    hyp = item["caption"].split()
-    if len(hyp) < 4:
-        continue
-    refs = [tokenize(c) for c in record.captions]
-    checks.check_close(torch.tensor(float(bleu4_by_hand(refs, hyp)), dtype=torch.float64),
-                       torch.tensor(bleu([refs], [hyp])["bleu4"], dtype=torch.float64),
-                       name=f"bleu4_by_hand(test image {record.image_id})", atol=1e-6)
+# hidden: 300 random sentences, repeated words (clipping), short captions (brevity penalty)
+checks.check_bleu4(bleu4_by_hand, trials=300, seed=1)
 ### END HIDDEN TESTS
-print("Exercise 2: correct")
+checks.passed("Exercise 2")
+
+# %% [markdown] tags=["remove-cell", "instructors-key"]
+# **Key, exercise 2.** A 3-word caption has no 4-gram at all, so $p_4$ is $0/0$, taken as
+# 0, and the geometric mean of $p_1 \dots p_4$ is 0 — whatever its words (nltk warns and
+# returns about 0; corpus BLEU avoids this by summing the counts over all captions first).
+# The usual mistakes: no clipping (a caption "a a a a a" scores $p_1 = 1$), clipping by
+# the sum over references instead of the maximum, the brevity penalty forgotten or with
+# $r$ the longest or the first reference, and the arithmetic instead of the geometric
+# mean.
 
 # %% [markdown]
-# **Exercise 3 (discussion).** Run the evaluation with `length_norm=False` (call
+# **Exercise 3 (written).** Run the evaluation with `length_norm=False` (call
 # `beam_search` on the test features yourself). Which captions get shorter, and what
-# happens to BLEU's brevity penalty? Then find a test image whose caption has $F_1 = 1$ but
-# low grounding: what does its attention figure show?
+# happens to BLEU's brevity penalty? Then find a test image whose caption has $F_1 = 1$
+# but low grounding: what does its attention figure show?
+
+# %% [markdown] tags=["remove-cell", "instructors-key"]
+# **Key, exercise 3.** Ranked by the plain sum of log-probabilities, every extra word
+# lowers a caption's score, so beam search prefers captions that end early: multi-object
+# scenes lose their last phrase ("a big red circle left of a small blue square" becomes
+# "a big red circle"), the corpus gets shorter than its references and BLEU's brevity
+# penalty ($e^{1 - r/c}$ for $c < r$) lowers every $n$-gram order at once; the section
+# *From probabilities to a caption* measures the mean lengths. An $F_1 = 1$ caption with
+# low grounding names the right objects while attention sits elsewhere — often on the
+# background next to the object, or on the other object of a relation — which shows that
+# the words can come from the image as a whole (the mean-region start state, the context
+# of earlier steps) rather than from the region attended at that word.
+
+# %% [markdown]
+# **Hand in.** The last cell lists the exercises whose test cell ran to its end in this
+# session. On Colab, run all cells, then hand in this notebook (*File → Download →
+# .ipynb*) or a copy of that list; an instructor's grader also runs hidden tests.
+
+# %%
+checks.summary({"Exercise 1": 2, "Exercise 2": 4})
