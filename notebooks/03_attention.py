@@ -506,7 +506,7 @@ checks.passed("Exercise 2")
 # (about $10^{-45}$), so a region scored 200 below the best gets a weight of exactly 0.
 # It does not matter because a tiny weight contributes a tiny amount to the context, and keeping
 # every weight positive keeps a gradient flowing to every region, so attention can still
-# move there during training. Only $-\infty$ (the mask) gives an exact zero.
+# move there during training. Only $-\infty$ (the mask) guarantees an exact zero.
 
 # %% [markdown]
 # **Hand in.** The last cell lists the exercises whose test cell ran to its end in this
