@@ -527,7 +527,23 @@ for path in own_images:
     if words:
         display(plot_attention(path, words, alphas, title=f"{path.name}: {' '.join(words)}"))
 
+# %%
+# NBVAL_IGNORE_OUTPUT
+if "google.colab" not in sys.modules:
+    scene = caption_lib.load_dataset(fresh_dir)[0].objects  # the generator's ground truth
+    truth = ", ".join(f"{o['size']} {o['colour']} {o['shape']}" for o in scene)
+    grey_words = caption_image(model, grey, beam_size=BEAM_SIZE, device=device)[0]
+    named = [w for w in grey_words if w in caption_lib.shapes.COLOURS]
+    print(f"scene of the new image: {truth}")
+    print(f"colour words in the grey copy's caption: {named or 'none'}")
+
 # %% [markdown]
+# Read the two captions against the scene. The grey copy has no colour in it, yet its
+# caption names colours whenever the list above is not empty: every training caption
+# names a colour, so the model always writes one, and on a grey picture that word is a
+# guess. Its shapes and sizes can still be right, because they do not depend on colour.
+# A model can only say what its training captions say.
+#
 # The same from the command line. `caption-lib caption` prints `IMAGE<TAB>caption` per
 # image; a file that is not a readable image (empty, truncated, another format, or a
 # decompression bomb larger than PIL's pixel limit) gets one error line naming it, the

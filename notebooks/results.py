@@ -152,11 +152,47 @@ display(table(["model", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR"], paper
 # ## Performance: the benchmark ratios
 #
 # Each file of `benchmarks/results/` is one benchmark's output (`make bench` rewrites
-# them). Below, every ratio and speed-up each file holds, with the number of CPU threads
-# it ran on.
+# them). Below, every ratio and speed-up each file holds, under a name that says what is
+# compared with what, with the number of CPU threads it ran on, and one sentence that
+# reads the table (computed from the same numbers). "Tutorial" is the formulation of
+# sgrvinod's PyTorch captioning tutorial, written out in the benchmark (its algorithm,
+# not its code).
 
 # %% tags=["hide-input"]
 # NBVAL_IGNORE_OUTPUT
+NAMES = {  # a benchmark key -> what it compares
+    "ratio_batched_over_tutorial": "batched beam search vs the tutorial's per-image beam search",
+    "ratio_batched_over_per_image": "batched beam search vs the library's own beam search one image at a time",
+    "ratio_per_image_over_tutorial": "the library one image at a time vs the tutorial's per-image beam search",
+    "ratio_batched_over_tutorial_fastest_rep": "batched vs tutorial, fastest repetition of each",
+    "speedup": "2 processes vs 1 (same global batch)",
+    "speedup_vs_tutorial_median.variable": "decoder training step vs the tutorial's, lengths 10-20 (median)",
+    "speedup_vs_tutorial_median.fixed": "decoder training step vs the tutorial's, all lengths 20 (median)",
+    "speedup_vs_tutorial_min.variable": "decoder training step vs the tutorial's, lengths 10-20 (fastest)",
+    "speedup_vs_tutorial_min.fixed": "decoder training step vs the tutorial's, all lengths 20 (fastest)",
+    "shrink_time_over_mask_time_median": "time of sort-and-shrink over time of masking only (below 1: shrinking is faster)",
+    "extract_speedup": "feature extraction, bf16 + channels_last vs fp32",
+    "epoch_speedup": "an epoch from the feature cache vs running the CNN at every step",
+    "speedup_bf16_over_fp32": "fine-tuned training step, bf16 autocast vs fp32",
+}
+
+
+def reading(record: dict, found: dict[str, float]) -> str:
+    """One sentence that reads a benchmark's table."""
+    if "speedup" in found and len(found) == 1:
+        if found["speedup"] >= 1:
+            return "Two processes train faster than one here: the work they share outweighs the all-reduce."
+        return ("Two processes are slower than one here: on a 2-core machine a second process "
+                "gains no compute and adds an all-reduce of every gradient at every step.")
+    best_name, best = max(found.items(), key=lambda kv: kv[1])
+    below = [n for n, v in found.items() if v < 1]
+    text = f"The largest factor is {NAMES.get(best_name, best_name)}: {best:g}×."
+    if below:
+        text += " Below 1 (slower, or a time ratio where smaller is better): " + \
+            ", ".join(NAMES.get(n, n) for n in below) + "."
+    return text
+
+
 def ratios(record: dict, prefix: str = "") -> dict[str, float]:
     """Every number of a benchmark record whose name says it is a ratio or a speed-up."""
     found = {}
@@ -173,10 +209,12 @@ folder = Path(BENCHMARKS)
 if folder.is_dir():
     for path in sorted(folder.glob("*.json")):
         record = json.loads(path.read_text())
+        found = ratios(record)
         display(Markdown(f"**`{path.name}`**: {record.get('benchmark', path.stem)} "
                          f"(CPU threads: {record.get('threads', '?')})"))
-        display(table(["ratio", "value"],
-                      [[f"`{name}`", f"{value:g}×"] for name, value in ratios(record).items()]))
+        display(table(["what is compared", "ratio"],
+                      [[NAMES.get(name, f"`{name}`"), f"{value:g}×"] for name, value in found.items()]))
+        display(Markdown(reading(record, found)))
 else:
     print(f"{folder} is not here: the benchmark results live in the repository ({REPO_URL})")
 
