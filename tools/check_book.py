@@ -137,7 +137,7 @@ def answer_problems(text: str, cell_text: str, secrets: list[str]) -> list[str]:
     `cell_text` that of its notebook cells."""
     out = [f"nbgrader marker visible: {m!r}" for m in classroom.MARKERS if m in cell_text]
     lines = {classroom.normalise(line) for line in text.splitlines()}
-    shown = [s for s in secrets if s in lines]
+    shown = [s for s in secrets if classroom.normalise(s) in lines]
     if shown:
         out.append(f"answer visible ({len(shown)} lines of solutions, hidden tests or keys), "
                    f"e.g. {shown[0]!r}")
@@ -254,7 +254,12 @@ def _problems(page: Page, seen: dict) -> list[str]:
     return out
 
 
-TEXT_JS = r"""() => [document.body.textContent,
+# textContent runs adjacent blocks together ("...C)Summary"), so the text of each block
+# element is added on lines of its own; collapsed blocks are included (textContent, not
+# innerText)
+TEXT_JS = r"""() => [document.body.textContent + '\n' +
+  Array.from(document.querySelectorAll('pre, p, li, td, th, summary, h1, h2, h3, h4'))
+    .map(e => e.textContent).join('\n'),
   Array.from(document.querySelectorAll('div.cell')).map(e => e.textContent).join('\n')]"""
 
 
