@@ -21,7 +21,6 @@ torch): 437 s on the shared 2-core machine, with other jobs running.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import sys
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from conftest import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 pytest.importorskip("nbgrader")
@@ -37,12 +37,7 @@ pytest.importorskip("nbgrader")
 pytestmark = pytest.mark.filterwarnings("ignore::sqlalchemy.exc.SAWarning")
 
 
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+_tool = load_tool
 
 
 course_tool = _tool("course")
