@@ -25,8 +25,8 @@ mean, because E_s[grad log p(s | a)] = 0 for any b that does not depend on the s
 b is the paper's moving average b_k = 0.9 b_{k-1} + 0.1 log p(y | s~_k, a) (the mean
 over the batch's sampled captions), kept in the decoder's state as a buffer (checkpoints
 and resumes carry it), and batch k uses b_{k-1}, the value from before its own samples
-(data-parallel: DDP broadcasts rank 0's buffers before each forward, so every process
-uses rank 0's b, the average over rank 0's share of the batches; the checkpoint keeps it).
+(data-parallel: the mean is taken over the global batch, every process's sampled
+captions, so all processes hold the same b).
 H[s~] = sum_t H(alpha_t) along the sampled path, each step's multinoulli entropy in
 closed form (-sum_i alpha_ti log alpha_ti). And "with probability 0.5 ... the sampled
 attention location s~ is set to its expected value alpha" (Sec. 4.1): such a caption,
@@ -51,9 +51,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-from torch import nn
 
-from caption_lib.decoder import DecoderWithAttention, caption_loss, step_mask
+from caption_lib import distributed
+from caption_lib.decoder import DecoderWithAttention, caption_loss, loss_terms, step_mask
 
 TEST_CONTEXTS = ("expected", "argmax", "sample")
 _TINY = 1e-30  # log(0) guard: alpha of a drawn region is > 0, but may underflow
@@ -196,63 +196,71 @@ def caption_log_likelihood(logits: torch.Tensor, captions: torch.Tensor,
 def reinforce_loss(out: HardPass, captions: torch.Tensor, lengths: torch.Tensor,
                    baseline: float | torch.Tensor, lambda_r: float = 1.0,
                    lambda_e: float = 0.0, alpha_c: float = 0.0,
-                   normalizers: tuple[float, float] | None = None,
+                   weights: tuple[float, float] | None = None,
                    ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
     """The surrogate loss whose gradient is minus the estimate of grad L_s (module docstring).
 
-    loss = caption_loss (likelihood term + lambda * regulariser)
+    loss = xent + alpha_c * reg (as `caption_loss`)
            - [lambda_r (R_n - b) log p(s~_n | a) + lambda_e H[s~_n]] summed over the sampled
-             captions n and divided by the number of words (`normalizers[0]` if given),
-    with R_n = log p(y_n | s~_n, a) a constant (detached) and b the baseline.
+             captions n and divided by the batch's number of words,
+    with R_n = log p(y_n | s~_n, a) a constant (detached) and b the baseline. `weights`
+    (per-word terms, per-caption terms) scale the two kinds of term as in `Captioner.loss`
+    (data-parallel shares; None: 1, 1).
 
     Returns the loss, its parts (floats: xent, reg, tokens, reward, baseline, entropy,
     sampled) and the rewards R (B,) (detached) for the baseline update.
     """
-    loss, parts = caption_loss(out.logits.float(), captions, lengths, out.alphas.float(),
-                               alpha_c=alpha_c, normalizers=normalizers)
+    xent, reg, tokens = loss_terms(out.logits.float(), captions, lengths, out.alphas.float())
     reward = caption_log_likelihood(out.logits, captions, lengths).detach()  # (B,)
     b = float(baseline)
-    words = normalizers[0] if normalizers is not None else parts["tokens"]
     keep = out.sampled.to(reward.dtype)  # (B,)
     score = (lambda_r * (reward - b) * keep * out.log_p_s).sum()  # REINFORCE surrogate
     bonus = lambda_e * (keep * out.entropy).sum()  # entropy term
-    loss = loss - (score + bonus) / max(float(words), 1.0)
+    per_word = xent - (score + bonus) / max(tokens, 1.0)  # scalar
+    per_word_weight, per_caption_weight = weights if weights is not None else (1.0, 1.0)
+    loss = per_word_weight * per_word + alpha_c * per_caption_weight * reg
     n = float(keep.sum())
-    parts.update(reward=float((reward * keep).sum()) / n if n else float("nan"), baseline=b,
-                 entropy=float((out.entropy.detach() * keep).sum()) / n if n else 0.0,
-                 sampled=n)
+    parts = {"xent": float(xent.detach()), "reg": float(reg.detach()), "tokens": tokens,
+             "reward": float((reward * keep).sum()) / n if n else float("nan"), "baseline": b,
+             "entropy": float((out.entropy.detach() * keep).sum()) / n if n else 0.0,
+             "sampled": n}
     return loss, parts, reward
 
 
 @torch.no_grad()
 def update_baseline(baseline: torch.Tensor, reward: torch.Tensor, sampled: torch.Tensor,
                     decay: float = 0.9) -> None:
-    """b <- decay * b + (1 - decay) * mean reward of the sampled captions (in place)."""
-    if bool(sampled.any()):
-        mean = reward[sampled].mean().to(baseline.dtype)
-        baseline.mul_(decay).add_((1.0 - decay) * mean)
+    """b <- decay * b + (1 - decay) * mean reward of the sampled captions (in place).
+
+    Data-parallel: the mean over every process's sampled captions (one small all-reduce),
+    so the processes keep one b."""
+    total, count = distributed.all_reduce_sum([float(reward[sampled].sum()),
+                                               float(sampled.sum())])
+    if count > 0:
+        baseline.mul_(decay).add_((1.0 - decay) * total / count)
 
 
 def hard_attention_loss(decoder: HardAttentionDecoder, features: torch.Tensor,
                         captions: torch.Tensor, lengths: torch.Tensor, *,
                         lambda_r: float, lambda_e: float, alpha_c: float,
-                        baseline_decay: float, runner: nn.Module | None = None,
-                        normalizers: tuple[float, float] | None = None,
+                        baseline_decay: float, weights: tuple[float, float] | None = None,
                         ) -> tuple[torch.Tensor, dict[str, float]]:
     """One batch's training loss for hard attention; in train mode, updates the baseline.
 
-    `runner` runs the decoder's forward (data-parallel: its DDP wrapper, which also
-    broadcasts rank 0's baseline to every process); default: `decoder` itself.
-    In eval mode: the plain loss of the test-time context, nothing updated.
+    `weights`: as in `Captioner.loss` (data-parallel shares of the global batch). In eval
+    mode: the plain loss of the test-time context, nothing updated.
     """
-    runner = runner if runner is not None else decoder
     if not decoder.training:
-        logits, alphas = runner(features, captions, lengths)  # (B, T, V), (B, T, P)
-        return caption_loss(logits.float(), captions, lengths, alphas.float(),
-                            alpha_c=alpha_c, normalizers=normalizers)
-    out = runner(features, captions, lengths, sample=True)  # HardPass
+        logits, alphas = decoder(features, captions, lengths)  # (B, T, V), (B, T, P)
+        if weights is None:
+            return caption_loss(logits.float(), captions, lengths, alphas.float(),
+                                alpha_c=alpha_c)
+        xent, reg, tokens = loss_terms(logits.float(), captions, lengths, alphas.float())
+        loss = weights[0] * xent + alpha_c * weights[1] * reg
+        return loss, {"xent": float(xent.detach()), "reg": float(reg.detach()), "tokens": tokens}
+    out = decoder(features, captions, lengths, sample=True)  # HardPass
     loss, parts, reward = reinforce_loss(out, captions, lengths, decoder.baseline,
-                                         lambda_r, lambda_e, alpha_c, normalizers)
+                                         lambda_r, lambda_e, alpha_c, weights)
     update_baseline(decoder.baseline, reward, out.sampled, baseline_decay)  # b_k, after use
     return loss, parts
 

@@ -5,8 +5,10 @@ the baseline, the entropy term, masks, and the model/trainer/checkpoint/CLI arou
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,6 +31,9 @@ from caption_lib.hard_attention import (
 from caption_lib.model import Captioner, CaptionerConfig
 from caption_lib.train import run_dir_for, train
 from caption_lib.vocab import Vocabulary
+
+HARD_FIELDS = ("attention", "lambda_r", "lambda_e", "baseline_decay", "expected_prob",
+               "test_context")
 
 P, E, V = 3, 4, 6  # regions, feature size, vocabulary of the toy
 
@@ -263,7 +268,12 @@ def test_hard_needs_attention_and_soft_run_folders_stay():
     with pytest.raises(CaptionLibError, match="use_attention"):
         CaptionerConfig(attention="hard", use_attention=False)
     soft, config = tiny_configs()
-    assert "lambda_r" not in soft.key_dict() and "lambda_r" in dataclasses.asdict(soft)
+    # a soft run keeps the folder it had before the hard-attention fields existed
+    old = {k: v for k, v in dataclasses.asdict(soft).items() if k not in HARD_FIELDS}
+    key = json.dumps([str(Path("d").resolve()), {**old, "max_len": 20},
+                      {k: v for k, v in dataclasses.asdict(config).items() if k != "restval"}],
+                     sort_keys=True)
+    assert run_dir_for("d", soft, config).name == f"d-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
     hard = dataclasses.replace(soft, attention="hard")
     assert run_dir_for("d", soft, config) != run_dir_for("d", hard, config)
     assert run_dir_for("d", hard, config) != run_dir_for(
