@@ -51,9 +51,8 @@ from IPython.display import Markdown, display
 
 import caption_lib
 from caption_lib.data import load_dataset, pad_captions, split_records
-from caption_lib.decoding import decode_batch
 from caption_lib.evaluate import evaluate
-from caption_lib.features import cached_features
+from caption_lib.features import workspace_features
 from caption_lib.hard_attention import (
     HardAttentionDecoder,
     caption_log_likelihood,
@@ -63,8 +62,7 @@ from caption_lib.hard_attention import (
 )
 from caption_lib.metrics import grounding_report
 from caption_lib.model import Captioner
-from caption_lib.runtime import workspace_dir
-from caption_lib.train import ensure_trained, recipe, regions
+from caption_lib.train import ensure_trained, recipe
 from caption_lib.viz import plot_attention
 
 device = caption_lib.pick_device("auto")
@@ -283,10 +281,9 @@ print(f"encoder: {runs['hard'].model.encoder.weights_used.split(' of ')[0]} of c
 # NBVAL_IGNORE_OUTPUT
 hard_model = Captioner.load(runs["hard"].out_dir / "best.pt", map_location=device)
 val_records = split_records(load_dataset(data_dir), "val")[:32]
-val_store = cached_features(hard_model.encoder, [r.image for r in val_records],
-                            cache_root=workspace_dir() / "features", device=device,
-                            progress=False)
-feats = regions(hard_model, val_store[torch.arange(len(val_records))], device)  # (32, 49, 2048)
+val_store = workspace_features(hard_model.encoder, val_records, device=device, progress=False)
+with torch.no_grad():
+    feats = hard_model.encode_cached(val_store[torch.arange(len(val_records))])  # (32, 49, 2048)
 ids = [hard_model.vocab.encode(r.captions[0]) for r in val_records]
 captions, lengths = pad_captions(ids, hard_model.vocab.pad_id)  # (32, L), (32,)
 captions, lengths = captions.to(device), lengths.to(device)
@@ -378,16 +375,22 @@ rows.append(["gradient variance, with / without baseline", "0 (no sampling)",
 display(table(["", "soft (ours, shapes)", "hard (ours, shapes)", "soft (paper, Flickr8k)",
                "hard (paper, Flickr8k)"], rows))
 gap = ours["hard"][0]["bleu4"] - ours["soft"][0]["bleu4"]
-f1_gap = ours["hard"][0]["semantic_f1"] - ours["soft"][0]["semantic_f1"]
 paper_gap = paper["hard"]["bleu4"] - paper["soft"]["bleu4"]
-print(f"BLEU-4, hard minus soft: {gap:+.1f} here, {paper_gap:+.1f} in the paper; "
-      f"semantic F1, hard minus soft: {f1_gap:+.3f}")
+
+
 def verdict(difference: float) -> str:
     return "wins" if difference > 0 else "ties" if difference == 0 else "loses"
 
 
-print(f"on {DATASET}, hard attention {verdict(gap)} on BLEU-4 and {verdict(f1_gap)} on "
-      f"semantic F1 after {EPOCHS} epochs each")
+print(f"BLEU-4, hard minus soft: {gap:+.1f} here, {paper_gap:+.1f} in the paper")
+if "semantic_f1" in ours["soft"][0]:  # a data set with ground truth (shapes)
+    f1_gap = ours["hard"][0]["semantic_f1"] - ours["soft"][0]["semantic_f1"]
+    print(f"semantic F1, hard minus soft: {f1_gap:+.3f}")
+    print(f"on {DATASET}, hard attention {verdict(gap)} on BLEU-4 and {verdict(f1_gap)} on "
+          f"semantic F1 after {EPOCHS} epochs each")
+else:
+    print(f"on {DATASET}, hard attention {verdict(gap)} on BLEU-4 after {EPOCHS} epochs each "
+          "(semantic F1 and grounding: n/a, no ground truth)")
 
 # %% [markdown]
 # How to read the table: the first two columns are this build's measurement, the last two
@@ -440,12 +443,28 @@ for name, model in (("soft", soft_model), ("hard", hard_model)):
 #
 # ## Exercises
 #
-# **Exercise 1.** The score-function estimator on a two-region toy. A "decoder" looks at
-# region 0 or 1 with probabilities $\text{softmax}(\theta)$ and earns the reward
-# $f_s$ for region $s$. Write `score_function_estimate(theta, f, n, generator)`: draw `n`
-# regions and return the mean of $f_s\, \nabla_\theta \log p_\theta(s)$ — a tensor of
-# shape `(2,)`. (Hint: $\nabla_\theta \log \text{softmax}(\theta)_s = e_s - p$.) The check
-# compares it with the exact gradient of $\sum_s p_s f_s$.
+# Exercises 1 and 2 are tasks on a two-region toy small enough to know the exact answer:
+# the score-function estimator of {eq}`eq-bound-gradient`, then the baseline of
+# {eq}`eq-learning-rule`, measured. Exercise 3 is a question in words about this
+# chapter's training run. The test cells say in one sentence what is wrong. The next
+# cell imports what the exercises need, so this section also runs on its own, without
+# the trained models (it is the chapter's nbgrader assignment: see *For instructors*).
+
+# %%
+# the exercises' imports
+import torch
+
+from caption_lib import checks
+
+# %% [markdown]
+# **Exercise 1 (task).** A "decoder" looks at region 0 or region 1 with the
+# probabilities $p = \text{softmax}(\theta)$ and earns the reward $f_s$ for region $s$.
+# The objective $J(\theta) = \sum_s p_s f_s$ is the toy's $L_s$. Write
+# `score_function_estimate(theta, f, n, generator)`: draw `n` regions from $p$ (with
+# `torch.multinomial` and `generator`) and return the mean of
+# $f_s \nabla_\theta \log p_s$ over the draws, a tensor of shape `(2,)`. Derive
+# $\nabla_\theta \log p_s$ for the softmax yourself first (no autograd needed). Why does
+# adding the same constant to every $f_s$ leave the mean of your estimate unchanged?
 
 # %% nbgrader={"grade": false, "grade_id": "ex1-solution", "locked": false, "schema_version": 3, "solution": true}
 def score_function_estimate(theta: torch.Tensor, f: torch.Tensor, n: int,
@@ -453,30 +472,52 @@ def score_function_estimate(theta: torch.Tensor, f: torch.Tensor, n: int,
     ### BEGIN SOLUTION
     p = torch.softmax(theta, dim=0)  # (2,)
     s = torch.multinomial(p, n, replacement=True, generator=generator)  # (n,)
-    score = torch.nn.functional.one_hot(s, 2).float() - p  # (n, 2) grad log p(s)
+    score = torch.nn.functional.one_hot(s, 2).to(p.dtype) - p  # (n, 2) grad log p_s
     return (f[s].unsqueeze(1) * score).mean(dim=0)  # (2,)
     ### END SOLUTION
 
 
 # %% nbgrader={"grade": true, "grade_id": "ex1-test", "locked": true, "points": 2, "schema_version": 3, "solution": false}
+# visible: 20,000 draws against the exact gradient of J on one toy
 theta, f = torch.tensor([0.3, -0.4]), torch.tensor([-1.0, -3.0])
 p = torch.softmax(theta, dim=0)
-exact_grad = p * (f - (p * f).sum())  # gradient of sum_s p_s f_s
+exact_grad = p * (f - (p * f).sum())  # dJ/dtheta
 got = score_function_estimate(theta, f, 20000, torch.Generator().manual_seed(0))
-assert got.shape == (2,), f"expected shape (2,), got {tuple(got.shape)}"
-assert torch.allclose(got, exact_grad, atol=0.05), f"estimate {got} vs exact {exact_grad}"
+checks.check_close(got, exact_grad, "score_function_estimate(theta, f, 20000)", atol=0.05)
 ### BEGIN HIDDEN TESTS
-got2 = score_function_estimate(theta, f + 5, 20000, torch.Generator().manual_seed(1))
-assert torch.allclose(got2, exact_grad, atol=0.08), "a constant added to f keeps the mean"
+# hidden: a constant added to the rewards keeps the mean; three more toys
+
+
+def _toy(g):
+    return torch.randn(2, generator=g), -4 * torch.rand(2, generator=g)
+
+
+checks.check_close(score_function_estimate(theta, f + 5, 40000, torch.Generator().manual_seed(1)),
+                   exact_grad, "the estimate with 5 added to every reward", atol=0.06)
+for trial in range(3):
+    t, r = _toy(torch.Generator().manual_seed(10 + trial))
+    q = torch.softmax(t, dim=0)
+    checks.check_close(score_function_estimate(t, r, 40000, torch.Generator().manual_seed(trial)),
+                       q * (r - (q * r).sum()), f"the estimate on toy {trial}", atol=0.05)
 ### END HIDDEN TESTS
-print("Exercise 1: correct")
+checks.passed("Exercise 1")
+
+# %% [markdown] tags=["remove-cell", "instructors-key"]
+# **Key, exercise 1.** $\log p_s = \theta_s - \log \sum_j e^{\theta_j}$, so
+# $\nabla_\theta \log p_s = e_s - p$ (one-hot minus the probabilities). Its mean under
+# $p$ is $\sum_s p_s (e_s - p) = p - p = 0$, so a constant $c$ added to every reward adds
+# $c \cdot 0$ to the mean: this is why a baseline is allowed at all. The usual mistakes:
+# $f_s e_s$ without the $- p$ (the mean is then $p \odot f$, not the gradient), `p * f`
+# without sampling (not an estimate), and drawing without `replacement=True`.
 
 # %% [markdown]
-# **Exercise 2.** Measure the baseline's effect on the same toy. Write
+# **Exercise 2 (task).** Measure the baseline's effect. Write
 # `estimates_with_baseline(theta, f, n, b, generator)` that returns the `n` single-sample
-# estimates $(f_s - b)\,\nabla_\theta \log p_\theta(s)$ as an `(n, 2)` tensor. The check
-# draws them with $b = 0$ and with $b = \sum_s p_s f_s$ and compares means and variances.
-# Then explain: why does $b = \sum_s p_s f_s$ help so much here, and what would $b = -10$ do?
+# estimates $(f_s - b)\,\nabla_\theta \log p_s$ as an `(n, 2)` tensor (draw as in
+# exercise 1, one `torch.multinomial` call). The test draws
+# them with $b = 0$ and with $b = \sum_s p_s f_s$ and compares their means and variances.
+# Then print the variance ratio for $b = -10$ as well, and explain: why does
+# $b = \sum_s p_s f_s$ help so much on this toy, and what does a bad constant do?
 
 # %% nbgrader={"grade": false, "grade_id": "ex2-solution", "locked": false, "schema_version": 3, "solution": true}
 def estimates_with_baseline(theta: torch.Tensor, f: torch.Tensor, n: int, b: float,
@@ -484,17 +525,66 @@ def estimates_with_baseline(theta: torch.Tensor, f: torch.Tensor, n: int, b: flo
     ### BEGIN SOLUTION
     p = torch.softmax(theta, dim=0)  # (2,)
     s = torch.multinomial(p, n, replacement=True, generator=generator)  # (n,)
-    score = torch.nn.functional.one_hot(s, 2).float() - p  # (n, 2)
+    score = torch.nn.functional.one_hot(s, 2).to(p.dtype) - p  # (n, 2)
     return (f[s] - b).unsqueeze(1) * score  # (n, 2)
     ### END SOLUTION
 
 
 # %% nbgrader={"grade": true, "grade_id": "ex2-test", "locked": true, "points": 2, "schema_version": 3, "solution": false}
+# visible: shape; the mean kept and the variance lowered with b = sum_s p_s f_s
 plain = estimates_with_baseline(theta, f, 20000, 0.0, torch.Generator().manual_seed(2))
 good_b = float((p * f).sum())
 based = estimates_with_baseline(theta, f, 20000, good_b, torch.Generator().manual_seed(2))
-assert plain.shape == (20000, 2), f"expected (n, 2), got {tuple(plain.shape)}"
-assert torch.allclose(based.mean(0), exact_grad, atol=0.05), "the baseline must keep the mean"
+checks.check_shape(plain, (20000, 2), "estimates_with_baseline(theta, f, 20000, 0.0)", "(n, 2)")
+checks.check_close(based.mean(0), exact_grad, "the mean of the estimates with the baseline",
+                   atol=0.05)
 ratio = float(plain.var(0).sum() / based.var(0).sum())
-assert ratio > 2, f"the baseline should lower the variance (ratio {ratio:.2f})"
-print(f"Exercise 2: correct; the baseline divides the variance by {ratio:.1f}")
+checks.check_equal(ratio > 2, True, f"variance without / with the baseline ({ratio:.2f}) > 2",
+                   "a good baseline lowers the variance")
+### BEGIN HIDDEN TESTS
+# hidden: each estimate is (f_s - b) times the score, sample by sample
+one = estimates_with_baseline(theta, f, 1, 1.5, torch.Generator().manual_seed(3))
+s3 = torch.multinomial(p, 1, replacement=True, generator=torch.Generator().manual_seed(3))
+want = (f[s3] - 1.5).unsqueeze(1) * (torch.nn.functional.one_hot(s3, 2).float() - p)
+checks.check_close(one, want, "one estimate with b = 1.5")
+### END HIDDEN TESTS
+print(f"the baseline divides the variance by {ratio:.1f}")
+checks.passed("Exercise 2")
+
+# %% [markdown] tags=["remove-cell", "instructors-key"]
+# **Key, exercise 2.** With two regions $\nabla_\theta \log p_s$ points along $(1, -1)$
+# with sign $\pm$, and $(f_s - b)$ scales it. With $b = 0$ both rewards are large
+# negatives, so every sample gets a big step whatever region was drawn; the mean is
+# small because the steps nearly cancel: large variance. With $b = \sum_s p_s f_s$
+# the better region gets a positive weight and the worse a negative one, of the size
+# of the *difference* of the rewards: the cancellation is gone and the variance falls
+# (by the printed ratio). $b = -10$ keeps the mean (any constant does, exercise 1) but
+# makes every $|f_s - b|$ larger, so the variance rises above the $b = 0$ one. The
+# paper's moving average tracks the typical reward for the same reason.
+
+# %% [markdown]
+# **Exercise 3 (written).** Set `lambda_r=0` in the hard model's `CaptionerConfig` and
+# look at {eq}`eq-learning-rule`: which captions of a batch still send a gradient to the
+# attention network (`decoder.attention`), and through which path? What would happen
+# with `lambda_r=0` and `expected_prob=0`? Check your answer with a short run (two epochs
+# on the cached features, as in *Training on shapes*) and the grounding of its captions.
+
+# %% [markdown] tags=["remove-cell", "instructors-key"]
+# **Key, exercise 3.** The drawn index carries no gradient, so for a sampled caption the
+# attention weights only enter through the REINFORCE term ($\lambda_r$) and the entropy
+# term ($\lambda_e$, which pushes towards uniform) and the doubly stochastic regulariser.
+# With `lambda_r=0` only the expected-context captions (half of them, `expected_prob`
+# 0.5) train the attention by back-propagation, as soft attention does; the model still
+# learns where to look, more slowly. With `expected_prob=0` as well, nothing rewards a
+# good location: the attention is shaped only by the entropy term and the regulariser,
+# both of which favour spread-out weights, so expect grounding near the uniform level
+# (about the object's share of the 49 regions) while the decoder learns captions from the
+# randomly drawn regions and the mean-region start state.
+
+# %% [markdown]
+# **Hand in.** The last cell lists the exercises whose test cell ran to its end in this
+# session. On Colab, run all cells, then hand in this notebook (*File → Download →
+# .ipynb*) or a copy of that list; an instructor's grader also runs hidden tests.
+
+# %%
+checks.summary({"Exercise 1": 2, "Exercise 2": 2})
