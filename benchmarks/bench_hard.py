@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import statistics
 import time
@@ -67,11 +68,13 @@ def main() -> dict:
     captions, lengths = captions.to(device), lengths.to(device)
     optimizers = {n: torch.optim.Adam(m.decoder.parameters(), lr=4e-4) for n, m in models.items()}
 
+    cpu: dict[str, list[float]] = {name: [] for name in models}
+
     def step(name: str) -> float:
         model, optimizer = models[name], optimizers[name]
         if device.type == "cuda":
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         loss, _ = model.loss(features, captions, lengths)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -79,6 +82,7 @@ def main() -> dict:
         optimizer.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
+        cpu[name].append(time.process_time() - cpu_start)  # all threads of this process
         return time.perf_counter() - start
 
     times: dict[str, list[float]] = {name: [] for name in models}
@@ -88,6 +92,7 @@ def main() -> dict:
         for name in models:
             times[name].append(step(name))
     median = {name: statistics.median(t) for name, t in times.items()}
+    cpu_median = {name: statistics.median(t[1:]) for name, t in cpu.items()}  # no warm-up
     result = {
         "benchmark": "decoder training step at the Colab sizes: hard vs soft attention",
         "sizes": {"captions": B, "regions": P, "encoder_dim": E, "vocab": V,
@@ -99,6 +104,10 @@ def main() -> dict:
         "seconds_all": {name: [round(s, 3) for s in t] for name, t in times.items()},
         "ratio_hard_over_soft": round(median["hard"] / median["soft"], 2),
         "ratio_all_sampled_over_soft": round(median["hard, all sampled"] / median["soft"], 2),
+        "cpu_ms_per_step_median": {name: round(1000 * s, 1) for name, s in cpu_median.items()},
+        "cpu_ratio_hard_over_soft": round(cpu_median["hard"] / cpu_median["soft"], 2),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "command": "python benchmarks/bench_hard.py --repeats " + str(args.repeats),
     }
     out = Path(__file__).resolve().parent / "results" / "hard.json"
     out.parent.mkdir(exist_ok=True)
