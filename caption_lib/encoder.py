@@ -294,7 +294,7 @@ def calibrate_frozen_batchnorm(encoder: EncoderCNN, batches: Iterable[torch.Tens
     the output of the frozen `layer4[0]` of a random ResNet-50 has a mean near 8 and a
     standard deviation near 12 on the shapes images, and it reaches the decoder through
     the identity paths of the trained blocks unnormalised (fine-tuning `layer4.1` then
-    learned nothing in an epoch: `benchmarks/results/recipe_layer4.1.json`). A trained
+    learned nothing in an epoch: `benchmarks/results/recipe_layer4.1-uncalibrated.json`). A trained
     stage does not have the problem: its first block renormalises its input path.
 
     So, once before the features are cached: `batches` of images (B, 3, S, S) run through
