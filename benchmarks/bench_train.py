@@ -28,9 +28,10 @@ from caption_lib.vocab import Vocabulary
 
 def main() -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model_config, _ = recipe("shapes")
     model_config.encoder_weights = None  # offline: random init, the recipe's blocks fine-tuned
