@@ -17,11 +17,12 @@ MATHJAX := _vendor/mathjax/tex-mml-chtml.js
 # the browser check drives Debian's Chromium (Playwright cannot download browsers here)
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: install test book check-book browser mathjax notebooks student bench lint clean help
+.PHONY: install runs test book check-book browser mathjax notebooks student bench lint clean help
 
 help:
 	@echo "make book   build the book (_build/html) with every notebook executed offline"
 	@echo "make test   run all tests, nbval over notebooks/ included"
+	@echo "make runs   build the shapes data and train the runs the chapters load (progress bars; a no-op once done)"
 	@echo "make check-book  open every page of _build/html in headless Chromium; screenshots in _build/screenshots/"
 	@echo "make notebooks [NB=01_dataset]  execute notebooks/*.py into notebooks/*.ipynb (commit them)"
 	@echo "make student  student notebooks (solutions and hidden tests removed) into student/"
@@ -40,11 +41,16 @@ $(STAMP): pyproject.toml constraints.txt | $(PY)
 
 install: $(STAMP)
 
-test: $(STAMP) $(MATHJAX)
+# the data set and every run the chapters load, trained here with their progress bars, so
+# that `make book` / `make test` show progress and the notebooks load the finished runs
+runs: $(STAMP)
+	$(PY) tools/book_runs.py
+
+test: $(STAMP) $(MATHJAX) runs
 	-@$(MAKE) --no-print-directory browser
 	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env --nbval-cell-timeout=1200 -p no:cacheprovider
 
-book: $(STAMP) $(MATHJAX)
+book: $(STAMP) $(MATHJAX) runs
 	$(VENV)/bin/jupyter-book build -W -n --keep-going .
 
 mathjax: $(MATHJAX)
@@ -75,9 +81,10 @@ student: $(STAMP)
 
 bench: $(STAMP)
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	@$(PY) benchmarks/summary.py
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check caption_lib tests benchmarks
+	$(VENV)/bin/ruff check caption_lib tests benchmarks tools
 
 clean:
 	rm -rf _build _vendor student .pytest_cache .hypothesis .ruff_cache

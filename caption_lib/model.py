@@ -13,6 +13,8 @@ strings, numbers and tensors that `torch.load(..., weights_only=True)` reads saf
     decoder              the decoder's state_dict
     encoder_trainable    state_dict of the encoder's trainable part only (the frozen part is
                          rebuilt from `encoder_weights_used` and checked by its fingerprint)
+    encoder_frozen_batchnorm  only when training starts inside a stage ("layer4.2"): the
+                         calibrated BatchNorm statistics of its frozen blocks
     encoder_weights_used e.g. "IMAGENET1K_V2" or "random(seed=0)"
     encoder_fingerprint  cheap checksum of the frozen encoder weights (float)
     checksum             sum of all stored tensor values (detects edited weights)
@@ -267,6 +269,7 @@ class Captioner(nn.Module):
         path = Path(path)
         decoder_state = self.decoder.state_dict()
         encoder_state = self.encoder.trainable.state_dict()
+        frozen_bn = self.encoder.frozen_batchnorm_state()  # {} unless calibrated
         payload = {
             "format": FORMAT,
             "config": self.config.to_json(),
@@ -275,9 +278,11 @@ class Captioner(nn.Module):
             "encoder_trainable": encoder_state,
             "encoder_weights_used": self.encoder.weights_used,
             "encoder_fingerprint": self.encoder.frozen_fingerprint(),
-            "checksum": _tensor_checksum(decoder_state, encoder_state),
+            "checksum": _tensor_checksum(decoder_state, encoder_state, frozen_bn),
             "extra": dict(extra or {}),
         }
+        if frozen_bn:
+            payload["encoder_frozen_batchnorm"] = frozen_bn
         with atomic_write(path) as f:
             torch.save(payload, f)
         return path
@@ -300,7 +305,8 @@ class Captioner(nn.Module):
             vocab = Vocabulary.from_dict(json.loads(payload["vocab"]))
         except (ValueError, TypeError, CaptionLibError) as err:
             raise bad(f"damaged checkpoint: bad config or vocabulary ({_line(err)})") from None
-        stored = _tensor_checksum(payload["decoder"], payload["encoder_trainable"])
+        frozen_bn = payload.get("encoder_frozen_batchnorm") or {}
+        stored = _tensor_checksum(payload["decoder"], payload["encoder_trainable"], frozen_bn)
         if not math.isclose(stored, payload["checksum"], rel_tol=1e-9, abs_tol=1e-6):
             raise bad("damaged checkpoint: the weights do not match their checksum")
 
@@ -319,6 +325,11 @@ class Captioner(nn.Module):
         if encoder.weights_used != used:
             raise bad(f"trained with encoder weights {used}, but {encoder.weights_used} "
                       "were built here")
+        if frozen_bn:
+            try:
+                encoder.load_frozen_batchnorm_state(frozen_bn)
+            except CaptionLibError as err:
+                raise bad(f"damaged checkpoint: {_line(err)}") from None
         if not math.isclose(encoder.frozen_fingerprint(), payload["encoder_fingerprint"],
                             rel_tol=1e-6):
             raise bad(f"the frozen encoder weights ({used}) differ from those it was trained "

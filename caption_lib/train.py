@@ -57,7 +57,7 @@ from caption_lib.decoding import MAX_LEN
 from caption_lib.encoder import recalibrate_batchnorm
 from caption_lib.errors import CaptionLibError
 from caption_lib.evaluate import score_split
-from caption_lib.features import FeatureStore, workspace_features
+from caption_lib.features import FeatureStore, calibrate_frozen, workspace_features
 from caption_lib.model import Captioner, CaptionerConfig, known_fields
 from caption_lib.runtime import (
     autocast,
@@ -267,6 +267,9 @@ def _train(data_dir: str | Path, out_dir: Path, model_config: CaptionerConfig | 
     model, config, extra = _fresh_or_resumed(out_dir / "last.pt", records, model_config,
                                              config, resume, log)
     model.to(device)
+    if not extra:  # training starts inside a stage: its frozen blocks' BatchNorm statistics
+        calibrate_frozen(model.encoder, [r.image for r in _train_records(records, config.restval)],
+                         images=config.bn_images, seed=config.seed, device=device)
     log(f"encoder weights: {model.encoder.weights_used}; trained encoder stages: "
         f"{', '.join(model.encoder.trained_stages) or 'none (frozen)'}; device: {device}")
     train_split = _cached_split(model, _train_records(records, config.restval), config,
