@@ -43,7 +43,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -58,7 +58,7 @@ from caption_lib.encoder import recalibrate_batchnorm
 from caption_lib.errors import CaptionLibError
 from caption_lib.evaluate import score_split
 from caption_lib.features import FeatureStore, calibrate_frozen, workspace_features
-from caption_lib.model import Captioner, CaptionerConfig, known_fields
+from caption_lib.model import Captioner, CaptionerConfig, known_fields, read_checkpoint
 from caption_lib.runtime import (
     autocast,
     pick_device,
@@ -542,6 +542,22 @@ def ensure_trained(data_dir: str | Path, model_config: CaptionerConfig, config: 
     """
     return train(data_dir, run_dir_for(data_dir, model_config, config), model_config, config,
                  device=device, resume=True, progress=progress, log=log)
+
+
+def same_features_runs(run_dir: str | Path, model_config: CaptionerConfig, config: TrainConfig,
+                       epochs: int) -> dict[str, tuple[CaptionerConfig, TrainConfig]]:
+    """Soft and hard attention decoders on the frozen encoder of the finished run in
+    `run_dir` (trained with `model_config`, `config`): identical features, so that only
+    the attention mechanism differs and only the decoder trains (the Hard attention
+    chapter's comparison). A fine-tuned encoder is named by its checkpoint
+    (`encoder_weights` = the absolute path of `best.pt`); an encoder that was frozen stays
+    what it was. Returns {"soft": configs, "hard": configs}, `epochs` epochs each."""
+    best = (Path(run_dir) / "best.pt").resolve()
+    tuned = bool(read_checkpoint(best)["encoder_trainable"])
+    base = replace(model_config, encoder_weights=str(best) if tuned else model_config.encoder_weights,
+                   fine_tune=False)
+    budget = replace(config, epochs=epochs)
+    return {attention: (replace(base, attention=attention), budget) for attention in ("soft", "hard")}
 
 
 def recipe(name: str) -> tuple[CaptionerConfig, TrainConfig]:

@@ -42,7 +42,6 @@ GRAD_SAMPLES = 16  # gradient estimates drawn to measure the estimator's varianc
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-import dataclasses
 import inspect
 import itertools
 
@@ -62,7 +61,7 @@ from caption_lib.hard_attention import (
 )
 from caption_lib.metrics import grounding_report, semantic_f1
 from caption_lib.model import Captioner
-from caption_lib.train import ensure_trained, recipe
+from caption_lib.train import ensure_trained, recipe, same_features_runs
 from caption_lib.viz import plot_attention
 
 device = caption_lib.pick_device("auto")
@@ -240,23 +239,18 @@ display(table(["estimator", "variance of one estimate", "max |z|", "mean z²"], 
 # *identical* features: chapter 5's fine-tuned encoder, frozen. Its output is cached once
 # (`layer4` is run over chapter 5's cached `layer3` features), so only the decoder
 # trains — the cheap part of a training step. `encoder_weights` naming a checkpoint does
-# exactly that (`caption_lib.model.build_encoder`). Both runs get the same settings, seed
-# and number of epochs.
+# exactly that (`caption_lib.model.build_encoder`); `same_features_runs` builds the two
+# runs' settings from chapter 5's (the same settings, seed and number of epochs; only
+# `attention` differs), and `make runs` trains them before the book is built:
 
 # %%
 # NBVAL_IGNORE_OUTPUT
 model_config, config = recipe(DATASET)
 chapter5 = ensure_trained(data_dir, model_config, config, device=device, progress=False,
                           log=lambda *_: None)
-encoder = (str((chapter5.out_dir / "best.pt").resolve()) if chapter5.model.encoder.trained_stages
-           else model_config.encoder_weights)  # ImageNet on Colab: already frozen
-base = dataclasses.replace(model_config, encoder_weights=encoder, fine_tune=False)
-budget = dataclasses.replace(config, epochs=EPOCHS)
-runs = {}
-for attention in ("soft", "hard"):
-    runs[attention] = ensure_trained(data_dir, dataclasses.replace(base, attention=attention),
-                                     budget, device=device, progress=False,
-                                     log=lambda *_: None)
+runs = {name: ensure_trained(data_dir, m, c, device=device, progress=False, log=lambda *_: None)
+        for name, (m, c) in same_features_runs(chapter5.out_dir, model_config, config,
+                                               EPOCHS).items()}
 columns = ["epoch", "train_loss", "val_loss", "val_bleu4", "val_semantic_f1", "seconds"]
 display(table(["model", *columns],
               [[name, *(f"{row[c]:.4g}" for c in columns)]

@@ -100,3 +100,24 @@ def test_make_book_and_make_test_train_the_runs_first():
     assert re.search(r"^runs: .*\n\t\$\(PY\) tools/book_runs.py$", makefile, flags=re.MULTILINE)
     for target in ("book", "test"):
         assert re.search(rf"^{target}: .*\bruns\b", makefile, flags=re.MULTILINE), target
+
+
+def test_the_hard_attention_chapter_runs_are_trained_too(tmp_path, monkeypatch):
+    """Chapter 7 builds its two runs with `same_features_runs` and EPOCHS; the tool trains
+    the same folders once the default run has a checkpoint."""
+    source = (ROOT / "notebooks" / "07_hard_attention.py").read_text()
+    (epochs,) = re.findall(r"^EPOCHS = (\d+)", source, flags=re.MULTILINE)
+    assert re.search(r"same_features_runs\(chapter5\.out_dir, model_config, config,\s+EPOCHS\)",
+                     source)
+    tool = load_tool("book_runs")
+    assert tool.HARD_EPOCHS == int(epochs)
+    monkeypatch.setenv("CAPTION_LIB_HOME", str(tmp_path))
+    data_dir = tmp_path / "shapes"
+    assert tool.hard_attention_runs(data_dir) == {}  # no default run yet: nothing to train
+    default = run_dir_for(data_dir, *recipe("shapes"))
+    default.mkdir(parents=True)
+    _fake_run(default, 1, [])
+    (default / "last.pt").rename(default / "best.pt")
+    runs = tool.hard_attention_runs(data_dir)
+    assert [m.attention for m, _ in runs.values()] == ["soft", "hard"]
+    assert all(c.epochs == int(epochs) for _, c in runs.values())
