@@ -17,11 +17,12 @@ MATHJAX := _vendor/mathjax/tex-mml-chtml.js
 # the browser check drives Debian's Chromium (Playwright cannot download browsers here)
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: install test book check-book browser mathjax notebooks student bench lint clean help
+.PHONY: install test colab-check book check-book browser mathjax notebooks student bench lint clean help
 
 help:
 	@echo "make book   build the book (_build/html) with every notebook executed offline"
 	@echo "make test   run all tests, nbval over notebooks/ included"
+	@echo "make colab-check  every chapter with DATASET=flickr8k on a tiny local Flickr8k mirror (offline)"
 	@echo "make check-book  open every page of _build/html in headless Chromium; screenshots in _build/screenshots/"
 	@echo "make notebooks [NB=01_dataset]  execute notebooks/*.py into notebooks/*.ipynb (commit them)"
 	@echo "make student  student notebooks (solutions and hidden tests removed) into student/"
@@ -43,6 +44,11 @@ install: $(STAMP)
 test: $(STAMP) $(MATHJAX)
 	-@$(MAKE) --no-print-directory browser
 	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env --nbval-cell-timeout=1200 -p no:cacheprovider
+
+# the Colab path: every chapter with DATASET = "flickr8k" against a tiny local Flickr8k
+# mirror with planted weights, offline (tests/test_colab.py; also part of `make test`)
+colab-check: $(STAMP)
+	$(PY) -m pytest tests/test_colab.py -m colab --durations=0 -p no:cacheprovider
 
 book: $(STAMP) $(MATHJAX)
 	$(VENV)/bin/jupyter-book build -W -n --keep-going .
