@@ -10,8 +10,9 @@ statistics are re-estimated over training images before every validation
 (`encoder.recalibrate_batchnorm`).
 
 After each epoch: validation loss (teacher forcing), validation BLEU-4 from greedy
-decoding (no teacher forcing, special tokens stripped), the learning rate schedule on
-BLEU-4, early stopping, and two checkpoints written atomically: `last.pt` (to resume)
+decoding (no teacher forcing, special tokens stripped), the learning rate schedule and
+early stopping (both count epochs without progress: neither a better BLEU-4 nor a lower
+loss), and two checkpoints written atomically: `last.pt` (to resume)
 and `best.pt` (best validation BLEU-4). Resuming restores model, optimiser, schedule,
 history and the random number generator, so the run continues exactly as if it had not
 stopped (on the same machine and device).
@@ -71,10 +72,8 @@ class TrainConfig:
     schedule: str = "plateau"  # "plateau": lr_factor after lr_patience stale epochs;
     #                            "cosine": decay every step from lr to 0 over all epochs
     lr_factor: float = 0.5  # multiply the learning rates by this ...
-    lr_patience: int = 1  # ... after this many epochs without a better val BLEU-4
-    early_stop: int = 3  # stop after this many epochs without a better val BLEU-4
-    min_epochs: int = 0  # neither stop early nor lower the learning rate before this epoch
-    #                      (a small data set decodes nothing right, BLEU-4 0, at first)
+    lr_patience: int = 1  # ... after this many epochs without progress (see `_progress`)
+    early_stop: int = 3  # stop after this many epochs without progress
     min_freq: int = 5  # words seen fewer times in training captions become <unk>
     captions_per_image: int = 0  # per image and epoch, in its batch; 0 = all references
     max_caption_len: int = 40  # tokens incl. <start>/<end>; longer ones are cut
@@ -220,7 +219,8 @@ def _optimizer(model: Captioner, config: TrainConfig) -> torch.optim.Optimizer:
 
 
 def _scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int):
-    """The learning-rate schedule: on val BLEU-4 (stepped per epoch) or cosine (per step)."""
+    """The learning-rate schedule: on progress (`_progress`, stepped per epoch) or cosine
+    (per step)."""
     if config.schedule == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="max", factor=config.lr_factor, patience=config.lr_patience)
@@ -310,7 +310,7 @@ def train(data_dir: str | Path, out_dir: str | Path, model_config: CaptionerConf
     params = [p for g in optimizer.param_groups for p in g["params"]]
     for epoch in range(first_epoch, config.epochs + 1):
         if _stale(history, config):
-            log(f"early stop: no better val BLEU-4 in {config.early_stop} epochs")
+            log(f"early stop: no better val BLEU-4 or val loss in {config.early_stop} epochs")
             break
         start = time.perf_counter()
         model.train()
@@ -355,8 +355,9 @@ def train(data_dir: str | Path, out_dir: str | Path, model_config: CaptionerConf
         if model.encoder.trained_stages:
             _recalibrate(model, train_split, device, config, epoch)
         val = evaluate_split(model, val_split, device, config, limit=config.val_images)
-        if config.schedule == "plateau" and epoch >= config.min_epochs:
-            scheduler.step(val["bleu4"])  # its patience counts from epoch min_epochs
+        if config.schedule == "plateau":  # patience: epochs without progress
+            scheduler.step(_progress(history + [{"val_bleu4": val["bleu4"],
+                                                 "val_loss": val["loss"]}]))
         entry = {"epoch": epoch, "train_loss": total / max(tokens, 1.0), "val_loss": val["loss"],
                  "val_bleu4": val["bleu4"], "lr": optimizer.param_groups[0]["lr"],
                  "train_seconds": round(train_seconds, 1),
@@ -443,13 +444,26 @@ def _train_records(records: list[Record], restval: str) -> list[Record]:
     return [r for r in records if r.split in keep]
 
 
+def _progress(history: list[dict]) -> int:
+    """The number of epochs that made progress: a better val BLEU-4 or a lower val loss
+    than every epoch before. It rises exactly when an epoch makes progress, so the plateau
+    schedule (mode "max") and early stopping count epochs without progress. The loss
+    counts too because on a small data set BLEU-4 stays 0 for the first epochs (no
+    caption has a right 4-gram yet) while the model is learning: BLEU-4 alone ended such
+    runs after 4 epochs."""
+    count, bleu, loss = 0, -math.inf, math.inf
+    for h in history:
+        if h["val_bleu4"] > bleu or h["val_loss"] < loss:
+            count += 1
+        bleu, loss = max(bleu, h["val_bleu4"]), min(loss, h["val_loss"])
+    return count
+
+
 def _stale(history: list[dict], config: TrainConfig) -> bool:
-    """True after `early_stop` epochs without a better val BLEU-4, never before
-    `min_epochs` epochs have run."""
-    if len(history) <= config.early_stop or len(history) < config.min_epochs:
+    """True after `early_stop` epochs in a row without progress (see `_progress`)."""
+    if len(history) <= config.early_stop:
         return False
-    best_epoch = max(range(len(history)), key=lambda k: (history[k]["val_bleu4"], -k))
-    return len(history) - 1 - best_epoch >= config.early_stop
+    return _progress(history) == _progress(history[:-config.early_stop])
 
 
 def _format(entry: dict) -> str:
@@ -469,8 +483,6 @@ def run_dir_for(data_dir: str | Path, model_config: CaptionerConfig, config: Tra
     settings = asdict(config)
     if settings.get("restval") == "train":  # added later: at its default, older runs' folder
         del settings["restval"]
-    if settings.get("min_epochs") == 0:  # the same
-        del settings["min_epochs"]
     key = json.dumps([str(Path(data_dir).resolve()), asdict(model_config), settings],
                      sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
@@ -538,11 +550,9 @@ def _recipe(name: str) -> tuple[CaptionerConfig, TrainConfig]:
                 TrainConfig(epochs=8, batch_size=32, lr=4e-4, encoder_lr=2e-4, min_freq=1,
                             captions_per_image=1, val_images=150, bn_images=256))
     if name == "flickr8k":
-        # min_epochs: on a small data set BLEU-4 stays 0 for the first epochs; without it
-        # early stopping and the plateau schedule ended such runs after 4 epochs
         return (CaptionerConfig(encoder_weights="DEFAULT", fine_tune="auto", alpha_c=0.02),
                 TrainConfig(epochs=20, batch_size=64, min_freq=5, captions_per_image=0,
-                            val_images=0, min_epochs=5))
+                            val_images=0))
     if name == "coco":  # Karpathy's COCO split; restval folded into train (113,287 images)
         model_config, config = _recipe("flickr8k")
         config.val_images, config.restval = 5000, "train"

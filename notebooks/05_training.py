@@ -101,8 +101,8 @@ print(f"caption_lib {caption_lib.__version__} on {device}; data: {data_dir}")
 # `layer4` of a randomly initialised ResNet-50 (see the Encoder chapter); the decoder is
 # smaller than the paper's (256 instead of 512 units), because the shapes language has
 # about 30 words. The flickr8k recipe keeps the paper's sizes (512), freezes the ImageNet
-# encoder, trains on all five references of every image in batches of 64 images, maps
-# words seen fewer than 5 times to `<unk>`, and runs at least `min_epochs` epochs.
+# encoder, trains on all five references of every image in batches of 64 images, and
+# maps words seen fewer than 5 times to `<unk>`.
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -119,7 +119,7 @@ for name, value in {**dataclasses.asdict(model_config), **dataclasses.asdict(con
 # | gradient clipping | 5.0 | LSTMs occasionally produce large gradients |
 # | $\lambda$ (`alpha_c`) | 0.02 ≈ 1/49 (both recipes) | the regulariser sums over the 49 regions: with $\lambda = 1$ it was ten times the cross-entropy and pulled attention towards uniform; 1/49 equals the popular tutorial's $\lambda = 1$ with a mean over regions. The sum does not depend on the data set, so Flickr8k gets the same weight |
 # | dropout | 0.3 | less than the paper's 0.5: a small model on a simple language |
-# | schedule | halve the learning rates when val BLEU-4 stalls; stop after 3 epochs without progress; neither before epoch `min_epochs` (flickr8k: 5) | validation BLEU comes from real decoding, the quantity we care about. On a small data set BLEU-4 is 0 for the first epochs (no caption has a right 4-gram yet): counted from epoch 1, stalling would end such a run after 4 epochs, before it learns. A short run never stalls, so the rate stays constant; a cosine decay to zero (`schedule="cosine"`) over 6 epochs was worse (val semantic F1 0.55 vs 0.59 at epoch 5): the model is still learning when the rate runs out |
+# | schedule | halve the learning rates after an epoch without progress; stop after 3 | progress is a better val BLEU-4 (from real decoding, the quantity we care about) *or* a lower val loss: on a small data set BLEU-4 stays 0 for the first epochs (no caption has a right 4-gram yet) while the loss falls, and BLEU-4 alone ended such runs after 4 epochs, before they learned. A short run never stalls, so the rate stays constant; a cosine decay to zero (`schedule="cosine"`) over 6 epochs was worse (val semantic F1 0.55 vs 0.59 at epoch 5): the model is still learning when the rate runs out |
 # | BatchNorm statistics | re-estimated over 256 training images before each validation | 256 × 49 positions per channel are plenty, and it costs seconds instead of tens of seconds per epoch |
 # | batches of 32 images, one caption each per epoch | 3,000 captions an epoch | five times cheaper epochs than all references; each epoch draws other references |
 #
@@ -287,7 +287,8 @@ for label, (scores, epochs) in rows.items():
 #   plus $\lambda\sum_i(1-\sum_t\alpha_{ti})^2$ so that attention covers the image.
 # - Padding is masked out of the loss; the frozen encoder's output comes from the cache.
 # - Validation uses real greedy decoding; the learning rate and early stopping follow
-#   validation BLEU-4; `best.pt` keeps the best epoch, `last.pt` the latest.
+#   progress (a better validation BLEU-4 or a lower validation loss); `best.pt` keeps the
+#   epoch of the best BLEU-4, `last.pt` the latest.
 # - Checkpoints hold state dicts, configs and the vocabulary as JSON; resuming restores
 #   the optimiser and the random generator, so it reproduces the uninterrupted run.
 #

@@ -121,7 +121,7 @@ else:
     model = Captioner.load(checkpoint, map_location=device).eval()
 vocab = model.vocab
 test_records = split_records(load_dataset(data_dir), "test")
-print(f"{checkpoint.parent.name}: encoder weights {model.encoder.weights_used}, "
+print(f"{checkpoint.parent.name}/{checkpoint.name}: encoder weights {model.encoder.weights_used}, "
       f"V = {len(vocab)} words, {len(test_records)} test images")
 
 # %% [markdown]
