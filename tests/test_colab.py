@@ -25,9 +25,8 @@ images instead of 64, so that 60 pictures give enough steps; 15 epochs at most i
 20; a decoder of 64 units instead of 512 at a learning rate of 2e-3 instead of 4e-4,
 dropout 0.1 instead of 0.5: the paper's sizes took 4.5 minutes an epoch on the shared
 2-core CI machine), which every chapter prints on stderr. The pictures hold one object
-each (scenes of 1-3 objects learned too slowly for this budget). The pictures are shapes scenes whose captions describe them; a model
-that has learned the captions' grammar passes BLEU-4 > 10, an untrained or broken one
-(garbage, empty captions, special tokens) does not.
+each (scenes of 1-3 objects learned too slowly for this budget); their captions describe
+them. An untrained or broken model (garbage, empty captions, special tokens) fails BLEU-4 > 10.
 """
 
 from __future__ import annotations
