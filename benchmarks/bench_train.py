@@ -20,9 +20,8 @@ from pathlib import Path
 
 import torch
 
-from caption_lib.decoder import caption_loss
 from caption_lib.model import Captioner
-from caption_lib.train import recipe, regions
+from caption_lib.train import recipe
 from caption_lib.vocab import Vocabulary
 
 
@@ -46,9 +45,7 @@ def main() -> dict:
 
     def step(precision: str) -> float:
         start = time.perf_counter()
-        feats = regions(model, cached, device, precision)  # (B, 49, 2048)
-        logits, alphas = model.decoder(feats, captions, lengths)  # (B, L-1, V), (B, L-1, P)
-        loss, _ = caption_loss(logits, captions, lengths, alphas, alpha_c=model.config.alpha_c)
+        loss, _ = model.cached_loss(cached.to(device), captions, lengths, precision=precision)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

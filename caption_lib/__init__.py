@@ -1,33 +1,44 @@
 """caption_lib: "Show, Attend and Tell" (Xu et al. 2015), small enough to read.
 
 The notebooks of the book explain this package; the tests pin it down. One concept per
-module, in the order the book meets them:
+module, in three layers (a module only imports from its own layer or the ones above it):
 
-    runtime   devices, seeds and the workspace folder (data, caches, runs)
-    errors    the one exception type whose message is shown to users as one line
-    cli       the `caption-lib` command
-    vocab     tokenizer and Vocabulary (words <-> integers)
-    annotations  caption files in three formats -> Records; safe image loading
-    data      datasets, collate and `inspect` over Records
-    shapes    the embedded synthetic data set
-    encoder   ResNet-50 -> (B, 49, 2048) region features
-    features  the feature cache of the encoder's frozen part
-    download  Flickr8k for the Colab path (streamed, verified, resumable)
-    attention additive (Bahdanau) soft attention over the 49 regions
-    decoder   the attention LSTM decoder and the captioning loss
-    model     Captioner = vocabulary + encoder + decoder; safe checkpoints
-    decoding  greedy decoding and batched beam search; caption one image
-    metrics   BLEU, CIDEr, ROUGE-L, METEOR; semantic F1 and attention grounding
-    viz       attention overlays, captioned image grids, training curves
-    checks    friendly exercise checks (learner's code vs the reference)
+    the paper's model (chapters 1-4, 6)
+        vocab        tokenizer and Vocabulary (words <-> integers)
+        annotations  caption files in three formats -> Records; safe image loading
+        data         datasets, collate and `inspect` over Records
+        shapes       the embedded synthetic data set
+        encoder      ResNet-50 -> (B, 49, 2048) region features
+        attention    additive (Bahdanau) soft attention over the 49 regions
+        decoder      the attention LSTM decoder and the captioning loss
+        model        Captioner = vocabulary + encoder + decoder: encode, loss; checkpoints
+        decoding     greedy decoding and batched beam search; caption one image
+        metrics      BLEU, CIDEr, ROUGE-L, METEOR; semantic F1 and attention grounding
+
+    running it (chapter 5, the command line)
+        runtime      devices, precision, seeds and RNG states, atomic writes, workspace
+        features     the feature cache of the encoder's frozen part
+        train        the training loop (`train_one_epoch`) and `train`, resume, recipes
+        evaluate     decode a split and score it (validation and test: one loop)
+        distributed  data-parallel helpers (torchrun, DDP): no-ops for one process
+        download     Flickr8k for the Colab path (streamed, verified, resumable)
+        caption      caption image files with a checkpoint
+        cli          the `caption-lib` command: all argument parsing
+        errors       the one exception type whose message is shown to users as one line
+
+    teaching helpers (the notebooks)
+        viz          attention overlays, captioned image grids, training curves
+        checks       friendly exercise checks (learner's code vs the reference)
+
+A flat package with this map, not sub-packages: every `caption_lib.X` import of the
+notebooks, tests and the command line keeps working, and each module stays one file a
+reader opens by its concept's name.
 """
 
 from caption_lib.attention import Attention
 from caption_lib.caption import caption_files
 from caption_lib.data import (
     CaptionDataset,
-    FeatureCaptionDataset,
-    ImageDataset,
     Record,
     collate_captions,
     find_missing_images,
@@ -44,7 +55,7 @@ from caption_lib.encoder import EncoderCNN, image_transform
 from caption_lib.errors import CaptionLibError
 from caption_lib.metrics import bleu, coco_scores, grounding, semantic_f1
 from caption_lib.model import Captioner, CaptionerConfig
-from caption_lib.runtime import on_colab, pick_device, seed_everything, workspace_dir
+from caption_lib.runtime import pick_device, seed_everything, workspace_dir
 from caption_lib.shapes import ensure_shapes, make_shapes, object_cell_mask, parse_mentions
 from caption_lib.viz import plot_attention, plot_history, show_grid
 from caption_lib.vocab import Vocabulary, tokenize
@@ -60,8 +71,6 @@ __all__ = [
     "DecodeResult",
     "DecoderWithAttention",
     "EncoderCNN",
-    "FeatureCaptionDataset",
-    "ImageDataset",
     "Record",
     "Vocabulary",
     "beam_search",
@@ -80,7 +89,6 @@ __all__ = [
     "load_image",
     "make_shapes",
     "object_cell_mask",
-    "on_colab",
     "parse_mentions",
     "pick_device",
     "plot_attention",

@@ -23,15 +23,12 @@ Letters: T words of a caption, P regions (49).
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from caption_lib.decoding import caption_image
+from caption_lib.decoding import MAX_LEN, caption_image
 from caption_lib.errors import CaptionLibError
 from caption_lib.model import Captioner
 
@@ -56,7 +53,7 @@ def plot_path(out: str | Path, index: int, count: int) -> Path:
 
 
 def caption_files(model: Captioner, images: list[str | Path], beam_size: int = 3,
-                  max_len: int = 20, device: str | torch.device = "cpu",
+                  max_len: int = MAX_LEN, device: str | torch.device = "cpu",
                   attention_plot: str | Path | None = None) -> list[CaptionedFile]:
     """Caption each image file; a broken file is reported in its result, never raised.
 
@@ -94,51 +91,6 @@ def caption_files(model: Captioner, images: list[str | Path], beam_size: int = 3
             result.plot = str(path)
         results.append(result)
     return results
-
-
-def _cmd_caption(args: argparse.Namespace) -> int:
-    from caption_lib.runtime import pick_device
-
-    if args.beam_size < 1:
-        raise CaptionLibError(f"--beam-size must be >= 1, got {args.beam_size}")
-    if args.max_len < 1:
-        raise CaptionLibError(f"--max-len must be >= 1, got {args.max_len}")
-    device = pick_device(args.device)
-    model = Captioner.load(args.checkpoint, map_location=device)
-    results = caption_files(model, args.images, beam_size=args.beam_size, max_len=args.max_len,
-                            device=device, attention_plot=args.attention_plot)
-    failed = [r for r in results if r.error is not None]
-    for r in failed:
-        print(f"caption-lib: error: {r.error}", file=sys.stderr)
-    if args.json:
-        print(json.dumps({
-            "checkpoint": str(args.checkpoint), "beam_size": args.beam_size,
-            "captions": [{"image": r.image, "caption": " ".join(r.words), "plot": r.plot}
-                         for r in results if r.error is None],
-            "errors": [{"image": r.image, "error": r.error} for r in failed],
-        }))
-    else:
-        for r in results:
-            if r.error is None:
-                print(f"{r.image}\t{' '.join(r.words)}")
-    if failed:
-        print(f"caption-lib: {len(failed)} of {len(results)} images failed", file=sys.stderr)
-        return 2
-    return 0
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("caption", help="caption image files with a trained checkpoint")
-    p.add_argument("checkpoint", help="a .pt file written by `caption-lib train`")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any PIL format)")
-    p.add_argument("--beam-size", type=int, default=3, help="beams per image (1: greedy)")
-    p.add_argument("--max-len", type=int, default=20, help="at most this many words")
-    p.add_argument("--attention-plot", metavar="OUT.png",
-                   help="write the word-by-word attention figure (several images: "
-                        "OUT-1.png, OUT-2.png, ... by argument position)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=_cmd_caption)
 
 
 __all__ = ["CaptionedFile", "caption_files", "plot_path"]

@@ -352,3 +352,365 @@ def check_decode_step(decode_step: Callable, steps: int = 4, seed: int = 0) -> N
             check_normalised(out[2], dim=1, name=f"alpha at step {t}")
             _compare(out, want, f"decode_step at step {t}")
             mine, ref = out[1], want[1]
+
+
+# -- plain values, and the per-exercise summary a student hands in ------------------------
+
+def check_equal(actual: Any, expected: Any, name: str, hint: str = "") -> None:
+    """Fail unless `actual == expected` (tensors: `check_close`); `hint` says why it matters."""
+    try:
+        _compare(actual, expected, name)
+    except AssertionError as err:
+        raise AssertionError(f"{err}{': ' + hint if hint else ''}") from None
+
+
+_PASSED: dict[str, bool] = {}
+
+
+def passed(exercise: str) -> None:
+    """The last line of a graded test cell: prints "Exercise N: correct" and records it."""
+    _PASSED[exercise] = True
+    print(f"{exercise}: correct")
+
+
+def summary(points: dict[str, int]) -> dict[str, bool]:
+    """Print one line per exercise (correct / not yet) and the visible-test total.
+
+    `points` maps "Exercise N" to its points (the notebook's nbgrader metadata). What
+    counts is whether the exercise's test cell ran to its end in this session; the
+    hidden tests, which only the grader runs, can still fail.
+    """
+    done = {name: _PASSED.get(name, False) for name in points}
+    for name, ok in done.items():
+        state = "correct" if ok else "not yet (run its test cell to see what is wrong)"
+        print(f"{name} ({points[name]} points): {state}")
+    got = sum(points[n] for n, ok in done.items() if ok)
+    print(f"visible tests passed: {got} of {sum(points.values())} points "
+          f"(the grader's hidden tests decide the grade)")
+    return done
+
+
+# -- checks for the chapters' tasks --------------------------------------------------------
+
+def check_recalibrate(recalibrate: Callable, trials: int = 3, seed: int = 0) -> None:
+    """Chapter 2: `recalibrate(net, batches) -> n` re-estimates every BatchNorm's statistics.
+
+    Compares running mean/variance, momentum and mode afterwards, and the returned sample
+    count with `caption_lib.encoder.recalibrate_bn_statistics`; the weights must not change.
+    """
+    import copy
+
+    from caption_lib.encoder import recalibrate_bn_statistics
+
+    g = torch.Generator().manual_seed(seed)
+    for trial in range(trials):
+        c = int(torch.randint(2, 6, (1,), generator=g))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + trial)
+            net = torch.nn.Sequential(torch.nn.Conv2d(3, c, 3, padding=1), torch.nn.BatchNorm2d(c),
+                                      torch.nn.ReLU(), torch.nn.Conv2d(c, c, 1),
+                                      torch.nn.BatchNorm2d(c, momentum=0.3))
+        for m in net.modules():  # stale statistics, as after training
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.fill_(5.0)
+                m.running_var.fill_(9.0)
+        net.train(trial % 2 == 0)
+        sizes = torch.randint(1, 6, (int(torch.randint(2, 5, (1,), generator=g)),), generator=g)
+        batches = [torch.randn(int(n) + 1, 3, 4, 5, generator=g) * 2 + 1 for n in sizes]
+        mine, ref = copy.deepcopy(net), copy.deepcopy(net)
+        seen = recalibrate(mine, iter(batches))
+        want = recalibrate_bn_statistics(ref, iter(batches))
+        where = f"(trial {trial + 1} of {trials}: {len(batches)} batches)"
+        _check_bn_state(mine, ref, seen, want, where)
+
+
+def _check_bn_state(mine: torch.nn.Module, ref: torch.nn.Module, seen: Any, want: int,
+                    where: str) -> None:
+    """Compare the BatchNorm state of two recalibrated copies of a network."""
+    for (name, a), b in zip(mine.named_modules(), ref.modules()):
+        if not isinstance(b, torch.nn.BatchNorm2d):
+            continue
+        if a.momentum != b.momentum:
+            raise AssertionError(f"{name}: momentum is {a.momentum} afterwards, expected "
+                                 f"{b.momentum}: set it back once the statistics are done {where}")
+        if torch.allclose(a.running_mean, b.running_mean * 0 + 5.0):
+            raise AssertionError(f"{name}: the running mean did not change: reset the statistics "
+                                 f"and run the batches in train mode {where}")
+        try:
+            check_close(a.running_mean, b.running_mean, f"{name}.running_mean", atol=1e-4)
+            check_close(a.running_var, b.running_var, f"{name}.running_var", atol=1e-4)
+        except AssertionError as err:
+            raise AssertionError(f"{err}: every batch must count equally (momentum=None gives "
+                                 f"that average) {where}") from None
+    for (name, p), q in zip(mine.named_parameters(), ref.parameters()):
+        if not torch.equal(p, q):
+            raise AssertionError(f"the weight {name} changed: only the statistics may {where}")
+    if mine.training != ref.training:
+        raise AssertionError(f"the network must be back in {'train' if ref.training else 'eval'}"
+                             f" mode afterwards, as it was before {where}")
+    check_equal(seen, want, "the returned number of samples", where)
+
+
+def _lstm_reference(x, h, c, w_ih, w_hh, b_ih, b_hh):
+    """nn.LSTMCell with the given weights: (h', c')."""
+    cell = torch.nn.LSTMCell(x.size(1), h.size(1)).to(x.dtype)
+    del cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh
+    cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh = w_ih, w_hh, b_ih, b_hh
+    return cell(x, (h, c))
+
+
+def _lstm_gate_order(x, h, c, w_ih, w_hh, b_ih, b_hh, order):
+    """An LSTM step with the four gate blocks taken in `order` (for diagnosing mistakes)."""
+    def pick(t):
+        return torch.cat([t.chunk(4, dim=0)[k] for k in order], dim=0)
+    return _lstm_reference(x, h, c, pick(w_ih), pick(w_hh), pick(b_ih), pick(b_hh))
+
+
+def _lstm_inputs(g: torch.Generator, dtype: torch.dtype = torch.float32) -> tuple:
+    b, d, n = (int(v) for v in torch.randint(1, 6, (3,), generator=g))
+    n += 1
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=dtype)
+    return r(b, d), r(b, n), r(b, n), r(4 * n, d) / d ** 0.5, r(4 * n, n) / n ** 0.5, r(4 * n), r(4 * n)
+
+
+def check_lstm_step(lstm_step: Callable, trials: int = 5, seed: int = 0,
+                    gradcheck: bool = True) -> None:
+    """Chapter 4: `lstm_step(x, h, c, w_ih, w_hh, b_ih, b_hh) -> (h', c')` equals nn.LSTMCell.
+
+    Values and gradients (with respect to every input) on random sizes, then
+    `torch.autograd.gradcheck` in float64: analytical against numerical gradients.
+    """
+    g = torch.Generator().manual_seed(seed)
+    inputs = _lstm_inputs(g)
+    with torch.no_grad():
+        out = lstm_step(*inputs)
+        if not isinstance(out, (tuple, list)) or len(out) != 2:
+            raise AssertionError(f"lstm_step must return (h, c), got {_describe(out)}")
+        want = _lstm_reference(*inputs)
+        check_shape(out[0], want[0].shape, "h'", letters="(B, H)")
+        check_shape(out[1], want[1].shape, "c'", letters="(B, H)")
+        if torch.allclose(out[0], want[1], atol=1e-5) and not torch.allclose(out[0], want[0]):
+            raise AssertionError("you return (c, h): return the hidden state h first, then c")
+        for order, name in [((0, 1, 3, 2), "input, forget, output, cell"),
+                            ((1, 0, 2, 3), "forget, input, cell, output")]:
+            alt = _lstm_gate_order(*inputs, order)
+            if torch.allclose(out[0], alt[0], atol=1e-5) and not torch.allclose(out[0], want[0]):
+                raise AssertionError(f"the gates are in the order {name}: PyTorch stacks the rows "
+                                     "of the weights as input, forget, cell (g), output")
+    names = ("x", "h", "c", "w_ih", "w_hh", "b_ih", "b_hh")
+    check_function(lstm_step, _lstm_reference, lambda g: dict(zip(names, _lstm_inputs(g))),
+                   trials=trials, seed=seed, name="lstm_step", gradients=True)
+    if gradcheck:
+        double = _lstm_inputs(torch.Generator().manual_seed(seed), torch.float64)
+        double = tuple(t.requires_grad_(True) for t in double)
+        try:
+            ok = torch.autograd.gradcheck(lambda *a: tuple(lstm_step(*a)), double,
+                                          raise_exception=False)
+        except RuntimeError as err:
+            raise AssertionError(f"torch.autograd.gradcheck could not run lstm_step: "
+                                 f"{str(err).splitlines()[0]}") from None
+        if not ok:
+            raise AssertionError("lstm_step's analytical gradients disagree with numerical ones "
+                                 "(torch.autograd.gradcheck in float64): an in-place or "
+                                 "non-differentiable operation?")
+
+
+def _dot_reference(module: torch.nn.Module, features: torch.Tensor, hidden: torch.Tensor,
+                   mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled dot-product attention with `module.key` (E -> A) and `module.query` (H -> A)."""
+    keys = module.key(features)  # (B, P, A)
+    query = module.query(hidden)  # (B, A)
+    scores = (keys @ query.unsqueeze(2)).squeeze(2) / keys.size(2) ** 0.5  # (B, P)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    alpha = torch.softmax(scores, dim=1)  # (B, P)
+    return (alpha.unsqueeze(2) * features).sum(dim=1), alpha  # (B, E), (B, P)
+
+
+def check_dot_attention(cls: type, trials: int = 3, seed: int = 0) -> None:
+    """Chapter 3: `cls(E, H, A)` with layers `key`, `query` computes scaled dot-product
+    attention, `forward(features, hidden, mask=None) -> (context, alpha)`."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        att = cls(16, 8, 6)
+    g = torch.Generator().manual_seed(seed)
+    features, hidden = torch.randn(2, 49, 16, generator=g), torch.randn(2, 8, generator=g)
+    with torch.no_grad():
+        out = att(features, hidden)
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        raise AssertionError(f"forward must return (context, alpha), got {_describe(out)}")
+    check_shape(out[0], (2, 16), "context", letters="(B, E)")
+    check_shape(out[1], (2, 49), "alpha", letters="(B, P)")
+    check_normalised(out[1], dim=1, name="alpha", what="regions")
+    with torch.no_grad():
+        keys, query = att.key(features), att.query(hidden)  # (B, P, A), (B, A)
+        unscaled = torch.softmax((keys @ query.unsqueeze(2)).squeeze(2), dim=1)  # (B, P)
+    if torch.allclose(out[1], unscaled, atol=1e-6):
+        raise AssertionError("alpha is the softmax of unscaled dot products: divide the "
+                             "scores by sqrt(A) (A = attention_dim)")
+
+    def inputs(g: torch.Generator) -> dict:
+        b, p = int(torch.randint(1, 4, (1,), generator=g)), int(torch.randint(2, 12, (1,), generator=g))
+        mask = torch.rand(b, p, generator=g) > 0.4  # (B, P)
+        mask[:, 0] = True
+        return {"features": torch.randn(b, p, 16, generator=g),
+                "hidden": torch.randn(b, 8, generator=g), "mask": mask}
+
+    for with_mask in (False, True):
+        def pick(g: torch.Generator, with_mask: bool = with_mask) -> dict:
+            kw = inputs(g)
+            return kw if with_mask else {k: v for k, v in kw.items() if k != "mask"}
+
+        check_function(att, lambda **kw: _dot_reference(att, **kw), pick, trials=trials,
+                       seed=seed, gradients=True,
+                       name=f"forward({'features, hidden, mask' if with_mask else 'features, hidden'})")
+
+
+def _steps_inputs(g: torch.Generator, p: int = 7) -> tuple:
+    """Random alphas (B, T, P) of captions of random lengths and their step mask (B, T)."""
+    from caption_lib.decoder import step_mask
+
+    b = int(torch.randint(1, 6, (1,), generator=g))
+    lengths = torch.randint(2, 9, (b,), generator=g)  # (B,)
+    lengths[0] = 8
+    t = int(lengths.max()) - 1
+    alphas = torch.softmax(3 * torch.randn(b, t, p, generator=g), dim=2)  # (B, T, P)
+    return alphas, step_mask(lengths, t), lengths
+
+
+def _penalty_reference(alphas: torch.Tensor, mask: torch.Tensor, lam: float) -> torch.Tensor:
+    """lam * mean_b sum_i (1 - sum_{t real} alpha_bti)^2, as `caption_loss` computes it."""
+    total = (alphas * mask.unsqueeze(2)).sum(dim=1)  # (B, P)
+    return lam * ((1 - total) ** 2).sum(dim=1).mean()
+
+
+def check_attention_penalty(attention_penalty: Callable, trials: int = 5, seed: int = 0) -> None:
+    """Chapter 5: `attention_penalty(alphas (B, T, P), mask (B, T), lam)` equals
+    `lam` times `caption_loss`'s regulariser, on random lengths and lambdas, with gradients."""
+    reference = _penalty_reference
+
+    g = torch.Generator().manual_seed(seed)
+    alphas, mask, _ = _steps_inputs(g)
+    with torch.no_grad():
+        got = attention_penalty(alphas, mask, 2.0)
+    check_shape(got, (), "attention_penalty(...)", letters="a scalar")
+    for name, wrong, hint in [
+            ("unmasked", 2.0 * ((1 - alphas.sum(dim=1)) ** 2).sum(dim=1).mean(),
+             "the padded steps count: multiply alphas by the mask before summing over t"),
+            ("summed", 2.0 * ((1 - (alphas * mask.unsqueeze(2)).sum(dim=1)) ** 2).sum(),
+             "take the mean over the batch, not the sum"),
+            ("per step", 2.0 * ((1 - alphas) ** 2 * mask.unsqueeze(2)).sum(dim=(1, 2)).mean(),
+             "sum alpha over the steps first, then square 1 - that sum")]:
+        if abs(float(got) - float(wrong)) < 1e-5 and abs(float(wrong) - float(reference(alphas, mask, 2.0))) > 1e-4:
+            raise AssertionError(f"attention_penalty(...) = {float(got):.4g}, expected "
+                                 f"{float(reference(alphas, mask, 2.0)):.4g}: {hint}")
+
+    def inputs(g: torch.Generator) -> tuple:
+        alphas, mask, _ = _steps_inputs(g)
+        return alphas, mask, float(torch.rand(1, generator=g) * 4 + 0.1)
+
+    check_function(attention_penalty, reference, inputs, trials=trials, seed=seed,
+                   name="attention_penalty", gradients=True)
+
+
+def check_masked_xent(masked_xent: Callable, trials: int = 5, seed: int = 0) -> None:
+    """Chapter 4: `masked_xent(logits (B, T, V), captions (B, L), lengths (B,))` equals
+    `caption_loss`'s cross-entropy (real tokens only), with gradients."""
+    from caption_lib.decoder import caption_loss
+
+    def reference(logits, captions, lengths):
+        loss, _ = caption_loss(logits, captions, lengths, torch.zeros(*logits.shape[:2], 1),
+                               alpha_c=0.0)
+        return loss
+
+    def inputs(g: torch.Generator) -> tuple:
+        _, mask, lengths = _steps_inputs(g)
+        v = int(torch.randint(4, 12, (1,), generator=g))
+        captions = torch.randint(1, v, (mask.size(0), mask.size(1) + 1), generator=g)
+        captions[~torch.cat([torch.ones(mask.size(0), 1, dtype=torch.bool), mask], 1)] = 0
+        return torch.randn(*mask.shape, v, generator=g), captions, lengths
+
+    logits, captions, lengths = inputs(torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        got = masked_xent(logits, captions, lengths)
+    check_shape(got, (), "masked_xent(...)", letters="a scalar")
+    everywhere = torch.nn.functional.cross_entropy(logits.flatten(0, 1), captions[:, 1:].flatten())
+    if abs(float(got) - float(everywhere)) < 1e-5 and (lengths < lengths.max()).any():
+        raise AssertionError("masked_xent(...) averages over all B*T positions: padded steps "
+                             "must not count (keep t < lengths[b] - 1 only)")
+    check_function(masked_xent, reference, inputs, trials=trials, seed=seed,
+                   name="masked_xent", gradients=True)
+
+
+def check_clip_grad_norm(clip: Callable, trials: int = 5, seed: int = 0) -> None:
+    """Chapter 5: `clip(grads, max_norm) -> (clipped grads, total norm)` equals
+    `torch.nn.utils.clip_grad_norm_` (one norm over all tensors together)."""
+    def reference(grads, max_norm):
+        params = [torch.nn.Parameter(torch.zeros_like(t)) for t in grads]
+        for p, t in zip(params, grads):
+            p.grad = t.clone()
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return [p.grad for p in params], norm
+
+    def inputs(g: torch.Generator) -> tuple:
+        n = int(torch.randint(1, 4, (1,), generator=g))
+        grads = [torch.randn(*(int(s) for s in torch.randint(1, 5, (2,), generator=g)),
+                             generator=g) for _ in range(n)]
+        return grads, float(torch.rand(1, generator=g) * 4 + 0.5)
+
+    grads = [torch.full((2, 2), 3.0), torch.full((3,), 4.0)]
+    out = clip([t.clone() for t in grads], 1.0)
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        raise AssertionError(f"clip must return (clipped gradients, total norm), got {_describe(out)}")
+    clipped = out[0]
+    separately = [t / t.norm() for t in grads]
+    if isinstance(clipped, (list, tuple)) and len(clipped) == 2 and all(
+            isinstance(a, torch.Tensor) and torch.allclose(a, b) for a, b in zip(clipped, separately)):
+        raise AssertionError("each tensor is clipped on its own: clip by one norm over all "
+                             "gradients together (sqrt of the sum of squares of all of them)")
+    check_function(clip, reference, inputs, trials=trials, seed=seed, name="clip_grad_norm")
+    small = [torch.full((2,), 0.1)]
+    check_equal(clip([t.clone() for t in small], 1.0)[0], small, "clip([small gradient], 1.0)",
+                "gradients whose norm is below max_norm stay as they are")
+
+
+def _bleu_inputs(g: torch.Generator) -> tuple:
+    words = ["a", "big", "small", "red", "blue", "green", "circle", "square", "triangle",
+             "left", "of"]
+
+    def sentence(n):
+        return [words[int(i)] for i in torch.randint(len(words), (n,), generator=g)]
+    hyp = sentence(int(torch.randint(4, 12, (1,), generator=g)))
+    refs = []
+    for _ in range(int(torch.randint(1, 5, (1,), generator=g))):
+        ref = list(hyp) if torch.rand(1, generator=g) < 0.5 else sentence(4)
+        keep = torch.rand(len(ref), generator=g) > 0.2  # drop some words
+        extra = sentence(int(torch.randint(0, 6, (1,), generator=g)))
+        refs.append([w for w, k in zip(ref, keep) if k] + extra)
+    return refs, hyp
+
+
+def check_bleu4(bleu4: Callable, trials: int = 200, seed: int = 0) -> None:
+    """Chapter 6: `bleu4(references, hypothesis)` (one sentence, 0-100) equals
+    `caption_lib.metrics.bleu` on random sentences; names clipping or brevity if missed."""
+    from caption_lib.metrics import bleu
+
+    cases = [([["a", "red", "circle", "and", "a", "square"]], ["a", "a", "a", "a", "a"]),
+             ([["a", "big", "red", "circle", "left", "of", "a", "square"]],
+              ["a", "big", "red", "circle"])]
+    g = torch.Generator().manual_seed(seed)
+    cases += [_bleu_inputs(g) for _ in range(trials)]
+    for refs, hyp in cases:
+        want = bleu([refs], [hyp])["bleu4"]
+        want = 0.0 if want < 1e-6 else want  # nltk returns ~1e-70 for "no match"
+        got = float(bleu4(refs, hyp))
+        if abs(got - want) <= 1e-6 * max(1.0, want):
+            continue
+        hint = "see eq. (eq-bleu)"
+        if refs == cases[0][0] and hyp == cases[0][1]:
+            hint = "count each n-gram at most as often as it occurs in one reference (clipping)"
+        elif refs == cases[1][0] and hyp == cases[1][1]:
+            hint = "a caption shorter than its closest reference pays the brevity penalty"
+        raise AssertionError(f"bleu4({refs}, {hyp}) = {got:.4g}, expected {want:.4g}: {hint}")

@@ -1,9 +1,10 @@
 """The data layer: records and vocabulary (re-exported here), datasets, collate, `inspect`.
 
-Training sees one item per *caption* (an image with 5 captions gives 5 items); evaluation
-sees one item per *image* (a caption is generated and compared with all its references).
-`collate_captions` pads a batch of captions with `<pad>` (= 0) to the longest and keeps
-their lengths, which the decoder and the loss use to ignore the padding.
+`CaptionDataset` gives one item per *caption* (an image with 5 captions gives 5 items):
+the plain image-and-caption pipeline of chapter 1. `collate_captions` pads a batch of
+captions with `<pad>` (= 0) to the longest and keeps their lengths, which the decoder
+and the loss use to ignore the padding. (The trainer does not load images: it batches
+cached encoder outputs by image, see `caption_lib.train`.)
 
 Shapes: B batch, L caption length incl. `<start>`/`<end>`, H x W image size, P = 49
 regions, E = 2048 encoder channels.
@@ -11,13 +12,9 @@ regions, E = 2048 encoder channels.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
-import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
@@ -31,14 +28,11 @@ from caption_lib.annotations import (
     read_annotations,
     split_records,
 )
-from caption_lib.errors import CaptionLibError
 from caption_lib.vocab import Vocabulary, tokenize
 
 __all__ = [
     "SPLITS",
     "CaptionDataset",
-    "FeatureCaptionDataset",
-    "ImageDataset",
     "Record",
     "Vocabulary",
     "collate_captions",
@@ -76,44 +70,6 @@ class CaptionDataset(Dataset):
         return x, caption
 
 
-class ImageDataset(Dataset):
-    """One item per image: `(image (3, H, W), index)`; `records[index]` has the references."""
-
-    def __init__(self, records: Sequence[Record], transform: Callable | None = None) -> None:
-        self.records, self.transform = list(records), transform
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        image = load_image(self.records[i].image)
-        x = self.transform(image) if self.transform else _to_tensor(image)  # (3, H, W)
-        return x, i
-
-
-class FeatureCaptionDataset(Dataset):
-    """One item per caption over cached encoder features: `(features[i], caption (L,), i)`.
-
-    `features` is indexable by the image index of `records` (e.g. a tensor (N, P, E) or
-    (N, 196, 1024) from the feature cache); `i` says which image the caption belongs to.
-    """
-
-    def __init__(self, features, records: Sequence[Record], vocab: Vocabulary) -> None:
-        if len(features) != len(records):
-            raise CaptionLibError(f"features for {len(features)} images, but "
-                                  f"{len(records)} records")
-        self.features, self.records, self.vocab = features, list(records), vocab
-        self.index = _caption_index(self.records)
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, n: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        i, k = self.index[n]
-        caption = torch.tensor(self.vocab.encode(self.records[i].captions[k]))  # (L,)
-        return self.features[i], caption, i
-
-
 def _to_tensor(image) -> torch.Tensor:
     x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)  # (H*W*3,)
     x = x.view(image.height, image.width, 3).permute(2, 0, 1)  # (3, H, W)
@@ -134,16 +90,13 @@ def collate_captions(batch: Sequence[tuple], pad_id: int = 0
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stack `(x, caption[, index])` items: `(x (B, ...), captions (B, Lmax), lengths (B,),
     index (B,))`. Captions are padded with `pad_id`; `index` is the third item when there is
-    one (`FeatureCaptionDataset`), else the position in the batch.
+    one, else the position in the batch.
     """
     xs = torch.stack([torch.as_tensor(item[0]) for item in batch])  # (B, ...)
     captions, lengths = pad_captions([item[1] for item in batch], pad_id)  # (B, L), (B,)
     index = torch.tensor([int(item[2]) if len(item) > 2 else b  # (B,)
                           for b, item in enumerate(batch)], dtype=torch.int64)
     return xs, captions, lengths, index
-
-
-# ---------------------------------------------------------------- inspect --------------
 
 
 def summarize(records: Sequence[Record], min_freq: int = 1, check_images: bool = True) -> dict:
@@ -160,34 +113,3 @@ def summarize(records: Sequence[Record], min_freq: int = 1, check_images: bool =
                            "median": statistics.median(lengths), "max": max(lengths)},
         "missing_images": len(find_missing_images(records)) if check_images else None,
     }
-
-
-def _cmd_inspect(args: argparse.Namespace) -> int:
-    skipped: Counter = Counter()
-    with warnings.catch_warnings():  # the skips are printed below
-        warnings.simplefilter("ignore")
-        records = load_dataset(args.annotations, args.images, skipped=skipped)
-    info = summarize(records, min_freq=args.min_freq)
-    info["skipped"] = dict(sorted(skipped.items()))
-    if args.json:
-        print(json.dumps(info))
-        return 0
-    print(f"{args.annotations}: {info['images']} images, {info['captions']} captions")
-    print("splits       " + ", ".join(f"{k} {v}" for k, v in info["splits"].items()))
-    print(f"vocabulary   {info['vocab_size']} words (train split, min_freq {args.min_freq})")
-    lengths = info["caption_length"]
-    print("caption len  " + ", ".join(f"{k} {v}" for k, v in lengths.items()) + " tokens")
-    print(f"missing      {info['missing_images']} image files")
-    print("skipped      " + (", ".join(f"{n} {k}" for k, n in info["skipped"].items()) or "none"))
-    return 0
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add `caption-lib inspect ANNOTATIONS [--images DIR] [--json]`."""
-    p = sub.add_parser("inspect", help="counts, splits and vocabulary of a data set")
-    p.add_argument("annotations", metavar="ANNOTATIONS", type=Path,
-                   help="annotation file or data set folder")
-    p.add_argument("--images", type=Path, metavar="DIR", help="folder of the image files")
-    p.add_argument("--min-freq", type=int, default=1, metavar="N")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=_cmd_inspect)

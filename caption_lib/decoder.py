@@ -6,7 +6,13 @@ at the image through soft attention (`caption_lib.attention`), and updates an LS
     alpha_t, z_t = f_att(a, h_{t-1})                   (where to look, and what it sees)
     beta_t       = sigmoid(f_beta(h_{t-1}))            (gate: how much of the image to use)
     h_t, c_t     = LSTM([E y_{t-1}; beta_t * z_t], (h_{t-1}, c_{t-1}))
-    p(y_t | ...) = softmax(L_o dropout(h_t))           (the output / vocabulary layer)
+    p(y_t | ...) = softmax(W_o dropout(h_t))           (the output / vocabulary layer)
+
+The output layer differs from the paper's. Xu et al. use a "deep output" (Sec. 3.1.2):
+p(y_t | a, y_{<t}) ∝ exp(L_o(E y_{t-1} + L_h h_t + L_z z_t)), the embedded previous word,
+the state and the context combined before the vocabulary layer L_o. This module uses one
+linear layer W_o on the dropped-out state, as most re-implementations do; the previous
+word and the context still reach the output through h_t.
 
 The initial state comes from the mean region feature through two linear layers
 (h_0 = f_init,h(mean_i a_i), c_0 = f_init,c(mean_i a_i)). Training maximises the
@@ -48,6 +54,11 @@ def step_mask(lengths: torch.Tensor, steps: int,
     return t.unsqueeze(0) < (lengths - 1).unsqueeze(1)  # (B, T)
 
 
+def _prefix(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """x[:rows], or x itself when that is all of it."""
+    return x if rows == x.size(0) else x[:rows]
+
+
 class DecoderWithAttention(nn.Module):
     """LSTM decoder with soft attention (or, `use_attention=False`, the mean feature).
 
@@ -85,7 +96,7 @@ class DecoderWithAttention(nn.Module):
         self.f_beta = nn.Linear(decoder_dim, encoder_dim)  # gate beta
         self.lstm = nn.LSTMCell(embed_dim + encoder_dim, decoder_dim)
         self.dropout = nn.Dropout(dropout)
-        self.fc = nn.Linear(decoder_dim, vocab_size)  # L_o, the output layer
+        self.fc = nn.Linear(decoder_dim, vocab_size)  # W_o, the output layer (no deep output)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -158,8 +169,10 @@ class DecoderWithAttention(nn.Module):
         for t, b in enumerate(running):
             if b == 0:
                 break
-            (h, c), alpha = self._cell(embedded[:b, t], (h[:b], c[:b]), features[:b],
-                                       None if projected is None else projected[:b])
+            # while every caption runs, no slice: a slice's backward pads its gradient to
+            # the full (B, P, E) at every step (a quarter of a fine-tuning step's decoder)
+            (h, c), alpha = self._cell(embedded[:b, t], (h[:b], c[:b]), _prefix(features, b),
+                                       None if projected is None else _prefix(projected, b))
             hidden[:b, t] = h  # (b, H)
             alphas[:b, t] = alpha  # (b, P)
         restore = torch.argsort(order)  # (B,) back to the caller's order
@@ -191,6 +204,25 @@ class DecoderWithAttention(nn.Module):
         return logits, state, alpha
 
 
+def loss_terms(logits: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor | None,
+               alphas: torch.Tensor, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The two terms of the paper's loss, each a mean, and the number of real tokens.
+
+    Returns (xent, reg, tokens): the cross-entropy averaged over the real tokens, the
+    regulariser sum_i (1 - sum_{t real} alpha_ti)^2 averaged over the captions, both
+    scalars with gradient; `tokens` a float. Arguments as for `caption_loss`.
+    """
+    steps = logits.size(1)  # T
+    targets = captions[:, 1:steps + 1].to(logits.device)  # (B, T)
+    if lengths is None:
+        lengths = (captions != pad_id).sum(dim=1)  # (B,)
+    real = step_mask(lengths, steps, logits.device)  # (B, T)
+    xent = F.cross_entropy(logits[real], targets[real])  # mean over the real tokens
+    attention_total = (alphas * real.unsqueeze(2).to(alphas.dtype)).sum(dim=1)  # (B, P)
+    reg = ((1.0 - attention_total) ** 2).sum(dim=1).mean()  # scalar
+    return xent, reg, float(real.sum())
+
+
 def caption_loss(
     logits: torch.Tensor,
     captions: torch.Tensor,
@@ -198,7 +230,6 @@ def caption_loss(
     alphas: torch.Tensor,
     alpha_c: float = 1.0,
     pad_id: int = 0,
-    normalizers: tuple[float, float] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Cross-entropy over real tokens + the doubly stochastic attention regulariser.
 
@@ -211,26 +242,10 @@ def caption_loss(
         alphas: (B, T, P) attention weights.
         alpha_c: lambda, the weight of the regulariser (0 switches it off).
         pad_id: id of the padding token (only used when `lengths` is None).
-        normalizers: (tokens, captions) to divide the summed cross-entropy and regulariser
-            by instead of this batch's own counts. Data-parallel training passes the
-            global batch's counts divided by the number of processes, so that the
-            gradient DDP averages is the gradient of the global batch's mean loss.
 
     Returns:
         the scalar loss (with gradient) and {"xent": ..., "reg": ..., "tokens": ...} as floats.
     """
-    steps = logits.size(1)  # T
-    targets = captions[:, 1:steps + 1].to(logits.device)  # (B, T)
-    if lengths is None:
-        lengths = (captions != pad_id).sum(dim=1)  # (B,)
-    real = step_mask(lengths, steps, logits.device)  # (B, T)
-    xent = F.cross_entropy(logits[real], targets[real])  # mean over the real tokens
-    attention_total = (alphas * real.unsqueeze(2).to(alphas.dtype)).sum(dim=1)  # (B, P)
-    reg = ((1.0 - attention_total) ** 2).sum(dim=1).mean()  # scalar
+    xent, reg, tokens = loss_terms(logits, captions, lengths, alphas, pad_id)
     loss = xent + alpha_c * reg
-    if normalizers is not None:  # data-parallel: sums over this rank / global counts
-        per_token = F.cross_entropy(logits[real], targets[real], reduction="sum")
-        per_caption = ((1.0 - attention_total) ** 2).sum()
-        loss = per_token / normalizers[0] + alpha_c * per_caption / normalizers[1]
-    return loss, {"xent": float(xent.detach()), "reg": float(reg.detach()),
-                  "tokens": float(real.sum())}
+    return loss, {"xent": float(xent.detach()), "reg": float(reg.detach()), "tokens": tokens}

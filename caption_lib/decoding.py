@@ -35,6 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+MAX_LEN = 20  # the longest caption decoded, in steps (words + <end>): the one default
+State = tuple[torch.Tensor, torch.Tensor]
+
 
 @dataclass
 class Hypothesis:
@@ -135,7 +138,7 @@ def greedy_decode(
     features: torch.Tensor,
     start_id: int | Any,
     end_id: int | None = None,
-    max_len: int = 20,
+    max_len: int = MAX_LEN,
 ) -> DecodeResult:
     """Most likely word at every step, for a batch of images.
 
@@ -191,7 +194,7 @@ def beam_search(
     start_id: int | Any,
     end_id: int | None = None,
     beam_size: int = 3,
-    max_len: int = 20,
+    max_len: int = MAX_LEN,
     length_norm: bool | float = True,
     return_beams: bool = False,
     keep_greedy: bool = True,
@@ -229,104 +232,18 @@ def beam_search(
     decoder = _unwrap(decoder)
     start_id, end_id = _special_ids(start_id, end_id)
     alpha_len = _length_alpha(length_norm)
-    k = beam_size
-    B, P, _ = features.shape
-    device = features.device
-
-    def normalise(score: float, length: int) -> float:
-        return score / (length ** alpha_len) if alpha_len else score
-
-    finished: list[list[Hypothesis]] = [[] for _ in range(B)]
     with _eval_mode(decoder):
-        projected = _project(decoder, features)  # (B, P, A) or None
-        h, c = decoder.init_state(features)  # (B, H), (B, H)
-        # every beam of image b sits at rows b*k .. b*k+k-1
-        feats = features.repeat_interleave(k, dim=0)  # (B*k, P, E)
-        proj = projected.repeat_interleave(k, dim=0) if projected is not None else None
-        state = (h.repeat_interleave(k, dim=0), c.repeat_interleave(k, dim=0))  # (B*k, H) x2
-        tokens = torch.full((B * k,), start_id, dtype=torch.long, device=device)  # (B*k,)
-        # all k beams start identical: only beam 0 may be extended at the first step
-        scores = torch.full((B, k), float("-inf"), device=device)  # (B, k)
-        scores[:, 0] = 0.0
-        history = torch.empty(B * k, 0, dtype=torch.long, device=device)  # (B*k, t)
-        attn = torch.empty(B * k, 0, P, device=device)  # (B*k, t, P)
-        active = torch.ones(B, dtype=torch.bool, device=device)  # (B,) still searching
-        offsets = (torch.arange(B, device=device) * k).unsqueeze(1)  # (B, 1)
-        n_finished = torch.zeros(B, dtype=torch.long, device=device)  # (B,)
-        best_finished = torch.full((B,), float("-inf"), device=device)  # (B,) sum log-prob
+        beams = _Beams.start(decoder, features, start_id, beam_size, alpha_len)
         for t in range(max_len):
-            logits, state, alpha = decoder.step(tokens, state, feats, proj)  # (B*k, V) ...
-            V = logits.size(-1)
-            n_cand = min(2 * k, k * V)
-            logp = F.log_softmax(logits.float(), dim=-1).view(B, k, V)  # (B, k, V)
-            cand = (scores.unsqueeze(2) + logp).view(B, k * V)  # (B, k*V)
-            top_scores, top_idx = cand.topk(n_cand, dim=1)  # (B, 2k), (B, 2k)
-            top_beam = torch.div(top_idx, V, rounding_mode="floor")  # (B, 2k)
-            top_word = top_idx % V  # (B, 2k)
-            is_end = top_word.eq(end_id)  # (B, 2k)
-            attn = torch.cat([attn, alpha.float().unsqueeze(1)], dim=1)  # (B*k, t+1, P)
-
-            # set aside the finished hypotheses (an <end> among the k best candidates)
-            rank = torch.arange(n_cand, device=device).unsqueeze(0)  # (1, 2k)
-            take = is_end & (rank < k) & active.unsqueeze(1) & top_scores.isfinite()  # (B, 2k)
-            if bool(take.any()):
-                n_finished += take.sum(dim=1)  # (B,)
-                ended = torch.where(take, top_scores, torch.full_like(top_scores, -torch.inf))
-                best_finished = torch.maximum(best_finished, ended.max(dim=1).values)  # (B,)
-                for b, j in take.nonzero().tolist():
-                    row = b * k + int(top_beam[b, j])
-                    score = float(top_scores[b, j])
-                    finished[b].append(Hypothesis(
-                        tokens=history[row].tolist(), score=score,
-                        norm_score=normalise(score, t + 1),
-                        alphas=attn[row, :t].cpu(), finished=True))
-
-            # the k best candidates that do not end live on
-            order = torch.where(is_end, rank + n_cand, rank)  # (B, 2k) push <end> back
-            keep = order.argsort(dim=1)[:, :k]  # (B, k)
-            scores = top_scores.gather(1, keep)  # (B, k)
-            # no <end> in a row of 2k >= k+1 candidates when only k can end: keep is valid
-            src = (offsets + top_beam.gather(1, keep)).view(-1)  # (B*k,) rows to continue
-            tokens = top_word.gather(1, keep).view(-1)  # (B*k,)
-            history = torch.cat([history[src], tokens.unsqueeze(1)], dim=1)  # (B*k, t+1)
-            attn = attn[src]  # (B*k, t+1, P)
-            state = (state[0][src], state[1][src])  # (B*k, H) x2
-
-            # which images are done: k hypotheses, or (plain sums) none can be beaten
-            done = n_finished >= k  # (B,)
-            if not alpha_len:
-                done |= best_finished >= scores.max(dim=1).values  # (B,)
-            active &= ~done
-            if not bool(active.any()):
+            logits, state, alpha = decoder.step(beams.tokens, beams.state, beams.features,
+                                                beams.projected)  # (B*k, V), ..., (B*k, P)
+            if not beams.extend(logits, state, alpha, end_id, t):
                 break
-
-        # fallback: images without any finished hypothesis take their best live beam
-        steps = history.size(1)
-        for b in range(B):
-            if not finished[b]:
-                j = int(scores[b].argmax())
-                row = b * k + j
-                score = float(scores[b, j])
-                finished[b].append(Hypothesis(
-                    tokens=history[row].tolist(), score=score,
-                    norm_score=normalise(score, steps),
-                    alphas=attn[row, :steps].cpu(), finished=False))
-
-    if keep_greedy and k > 1:
-        # the greedy caption competes too: beam search can lose it (its prefix may fall out
-        # of the beam), and it costs about 1/k of the search; so beam >= greedy, always
+        beams.fall_back()
+    finished = beams.finished
+    if keep_greedy and beam_size > 1:
         greedy = greedy_decode(decoder, features, start_id, end_id, max_len)
-        for b, hyps in enumerate(finished):
-            tokens = greedy.tokens[b]
-            done = bool(greedy.finished[b])
-            # as for the beams: an unfinished caption only competes when none finished
-            if any(hyp.tokens == tokens for hyp in hyps) or (
-                    not done and any(hyp.finished for hyp in hyps)):
-                continue
-            score = float(greedy.scores[b])
-            hyps.append(Hypothesis(tokens=tokens, score=score,
-                                   norm_score=normalise(score, len(tokens) + int(done)),
-                                   alphas=greedy.alphas[b], finished=done))
+        _add_greedy(finished, greedy, beams.normalise)
     for hyps in finished:
         hyps.sort(key=lambda hyp: hyp.norm_score, reverse=True)
     best = [hyps[0] for hyps in finished]
@@ -340,11 +257,138 @@ def beam_search(
     )
 
 
+@dataclass
+class _Beams:
+    """The search state of `beam_search`: k live beams for each of B images.
+
+    Beam j of image b sits at row b*k + j of the (B*k, ...) tensors; `finished[b]` holds
+    the hypotheses image b has set aside."""
+
+    k: int
+    alpha_len: float  # length-normalisation exponent (0: plain sums)
+    features: torch.Tensor  # (B*k, P, E) each image's features, repeated per beam
+    projected: torch.Tensor | None  # (B*k, P, A) W_a a, computed once per image
+    state: State  # (h, c), each (B*k, H)
+    tokens: torch.Tensor  # (B*k,) the last word of each beam
+    scores: torch.Tensor  # (B, k) sum of log-probs of each beam
+    history: torch.Tensor  # (B*k, t) the words so far
+    attn: torch.Tensor  # (B*k, t, P) their attention
+    active: torch.Tensor  # (B,) bool, image still searching
+    n_finished: torch.Tensor  # (B,) hypotheses set aside
+    best_finished: torch.Tensor  # (B,) best finished sum log-prob
+    finished: list[list[Hypothesis]]
+
+    @classmethod
+    def start(cls, decoder: nn.Module, features: torch.Tensor, start_id: int, k: int,
+              alpha_len: float) -> _Beams:
+        """k copies of <start> per image; only beam 0 may be extended at the first step."""
+        B, P, _ = features.shape
+        device = features.device
+        projected = _project(decoder, features)  # (B, P, A) or None
+        h, c = decoder.init_state(features)  # (B, H), (B, H)
+        scores = torch.full((B, k), float("-inf"), device=device)  # (B, k)
+        scores[:, 0] = 0.0  # all k beams start identical
+        return cls(
+            k=k, alpha_len=alpha_len, features=features.repeat_interleave(k, dim=0),
+            projected=projected.repeat_interleave(k, dim=0) if projected is not None else None,
+            state=(h.repeat_interleave(k, dim=0), c.repeat_interleave(k, dim=0)),
+            tokens=torch.full((B * k,), start_id, dtype=torch.long, device=device),
+            scores=scores, history=torch.empty(B * k, 0, dtype=torch.long, device=device),
+            attn=torch.empty(B * k, 0, P, device=device),
+            active=torch.ones(B, dtype=torch.bool, device=device),
+            n_finished=torch.zeros(B, dtype=torch.long, device=device),
+            best_finished=torch.full((B,), float("-inf"), device=device),
+            finished=[[] for _ in range(B)])
+
+    def normalise(self, score: float, length: int) -> float:
+        return score / (length ** self.alpha_len) if self.alpha_len else score
+
+    def extend(self, logits: torch.Tensor, state: State, alpha: torch.Tensor, end_id: int,
+               t: int) -> bool:
+        """Step t: keep the 2k best extensions per image, set aside those that end, let
+        the k best others live on. Returns False when every image is done."""
+        B, k = self.scores.shape
+        V = logits.size(-1)
+        n_cand = min(2 * k, k * V)
+        logp = F.log_softmax(logits.float(), dim=-1).view(B, k, V)  # (B, k, V)
+        cand = (self.scores.unsqueeze(2) + logp).view(B, k * V)  # (B, k*V)
+        top_scores, top_idx = cand.topk(n_cand, dim=1)  # (B, 2k), (B, 2k)
+        top_beam = torch.div(top_idx, V, rounding_mode="floor")  # (B, 2k)
+        top_word = top_idx % V  # (B, 2k)
+        is_end = top_word.eq(end_id)  # (B, 2k)
+        self.attn = torch.cat([self.attn, alpha.float().unsqueeze(1)], dim=1)  # (B*k, t+1, P)
+        rank = torch.arange(n_cand, device=logits.device).unsqueeze(0)  # (1, 2k)
+        self._set_aside(top_scores, top_beam, is_end & (rank < k), t)
+        # the k best candidates that do not end live on
+        order = torch.where(is_end, rank + n_cand, rank)  # (B, 2k) push <end> back
+        keep = order.argsort(dim=1)[:, :k]  # (B, k)
+        self.scores = top_scores.gather(1, keep)  # (B, k)
+        # no <end> in a row of 2k >= k+1 candidates when only k can end: keep is valid
+        offsets = (torch.arange(B, device=logits.device) * k).unsqueeze(1)  # (B, 1)
+        src = (offsets + top_beam.gather(1, keep)).view(-1)  # (B*k,) rows to continue
+        self.tokens = top_word.gather(1, keep).view(-1)  # (B*k,)
+        self.history = torch.cat([self.history[src], self.tokens.unsqueeze(1)], dim=1)
+        self.attn = self.attn[src]  # (B*k, t+1, P)
+        self.state = (state[0][src], state[1][src])  # (B*k, H) x2
+        # which images are done: k hypotheses, or (plain sums) none can be beaten
+        done = self.n_finished >= k  # (B,)
+        if not self.alpha_len:
+            done |= self.best_finished >= self.scores.max(dim=1).values  # (B,)
+        self.active &= ~done
+        return bool(self.active.any())
+
+    def _set_aside(self, top_scores: torch.Tensor, top_beam: torch.Tensor,
+                   ends_in_top_k: torch.Tensor, t: int) -> None:
+        """The finished hypotheses of step t: an <end> among an active image's k best."""
+        take = ends_in_top_k & self.active.unsqueeze(1) & top_scores.isfinite()  # (B, 2k)
+        if not bool(take.any()):
+            return
+        self.n_finished += take.sum(dim=1)  # (B,)
+        ended = torch.where(take, top_scores, torch.full_like(top_scores, -torch.inf))
+        self.best_finished = torch.maximum(self.best_finished, ended.max(dim=1).values)
+        for b, j in take.nonzero().tolist():
+            row = b * self.k + int(top_beam[b, j])
+            score = float(top_scores[b, j])
+            self.finished[b].append(Hypothesis(
+                tokens=self.history[row].tolist(), score=score,
+                norm_score=self.normalise(score, t + 1),
+                alphas=self.attn[row, :t].cpu(), finished=True))
+
+    def fall_back(self) -> None:
+        """Images without any finished hypothesis take their best live beam."""
+        steps = self.history.size(1)
+        for b, hyps in enumerate(self.finished):
+            if hyps:
+                continue
+            j = int(self.scores[b].argmax())
+            row = b * self.k + j
+            score = float(self.scores[b, j])
+            hyps.append(Hypothesis(tokens=self.history[row].tolist(), score=score,
+                                   norm_score=self.normalise(score, steps),
+                                   alphas=self.attn[row, :steps].cpu(), finished=False))
+
+
+def _add_greedy(finished: list[list[Hypothesis]], greedy: DecodeResult, normalise) -> None:
+    """The greedy caption competes too: beam search can lose it (its prefix may fall out
+    of the beam), and it costs about 1/k of the search; so beam >= greedy, always."""
+    for b, hyps in enumerate(finished):
+        tokens = greedy.tokens[b]
+        done = bool(greedy.finished[b])
+        # as for the beams: an unfinished caption only competes when none finished
+        if any(hyp.tokens == tokens for hyp in hyps) or (
+                not done and any(hyp.finished for hyp in hyps)):
+            continue
+        score = float(greedy.scores[b])
+        hyps.append(Hypothesis(tokens=tokens, score=score,
+                               norm_score=normalise(score, len(tokens) + int(done)),
+                               alphas=greedy.alphas[b], finished=done))
+
+
 def caption_image(
     model: nn.Module,
     image: str | Path | Any,
     beam_size: int = 3,
-    max_len: int = 20,
+    max_len: int = MAX_LEN,
     device: torch.device | str | None = None,
     length_norm: bool | float = True,
     image_size: int = 224,
@@ -383,8 +427,8 @@ def caption_image(
         vocab = model.vocab
         result = beam_search(model.decoder, features, vocab.start_id, vocab.end_id,
                              beam_size=beam_size, max_len=max_len, length_norm=length_norm)
-    words = [vocab.itos[i] for i in result.tokens[0]]
-    return words, result.alphas[0]
+    # one word per id (none dropped): word j goes with attention row j
+    return vocab.decode_tokens(result.tokens[0], strip=False), result.alphas[0]
 
 
 def decode_batch(
@@ -392,7 +436,7 @@ def decode_batch(
     features: torch.Tensor,
     vocab: Any,
     beam_size: int = 3,
-    max_len: int = 20,
+    max_len: int = MAX_LEN,
     length_norm: bool | float = True,
 ) -> tuple[list[list[str]], DecodeResult]:
     """Words for a batch: greedy when `beam_size == 1`, else `beam_search`."""
@@ -401,7 +445,8 @@ def decode_batch(
     else:
         result = beam_search(decoder, features, vocab.start_id, vocab.end_id,
                              beam_size=beam_size, max_len=max_len, length_norm=length_norm)
-    return [[vocab.itos[i] for i in ids] for ids in result.tokens], result
+    # one word per id (none dropped): word j goes with attention row j
+    return [vocab.decode_tokens(ids, strip=False) for ids in result.tokens], result
 
 
 __all__: Sequence[str] = ["DecodeResult", "Hypothesis", "beam_search", "caption_image",

@@ -10,9 +10,11 @@ of the same program and tells each its place through environment variables:
 
 `setup()` reads them and joins the process group (backend NCCL on CUDA, Gloo on CPU);
 without them it does nothing and every helper below behaves as for one process, so the
-same code runs unchanged with 1 or N processes. The trainer (`caption_lib.train`) and the
-feature cache (`caption_lib.features`) use these helpers; `DistributedDataParallel`
-itself averages the gradients.
+same code runs unchanged with 1 or N processes. The trainer (`caption_lib.train`), the
+evaluation loop (`caption_lib.evaluate`) and the feature cache (`caption_lib.features`)
+use these helpers; `DistributedDataParallel` itself averages the gradients
+(`data_parallel`), and `split_batch` gives each process its share of a global batch with
+the loss weights that make that average the one-process gradient.
 
 Nothing here is home-made parallelism: this module only names the few `torch.distributed`
 calls the book needs (rank, barrier, all-reduce, all-gather of Python objects) so that
@@ -22,11 +24,13 @@ they read the same with or without a process group.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from caption_lib.errors import CaptionLibError
 
@@ -144,3 +148,49 @@ def merge_by_index(parts: Sequence[dict[int, Any]], n: int) -> list[Any]:
         raise CaptionLibError(f"{len(missing)} of {n} items computed by no process "
                               f"(first: {missing[:3]})")
     return [merged[i] for i in range(n)]
+
+
+def split_batch(pairs: Sequence[tuple[int, int]], targets: Callable[[tuple[int, int]], int],
+                rank: int, world: int) -> tuple[list, tuple[float, float] | None]:
+    """Rank `rank`'s part of a global batch of (image, caption) pairs, and its loss weights.
+
+    The part: every `world`-th image of the batch, with its captions. The weights
+    (per-token terms, per-caption terms) = this rank's share of the batch's tokens and
+    captions times `world`: the loss's means over this rank's tokens and captions, so
+    weighted, are its sums over the global counts / `world`, and the gradient DDP
+    averages is the one-process gradient of the whole batch. `targets(pair)`: tokens the
+    loss predicts for a caption. One process: all pairs, weights None (plain means).
+    A rank with no image gets the first pair with weights (0, 0): it still has to join
+    the gradient all-reduce.
+    """
+    if world == 1:
+        return list(pairs), None
+    images = list(dict.fromkeys(i for i, _ in pairs))  # the batch's images, in order
+    own = set(images[rank::world])
+    mine = [(i, j) for i, j in pairs if i in own]
+    if not mine:
+        return list(pairs[:1]), (0.0, 0.0)
+    tokens = sum(targets(p) for p in mine) * world / sum(targets(p) for p in pairs)
+    return mine, (tokens, len(mine) * world / len(pairs))
+
+
+class _Method(nn.Module):
+    """`model.<name>` as the forward of a module, so that DDP can wrap it."""
+
+    def __init__(self, model: nn.Module, name: str):
+        super().__init__()
+        self.model, self.name = model, name
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self.model, self.name)(*args, **kwargs)
+
+
+def data_parallel(model: nn.Module, method: str, device: torch.device,
+                  **ddp_options: Any) -> Callable:
+    """`model.<method>`; under a process group, the same through `DistributedDataParallel`,
+    which shares the model's weights and averages their gradients over the processes in
+    `backward()`. `ddp_options` go to DDP (e.g. `forward_sync_buffers=False`)."""
+    if world_size() == 1:
+        return getattr(model, method)
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(_Method(model, method), device_ids=ids, **ddp_options)

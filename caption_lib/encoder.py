@@ -41,7 +41,6 @@ STRICT_ENV = "CAPTION_LIB_STRICT_WEIGHTS"
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
 # children of torchvision's resnet50 after dropping avgpool and fc, by stage
 _STAGE_OF_CHILD = ("stem", "stem", "stem", "stem", "layer1", "layer2", "layer3", "layer4")
-_CHANNELS = {"stem": 64, "layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048}
 
 
 def load_resnet50(weights: str | None = "DEFAULT", strict: bool | None = None,
@@ -132,10 +131,6 @@ class EncoderCNN(nn.Module):
         frozen_stages = [s for s in STAGES if s not in self.trained_stages]
         return frozen_stages[-1] if frozen_stages else "image"
 
-    @property
-    def cached_channels(self) -> int:
-        return _CHANNELS.get(self.cached_stage, 3)
-
     def train(self, mode: bool = True) -> EncoderCNN:
         """Like nn.Module.train, but the frozen part always stays in eval mode."""
         super().train(mode)
@@ -189,20 +184,34 @@ def recalibrate_batchnorm(encoder: EncoderCNN, batches: Iterable[torch.Tensor],
     over all batches with equal weight (momentum=None), so eval mode afterwards uses the
     statistics of the current weights. Returns the number of samples seen.
     """
-    norms = [m for m in encoder.trainable.modules() if isinstance(m, nn.BatchNorm2d)]
+    was_training = encoder.training
+    seen = recalibrate_bn_statistics(encoder.trainable, batches, device)
+    encoder.train(was_training)
+    return seen
+
+
+@torch.no_grad()
+def recalibrate_bn_statistics(module: nn.Module, batches: Iterable[torch.Tensor],
+                              device: torch.device | str = "cpu") -> int:
+    """`recalibrate_batchnorm` for any module: reset the BatchNorm running statistics,
+    average them over `batches` (equal weight per batch), restore momentum and mode.
+
+    Returns the number of samples seen (0, and nothing run, without BatchNorm layers).
+    """
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return 0
-    was_training = encoder.training
+    was_training = module.training
     saved = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # cumulative average over the batches below
-    encoder.trainable.train()
+    module.train()
     seen = 0
     for x in batches:
-        encoder.trainable(x.to(device, torch.float32))  # (B, 2048, 7, 7), updates stats
+        module(x.to(device, torch.float32))  # updates the running statistics
         seen += x.size(0)
     for m, momentum in zip(norms, saved):
         m.momentum = momentum
-    encoder.train(was_training)
+    module.train(was_training)
     return seen

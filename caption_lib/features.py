@@ -30,7 +30,6 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +40,7 @@ from tqdm import tqdm
 from caption_lib import distributed
 from caption_lib.encoder import EncoderCNN, image_transform
 from caption_lib.errors import CaptionLibError
+from caption_lib.runtime import atomic_folder, autocast, workspace_dir
 
 CACHE_VERSION = 1
 
@@ -108,13 +108,6 @@ def cache_key(encoder: EncoderCNN, paths: Sequence[Path], image_size: int) -> di
     }
 
 
-def _autocast(device: torch.device, fast: bool):
-    if not fast:
-        return nullcontext()
-    dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
-
-
 @torch.no_grad()
 def extract_frozen(encoder: EncoderCNN, images: torch.Tensor, fast: bool = True) -> torch.Tensor:
     """The frozen part on one batch: (B, 3, S, S) -> (B, C, h, w), fp32 result.
@@ -125,7 +118,7 @@ def extract_frozen(encoder: EncoderCNN, images: torch.Tensor, fast: bool = True)
     device = images.device
     if fast:
         images = images.contiguous(memory_format=torch.channels_last)
-    with _autocast(device, fast):
+    with autocast(device, "auto" if fast else "fp32"):
         out = encoder.extract(images)  # (B, C, h, w)
     return out.float().contiguous()
 
@@ -153,21 +146,40 @@ def cached_features(encoder: EncoderCNN, paths: Sequence[Path], *, cache_root: P
         return _cached_sharded(encoder, list(paths), folder, key, cache_root=Path(cache_root),
                                image_size=image_size, batch_size=batch_size, device=device,
                                fast=fast, num_workers=num_workers, progress=progress)
-    if folder.exists():  # left over by an interrupted or different run
-        shutil.rmtree(folder)
-    tmp = Path(cache_root) / f".{folder.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    with atomic_folder(folder) as tmp:  # an interrupted run leaves no valid-looking cache
+        shape, seconds = _extract_into(tmp / "features.npy", encoder, paths, key, device=device,
+                                       image_size=image_size, batch_size=batch_size, fast=fast,
+                                       num_workers=num_workers, progress=progress)
+        meta = {"key": key, "shape": list(shape), "dtype": "float16",
+                "seconds": round(seconds, 1), "images_per_s": round(len(paths) / seconds, 1),
+                "device": str(device), "fast": fast}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    return FeatureStore(data, meta)
+
+
+def workspace_features(encoder: EncoderCNN, records: Sequence, device: torch.device | str = "cpu",
+                       progress: bool = True) -> FeatureStore:
+    """`cached_features` of the images of `records` (anything with `.image`), in the
+    workspace's cache (`runtime.workspace_dir() / "features"`): the one the trainer,
+    `evaluate` and the chapters share."""
+    return cached_features(encoder, [r.image for r in records],
+                           cache_root=workspace_dir() / "features", device=device,
+                           progress=progress)
+
+
+def _extract_into(path: Path, encoder: EncoderCNN, paths: Sequence[Path], key: dict, *,
+                  device: torch.device, image_size: int, batch_size: int, fast: bool,
+                  num_workers: int, progress: bool) -> tuple[tuple[int, ...], float]:
+    """Run the frozen part over `paths` into the float16 `.npy` file `path` (N, C, h, w);
+    returns (shape, seconds). The frozen part goes back to its device even on failure."""
+    encoder_was_on = next(encoder.parameters()).device
+    loader = DataLoader(_Images(paths, image_size), batch_size=batch_size,
+                        num_workers=num_workers)
+    out, row, start = None, 0, time.perf_counter()
+    bar = tqdm(total=len(paths), desc=f"caching {key['stage']} features", unit="img",
+               disable=not progress, mininterval=1.0)
     try:
-        encoder_was_on = next(encoder.parameters()).device
         encoder.frozen.to(device)
-        loader = DataLoader(_Images(paths, image_size), batch_size=batch_size,
-                            num_workers=num_workers)
-        shape = None
-        out = None
-        start, row = time.perf_counter(), 0
-        bar = tqdm(total=len(paths), desc=f"caching {key['stage']} features", unit="img",
-                   disable=not progress, mininterval=1.0)
         # iterating a DataLoader draws a seed from the global RNG: fork it, so that a miss
         # leaves the caller's random stream as a hit does (a training run must not depend
         # on whether the cache existed)
@@ -175,27 +187,20 @@ def cached_features(encoder: EncoderCNN, paths: Sequence[Path], *, cache_root: P
             for images in loader:
                 feats = extract_frozen(encoder, images.to(device), fast=fast)  # (B, C, h, w)
                 if out is None:
-                    shape = (len(paths), *feats.shape[1:])
-                    out = np.lib.format.open_memmap(tmp / "features.npy", mode="w+",
-                                                    dtype=np.float16, shape=shape)
+                    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16,
+                                                    shape=(len(paths), *feats.shape[1:]))
                 out[row:row + len(feats)] = feats.cpu().numpy().astype(np.float16)
                 row += len(feats)
                 bar.update(len(feats))
-        bar.close()
-        if out is None:
-            raise CaptionLibError("no images to cache features for")
-        out.flush()
-        del out
-        seconds = time.perf_counter() - start
-        meta = {"key": key, "shape": list(shape), "dtype": "float16",
-                "seconds": round(seconds, 1), "images_per_s": round(len(paths) / seconds, 1),
-                "device": str(device), "fast": fast}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, folder)
-        encoder.frozen.to(encoder_was_on)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return FeatureStore(data, meta)
+        bar.close()
+        encoder.frozen.to(encoder_was_on)
+    if out is None:
+        raise CaptionLibError("no images to cache features for")
+    out.flush()
+    shape = tuple(out.shape)
+    del out
+    return shape, time.perf_counter() - start
 
 
 def _cached_sharded(encoder: EncoderCNN, paths: list[Path], folder: Path, key: dict, *,
@@ -210,10 +215,7 @@ def _cached_sharded(encoder: EncoderCNN, paths: list[Path], folder: Path, key: d
                                cache_root=cache_root / ".shards", **options).path
     blocks = distributed.all_gather_object(None if mine is None else str(mine))
     if rank == 0:
-        tmp = cache_root / f".{folder.name}.partial-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
+        with atomic_folder(folder) as tmp:
             stores = [FeatureStore(Path(b), {}) for b in blocks if b is not None]
             shape = (len(paths), *stores[0].shape[1:])
             out = np.lib.format.open_memmap(tmp / "features.npy", mode="w+",
@@ -227,13 +229,9 @@ def _cached_sharded(encoder: EncoderCNN, paths: list[Path], folder: Path, key: d
             meta = {"key": key, "shape": list(shape), "dtype": "float16", "shards": world,
                     "device": str(options.get("device")), "fast": options.get("fast")}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-            shutil.rmtree(folder, ignore_errors=True)
-            os.replace(tmp, folder)
-            for b in blocks:  # the blocks are not needed any more
-                if b is not None:
-                    shutil.rmtree(Path(b).parent, ignore_errors=True)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        for b in blocks:  # the blocks are not needed any more
+            if b is not None:
+                shutil.rmtree(Path(b).parent, ignore_errors=True)
     distributed.barrier()
     data, meta_path = folder / "features.npy", folder / "meta.json"
     return FeatureStore(data, json.loads(meta_path.read_text()))

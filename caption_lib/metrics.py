@@ -1,7 +1,8 @@
 """How good are the captions? Text metrics, semantic F1 and attention grounding.
 
 Text metrics compare a generated caption with the human references of its image, over a
-whole corpus (all test images at once), on a 0-100 scale:
+whole corpus (all test images at once), multiplied by 100 as captioning papers report
+them (BLEU, ROUGE-L and METEOR are then 0-100; CIDEr-D is not bounded by 100, see below):
 
 - BLEU-n (Papineni et al. 2002): the geometric mean of the clipped n-gram precisions
   p_1..p_n, times a brevity penalty BP = min(1, exp(1 - r/c)) (c: total hypothesis length,
@@ -13,7 +14,9 @@ whole corpus (all test images at once), on a 0-100 scale:
   so nltk's BLEU-n is lower then; (2) when a whole corpus has no n-gram match of some
   order, nltk's BLEU-n is ~0 (1e-75) and pycocoevalcap's a tiny positive number (it adds
   1e-15 to every count), e.g. 0.008 instead of 0 on the 0-100 scale.
-- CIDEr-D (Vedantam et al. 2015; x100 like BLEU), ROUGE-L (Lin 2004) and METEOR (Denkowski
+- CIDEr-D (Vedantam et al. 2015; x100 like BLEU, but unbounded above: pycocoevalcap's
+  CIDEr-D is 10 x a mean cosine similarity of tf-idf n-gram vectors, so up to 10, i.e.
+  1000 after x100; captions that match their references' rarer n-grams score above 100), ROUGE-L (Lin 2004) and METEOR (Denkowski
   & Lavie 2014) from pycocoevalcap. METEOR runs a Java program: without `java` it is None.
 
 Two measures only a data set with ground truth allows (the embedded shapes data set):
@@ -113,7 +116,7 @@ def coco_bleu(references: Sequence[Sequence[Tokens]], hypotheses: Sequence[Token
 
 def coco_scores(references: Sequence[Sequence[Tokens]], hypotheses: Sequence[Tokens],
                 meteor: bool = True) -> dict[str, float | None]:
-    """CIDEr-D, ROUGE-L and METEOR from pycocoevalcap, each on a 0-100 scale.
+    """CIDEr-D, ROUGE-L and METEOR from pycocoevalcap, each x100 (CIDEr-D up to 1000).
 
     Args:
         references: per image, its reference captions (token lists).
@@ -173,12 +176,6 @@ def _close_meteor(scorer: object) -> None:
     with contextlib.suppress(Exception):
         proc.kill()
         proc.wait(timeout=10)
-
-
-def text_scores(references: Sequence[Sequence[Tokens]], hypotheses: Sequence[Tokens],
-                meteor: bool = True) -> dict[str, float | None]:
-    """BLEU-1..4, CIDEr, ROUGE-L and METEOR in one dict (0-100)."""
-    return {**bleu(references, hypotheses), **coco_scores(references, hypotheses, meteor)}
 
 
 # -- shapes data set: what the caption says vs what is in the image ---------------------
@@ -289,4 +286,4 @@ def grounding(hypotheses: Sequence[Tokens], alphas: Sequence[torch.Tensor],
 
 
 __all__ = ["bleu", "coco_bleu", "coco_scores", "grounding", "grounding_report",
-           "semantic_counts", "semantic_f1", "text_scores"]
+           "semantic_counts", "semantic_f1"]

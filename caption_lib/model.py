@@ -27,17 +27,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from caption_lib.decoder import DecoderWithAttention, caption_loss
+from caption_lib.decoder import DecoderWithAttention, caption_loss, loss_terms
 from caption_lib.encoder import EncoderCNN
 from caption_lib.errors import CaptionLibError
+from caption_lib.runtime import atomic_write, autocast
 from caption_lib.vocab import Vocabulary
 
 FORMAT = "caption_lib.captioner/1"
@@ -51,8 +51,13 @@ class CaptionerConfig:
 
     encoder_weights: "DEFAULT" (ImageNet when reachable) or None (random init, seeded).
     fine_tune: encoder stages that train (False, "layer4", "auto", ...; see `EncoderCNN`).
+    grid: None (the network's 7x7 regions); any other grid is refused here, because the
+        attention figures and the grounding metric assume the 7x7 grid of the book.
     alpha_c: weight of the doubly stochastic attention regulariser in the loss.
-    max_len: longest caption (in words) the decoders generate.
+
+    Checked when built (`CaptionLibError`, one line). `from_json` refuses unknown keys,
+    except the retired ones in `RETIRED` (dropped: checkpoints that hold them still load).
+    The maximum caption length is a decoding setting (`caption_lib.decoding.MAX_LEN`).
     """
 
     encoder_weights: str | None = "DEFAULT"
@@ -65,7 +70,21 @@ class CaptionerConfig:
     dropout: float = 0.5
     alpha_c: float = 1.0
     use_attention: bool = True
-    max_len: int = 20
+
+    RETIRED: ClassVar[dict] = {"max_len": 20}  # removed fields -> their last default
+
+    def __post_init__(self) -> None:
+        for name in ("embed_dim", "decoder_dim", "attention_dim"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise CaptionLibError(f"CaptionerConfig.{name}={getattr(self, name)!r}: "
+                                      "must be a positive integer")
+        if not 0.0 <= self.dropout < 1.0:
+            raise CaptionLibError(f"CaptionerConfig.dropout={self.dropout!r}: use 0 <= dropout < 1")
+        if self.alpha_c < 0:
+            raise CaptionLibError(f"CaptionerConfig.alpha_c={self.alpha_c!r}: must be >= 0")
+        if self.grid not in (None, 7):
+            raise CaptionLibError(f"CaptionerConfig.grid={self.grid!r}: only the 7x7 grid (None) "
+                                  "is supported end to end (attention plots, grounding)")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -75,11 +94,20 @@ class CaptionerConfig:
         data = json.loads(text)
         if not isinstance(data, dict):
             raise TypeError("config is not a JSON object")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown config fields {unknown}")
-        return cls(**data)
+        return cls(**known_fields(cls, data))
+
+
+def known_fields(cls: type, data: dict) -> dict:
+    """`data` without `cls.RETIRED` keys; ValueError naming any other unknown key.
+
+    The one rule for reading a config dataclass (`CaptionerConfig`, `TrainConfig`) back
+    from a checkpoint: a field removed from the code is dropped, anything else unknown is
+    an error (a typo or a file from a newer version)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known - set(getattr(cls, "RETIRED", {})))
+    if unknown:
+        raise ValueError(f"unknown config fields {unknown}")
+    return {k: v for k, v in data.items() if k in known}
 
 
 def _tensor_checksum(*state_dicts: dict[str, torch.Tensor]) -> float:
@@ -122,9 +150,19 @@ class Captioner(nn.Module):
         """(B, 3, 224, 224) images -> (B, P, E) region features."""
         return self.encoder(images)  # (B, 49, 2048)
 
-    def encode_cached(self, cached: torch.Tensor) -> torch.Tensor:
-        """The encoder's frozen-part output (from the feature cache) -> (B, P, E)."""
-        return self.encoder.forward_cached(cached.float())  # (B, 49, 2048)
+    def encode_cached(self, cached: torch.Tensor, precision: str = "auto") -> torch.Tensor:
+        """The encoder's frozen-part output (from the feature cache) -> (B, P, E) in fp32.
+
+        `cached` (B, C, h, w), any dtype and device, goes to the model's device in fp32. A
+        fine-tuned stage runs on channels_last input under `runtime.autocast` (bf16;
+        `precision="fp32"`: none)."""
+        device = next(self.decoder.parameters()).device
+        x = cached.to(device, torch.float32, non_blocking=True)  # (B, C, h, w)
+        if not self.encoder.trained_stages:
+            return self.encoder.forward_cached(x)  # (B, 49, 2048)
+        x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, precision):
+            return self.encoder.forward_cached(x).float()  # (B, 49, 2048)
 
     def forward(self, images: torch.Tensor, captions: torch.Tensor,
                 lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,22 +174,47 @@ class Captioner(nn.Module):
         """Like `forward`, from cached frozen-encoder outputs instead of images."""
         return self.decoder(self.encode_cached(cached), captions, lengths)
 
-    def loss(self, logits: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
-             alphas: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """`caption_loss` with this model's alpha_c and pad id."""
-        return caption_loss(logits, captions, lengths, alphas, alpha_c=self.config.alpha_c,
-                            pad_id=self.vocab.pad_id)
+    def loss(self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
+             weights: tuple[float, float] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """The training loss of captions (N, L) on region features (N, P, E).
+
+        Teacher-forced decoder pass, then `caption_loss` with this model's alpha_c:
+        returns the scalar loss (with gradient) and its parts as floats ("xent" per real
+        token, "reg" per caption, "tokens"). `weights` (per-token terms, per-caption
+        terms) scale the two terms, which are means over this batch: data-parallel
+        training passes each process's share of the global batch
+        (`distributed.split_batch`); None (one process) is the plain loss.
+        """
+        logits, alphas = self.decoder(features, captions, lengths)  # (N, L-1, V), (N, L-1, P)
+        logits, alphas = logits.float(), alphas.float()
+        if weights is None:
+            return caption_loss(logits, captions, lengths, alphas, alpha_c=self.config.alpha_c,
+                                pad_id=self.vocab.pad_id)
+        xent, reg, tokens = loss_terms(logits, captions, lengths, alphas)
+        loss = weights[0] * xent + self.config.alpha_c * weights[1] * reg
+        return loss, {"xent": float(xent.detach()), "reg": float(reg.detach()), "tokens": tokens}
+
+    def cached_loss(self, cached: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
+                    owner: torch.Tensor | None = None, weights: tuple[float, float] | None = None,
+                    precision: str = "auto") -> tuple[torch.Tensor, dict[str, float]]:
+        """`loss` from cached frozen outputs (B, C, h, w) of B images; `owner` (N,): the
+        image of each caption (its row in `cached`; None: one caption per image). The
+        encoder stage runs once per image and its captions share the result."""
+        features = self.encode_cached(cached, precision)  # (B, P, E)
+        if owner is not None:
+            features = features[owner.to(features.device)]  # (N, P, E)
+        return self.loss(features, captions.to(features.device), lengths.to(features.device),
+                         weights=weights)
 
     # -- checkpoints ----------------------------------------------------------------------
 
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
-        """Write a checkpoint atomically (temporary file in the same folder, then rename).
+        """Write a checkpoint atomically (`runtime.atomic_write`: temporary file, fsync, rename).
 
         `extra` may hold nested dicts/lists of tensors, numbers, strings, bools and None
         (an optimizer's state_dict, the epoch, the loss history).
         """
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         decoder_state = self.decoder.state_dict()
         encoder_state = self.encoder.trainable.state_dict()
         payload = {
@@ -165,15 +228,8 @@ class Captioner(nn.Module):
             "checksum": _tensor_checksum(decoder_state, encoder_state),
             "extra": dict(extra or {}),
         }
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(payload, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_write(path) as f:
+            torch.save(payload, f)
         return path
 
     @classmethod

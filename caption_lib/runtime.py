@@ -1,14 +1,22 @@
-"""Where code runs and where it keeps things: device choice, seeds, the workspace folder.
+"""Where code runs and where it keeps things: device, precision, seeds, files, workspace.
 
 No module holds a global device: every function that computes takes a `device` argument,
-and `pick_device("auto")` is how callers choose one.
+and `pick_device("auto")` is how callers choose one. The one place for each of:
+
+    pick_device     "auto" | "cpu" | "cuda" ... -> torch.device
+    autocast        the library's mixed precision (bf16 autocast; fp16 on old GPUs)
+    seed_everything, rng_state, set_rng_state   seeds, and the CPU + CUDA generator states
+    atomic_write, atomic_folder   write a file / a folder so that a crash leaves the old one
+    workspace_dir   the folder for data sets, feature caches and runs
 """
 
 from __future__ import annotations
 
 import os
 import random
-import sys
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -43,9 +51,83 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def on_colab() -> bool:
-    """True inside Google Colab."""
-    return "google.colab" in sys.modules or "COLAB_RELEASE_TAG" in os.environ
+def rng_state() -> dict:
+    """The torch generators' states: the CPU one and, when CUDA is in use, every GPU's."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict | torch.Tensor) -> None:
+    """Restore `rng_state()`'s result (or a bare CPU state, as older checkpoints hold)."""
+    if torch.is_tensor(state):
+        state = {"cpu": state}
+    torch.set_rng_state(state["cpu"])
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def autocast(device: torch.device, precision: str = "auto", cpu: bool = True):
+    """The mixed-precision context the library uses on `device`.
+
+    precision "auto": bf16 autocast (on a CUDA GPU without bf16: fp16, which needs a
+    `GradScaler` when training); "fp32": no autocast. `cpu=False`: no autocast on the CPU
+    either (the trainer keeps the decoder in fp32 there; see `TrainConfig.precision`).
+    """
+    if precision == "fp32" or device.type not in ("cpu", "cuda") or (
+            device.type == "cpu" and not cpu):
+        return nullcontext()
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.float16)
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+@contextmanager
+def atomic_write(path: str | Path, mode: str = "wb") -> Iterator:
+    """Open a temporary file next to `path`; on success flush, fsync, rename it to `path`.
+
+    An exception (or Ctrl-C) inside the `with` leaves `path` as it was and no temporary
+    file behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_folder(folder: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary folder next to `folder`; on success fsync its files and
+    rename it to `folder` (replacing an old one). A failure leaves no half-written folder."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                _fsync(path)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def workspace_dir() -> Path:

@@ -33,11 +33,8 @@ Design choices (the trainer's targets are semantic F1 >= 0.95 and BLEU-4 >= 50):
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import shutil
-import time
 from collections.abc import Iterable, Sequence
 from itertools import pairwise
 from pathlib import Path
@@ -48,6 +45,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from caption_lib.errors import CaptionLibError
+from caption_lib.runtime import atomic_folder
 
 COLOURS = ("red", "green", "blue", "yellow")
 SHAPES = ("circle", "square", "triangle")
@@ -249,11 +247,8 @@ def make_shapes(out_dir: str | Path, n_train: int = 3000, n_val: int = 300, n_te
         raise CaptionLibError(f"{out_dir}: split sizes must be >= 0 and not all 0")
     if image_size < 128:
         raise CaptionLibError(f"{out_dir}: image_size {image_size} too small (>= 128)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        (tmp / "images").mkdir(parents=True)
+    with atomic_folder(out_dir) as tmp:  # interrupted or failed: no half-written folder
+        (tmp / "images").mkdir()
         splits = ["train"] * n_train + ["val"] * n_val + ["test"] * n_test
         entries = []
         bar = tqdm(splits, desc="shapes", unit="img", disable=not progress)
@@ -263,11 +258,6 @@ def make_shapes(out_dir: str | Path, n_train: int = 3000, n_val: int = 300, n_te
                    "version": VERSION, "images": entries}
         (tmp / "dataset_shapes.json").write_text(json.dumps(dataset))
         (tmp / MARKER).write_text("ok\n")
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.replace(tmp, out_dir)
-    finally:  # interrupted or failed: leave no half-written folder behind
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
@@ -292,27 +282,3 @@ def ensure_shapes(root: str | Path | None = None, n_train: int = 3000, n_val: in
         if (path / MARKER).is_file():  # another process finished the same set first
             return path
         raise
-
-
-# ---------------------------------------------------------------- command line ---------
-
-
-def _cmd_make_shapes(args: argparse.Namespace) -> int:
-    start = time.perf_counter()
-    out = make_shapes(args.out_dir, args.train, args.val, args.test, seed=args.seed,
-                      image_size=args.image_size)
-    n = args.train + args.val + args.test
-    print(f"wrote {n} images to {out} in {time.perf_counter() - start:.1f} s")
-    return 0
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add `caption-lib make-shapes OUT_DIR [--train N --val N --test N --seed S]`."""
-    p = sub.add_parser("make-shapes", help="generate the synthetic shapes data set")
-    p.add_argument("out_dir", metavar="OUT_DIR", type=Path)
-    p.add_argument("--train", type=int, default=3000, metavar="N")
-    p.add_argument("--val", type=int, default=300, metavar="N")
-    p.add_argument("--test", type=int, default=300, metavar="N")
-    p.add_argument("--seed", type=int, default=0, metavar="S")
-    p.add_argument("--image-size", type=int, default=224, metavar="PX")
-    p.set_defaults(func=_cmd_make_shapes)

@@ -1,30 +1,37 @@
 """Training: teacher forcing on cached features, validation by real decoding, exact resume.
 
+The loop a learner reads is `train_one_epoch` (Xu et al. 2015, Sec. 4.2: maximise the
+likelihood of the reference words plus the doubly stochastic regulariser): for every
+batch, the model's loss on cached features, `backward()`, gradient clipping, an
+optimiser step. `train` runs it once per epoch and does the rest with small named
+helpers: set-up (`_load_splits`, `_fresh_or_resumed`, `_cached_split`, `_Run.start`),
+then after each epoch `_validate` and `_checkpoint`.
+
 One epoch shows every training image once, in batches of `batch_size` images, each with
 all its reference captions (or `captions_per_image` of them, drawn at random): the
 encoder stage runs once per image and its captions share the result. The frozen part of
 the encoder never runs during training: its output comes from the feature cache
-(`caption_lib.features`). When a stage of the encoder is fine-tuned (the offline default: `layer4` of a random-init
-ResNet-50), it runs on the cached `layer3` output in train mode, and its BatchNorm
-statistics are re-estimated over training images before every validation
-(`encoder.recalibrate_batchnorm`).
+(`caption_lib.features`). When a stage of the encoder is fine-tuned (the offline
+default: `layer4` of a random-init ResNet-50), it runs on the cached `layer3` output in
+train mode, and its BatchNorm statistics are re-estimated over training images before
+every validation (`encoder.recalibrate_batchnorm`).
 
 After each epoch: validation loss (teacher forcing), validation BLEU-4 from greedy
-decoding (no teacher forcing, special tokens stripped), the learning rate schedule and
-early stopping (both count epochs without progress: neither a better BLEU-4 nor a lower
-loss), and two checkpoints written atomically: `last.pt` (to resume)
-and `best.pt` (best validation BLEU-4). Resuming restores model, optimiser, schedule,
-history and the random number generator, so the run continues exactly as if it had not
-stopped (on the same machine and device).
+decoding (`evaluate.score_split`: no teacher forcing, special tokens stripped), the
+learning rate schedule and early stopping (both count epochs without progress: neither a
+better BLEU-4 nor a lower loss), and two checkpoints written atomically: `last.pt` (to
+resume) and `best.pt` (best validation BLEU-4). Resuming
+restores model, optimiser, schedule, history and the random number generators (CPU and
+CUDA), so the run continues exactly as if it had not stopped (same machine and device).
 
 Data-parallel (`torchrun --nproc_per_node=N`, see `caption_lib.distributed`): the same
-code runs in N processes. `batch_size` stays the *global* batch (images per optimiser
-step): every process draws the same shuffled epoch order (seeded by seed and epoch, as
-`DistributedSampler` does) and takes every N-th image of each batch; the loss of each
-process is normalised by the global token and caption counts, so the gradient DDP
-averages is the one-process gradient of the same batch. Only rank 0 logs, shows progress
-and writes checkpoints; validation images are split across processes and the generated
-captions gathered, so every image is scored exactly once.
+code runs in N processes, and only the edges differ. `batch_size` stays the *global*
+batch: every process draws the same shuffled epoch order and takes every N-th image of
+each batch (`distributed.split_batch`, which also gives the loss weights that make the
+gradient DDP averages the one-process gradient of the global batch); the model's loss
+goes through a DDP wrapper (`_data_parallel`); the epoch's loss is summed over the
+processes; validation images are split across them (`evaluate.score_split`); only rank 0
+logs and writes checkpoints.
 
 Letters: B images in a batch, N captions in a batch, C/h/w cached channels and grid,
 P regions, E encoder dim, L caption length.
@@ -38,31 +45,44 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from caption_lib import distributed
 from caption_lib.data import Record, load_dataset, pad_captions, split_records
-from caption_lib.decoder import caption_loss
-from caption_lib.decoding import greedy_decode
+from caption_lib.decoding import MAX_LEN
 from caption_lib.encoder import recalibrate_batchnorm
 from caption_lib.errors import CaptionLibError
-from caption_lib.features import FeatureStore, cached_features
-from caption_lib.metrics import bleu, semantic_f1
-from caption_lib.model import Captioner, CaptionerConfig
-from caption_lib.runtime import pick_device, seed_everything, workspace_dir
-from caption_lib.vocab import Vocabulary, tokenize
+from caption_lib.evaluate import score_split
+from caption_lib.features import FeatureStore, workspace_features
+from caption_lib.model import Captioner, CaptionerConfig, known_fields
+from caption_lib.runtime import (
+    autocast,
+    pick_device,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    workspace_dir,
+)
+from caption_lib.vocab import Vocabulary
 
 
 @dataclass
 class TrainConfig:
-    """How to train (the model's own hyper-parameters are in `CaptionerConfig`)."""
+    """How to train (the model's own hyper-parameters are in `CaptionerConfig`).
+
+    precision: "auto" runs the fine-tuned encoder stage in bf16 autocast (channels_last)
+    and the decoder in fp32 on a CPU; on CUDA both under autocast (bf16, or fp16 with a
+    gradient scaler on GPUs without bf16). "fp32": no autocast anywhere. Checked when
+    built (`check`, also run by `train`); `from_dict` refuses unknown keys as
+    `CaptionerConfig.from_json` does.
+    """
 
     epochs: int = 6
     batch_size: int = 32  # images (each brings its captions)
@@ -76,18 +96,40 @@ class TrainConfig:
     early_stop: int = 3  # stop after this many epochs without progress
     min_freq: int = 5  # words seen fewer times in training captions become <unk>
     captions_per_image: int = 0  # per image and epoch, in its batch; 0 = all references
-    max_caption_len: int = 40  # tokens incl. <start>/<end>; longer ones are cut
-    max_decode_len: int = 20
+    max_caption_len: int = 40  # training tokens incl. <start>/<end>; longer ones are cut
+    max_decode_len: int = MAX_LEN  # validation: longest caption decoded
     val_images: int = 300  # images decoded for val BLEU-4 (0 = all)
     bn_images: int = 1024  # training images used to re-estimate BatchNorm statistics
-    precision: str = "auto"  # "fp32", "bf16" or "auto" (bf16 encoder stage on CPU, AMP on CUDA)
+    precision: str = "auto"  # "auto" or "fp32" (see above)
     seed: int = 0
     restval: str = "train"  # COCO's Karpathy "restval" images: "train" (customary) or "drop"
 
+    RETIRED: ClassVar[dict] = {}  # removed fields -> their last default (none yet)
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """One `CaptionLibError` line for the first bad setting."""
+        choices = {"schedule": ("plateau", "cosine"), "precision": ("auto", "fp32"),
+                   "restval": ("train", "drop")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise CaptionLibError(f"unknown {name} {getattr(self, name)!r} "
+                                      f"(use {' or '.join(allowed)})")
+        for name in ("epochs", "captions_per_image", "val_images", "bn_images", "early_stop"):
+            if getattr(self, name) < 0:
+                raise CaptionLibError(f"TrainConfig.{name}={getattr(self, name)!r}: must be >= 0")
+        for name in ("batch_size", "max_decode_len", "min_freq", "lr_patience"):
+            if getattr(self, name) < 1:
+                raise CaptionLibError(f"TrainConfig.{name}={getattr(self, name)!r}: must be >= 1")
+        if self.max_caption_len < 2 or self.lr <= 0 or self.encoder_lr <= 0:
+            raise CaptionLibError("TrainConfig: max_caption_len must be >= 2 and the "
+                                  "learning rates > 0")
+
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return cls(**known_fields(cls, d))
 
 
 @dataclass
@@ -97,8 +139,20 @@ class TrainResult:
     out_dir: Path | None = None
 
 
-class _Split:
-    """A split's cached features and its captions, encoded once."""
+@dataclass
+class Batch:
+    """One step's input: the cached frozen outputs of B images and N captions of them."""
+
+    cached: torch.Tensor  # (B, C, h, w) float16, from the feature cache
+    captions: torch.Tensor  # (N, L) int64, padded with <pad>
+    lengths: torch.Tensor  # (N,) int64, tokens incl. <start>/<end>
+    owner: torch.Tensor  # (N,) the row in `cached` of each caption's image
+    weights: tuple[float, float] | None = None  # data-parallel loss weights; None: 1 process
+    counted: bool = True  # False: a stand-in that only joins DDP's all-reduce (weights 0)
+
+
+class CachedSplit:
+    """A split's cached features and its captions, encoded once (cut at `max_len`)."""
 
     def __init__(self, records: list[Record], features: FeatureStore, vocab: Vocabulary,
                  max_len: int):
@@ -110,6 +164,10 @@ class _Split:
                 ids[-1] = vocab.end_id if len(ids) == max_len else ids[-1]
         self.encoded = encoded
         self.pad_id = vocab.pad_id
+
+    def targets(self, pair: tuple[int, int]) -> int:
+        """Tokens the loss predicts for caption `pair` = (image, caption): all but <start>."""
+        return len(self.encoded[pair[0]][pair[1]]) - 1
 
     def epoch_batches(self, batch_size: int, per_image: int,
                       generator: torch.Generator) -> list[list[tuple[int, int]]]:
@@ -126,109 +184,55 @@ class _Split:
             batches.append(pairs)
         return batches
 
-    def batch(self, pairs: list[tuple[int, int]]):
-        """(image, caption) pairs -> cached features of the distinct images (B, C, h, w)
-        fp16, captions (N, L) int64, lengths (N,), owner (N,): the row of each caption's
-        image in the features."""
+    def batch(self, pairs: list[tuple[int, int]],
+              weights: tuple[float, float] | None = None) -> Batch:
+        """(image, caption) pairs -> a `Batch` of the distinct images and the captions."""
         images = sorted({i for i, _ in pairs})
         row = {i: r for r, i in enumerate(images)}
         captions, lengths = pad_captions([self.encoded[i][j] for i, j in pairs],
                                          self.pad_id)  # (N, L), (N,)
         owner = torch.tensor([row[i] for i, _ in pairs])  # (N,)
-        return self.features[torch.tensor(images)], captions, lengths, owner
+        return Batch(self.features[torch.tensor(images)], captions, lengths, owner, weights,
+                     counted=weights != (0.0, 0.0))
 
 
-def _autocast(device: torch.device, precision: str):
-    """Mixed precision for the encoder stage (and on CUDA the decoder too)."""
-    if precision == "fp32":
-        return nullcontext()
-    if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return torch.autocast("cpu", dtype=torch.bfloat16)
+# -- the training loop ---------------------------------------------------------------------
 
+def train_one_epoch(model: Captioner, batches: Iterable[Batch],
+                    optimizer: torch.optim.Optimizer, config: TrainConfig,
+                    device: torch.device, loss_fn: Callable | None = None,
+                    scaler: torch.amp.GradScaler | None = None,
+                    scheduler=None) -> tuple[float, float]:
+    """One pass over `batches`: forward on cached features, loss, backward, clip, step.
 
-def regions(model: Captioner, cached: torch.Tensor, device: torch.device,
-            precision: str = "auto", stage: nn.Module | None = None) -> torch.Tensor:
-    """Cached frozen output (B, C, h, w) -> region features (B, P, E) in fp32.
-
-    `stage`: what runs the trained encoder stage (data-parallel: its DDP wrapper);
-    default `model.encoder.forward_cached`."""
-    x = cached.to(device, torch.float32, non_blocking=True)
-    if model.encoder.trained_stages:
-        x = x.contiguous(memory_format=torch.channels_last)
-        with _autocast(device, precision):
-            return (stage or model.encoder.forward_cached)(x).float()  # (B, P, E)
-    return model.encoder.forward_cached(x)  # (B, 49, 2048)
-
-
-def _features_for(model: Captioner, records: list[Record], device: torch.device,
-                  progress: bool) -> FeatureStore:
-    return cached_features(model.encoder, [r.image for r in records],
-                           cache_root=workspace_dir() / "features", device=device,
-                           progress=progress)
-
-
-@torch.no_grad()
-def evaluate_split(model: Captioner, split: _Split, device: torch.device, config: TrainConfig,
-                   limit: int = 0, batch_size: int = 64) -> dict:
-    """Teacher-forced cross-entropy (first reference) and greedy-decoding BLEU / semantic F1."""
-    model.eval()
-    n = len(split.records) if limit <= 0 else min(limit, len(split.records))
-    losses, hyps, refs, objects = [], [], [], []
-    # data-parallel: this process decodes every world-th image (all of them for one)
-    mine = distributed.shard(range(n), distributed.rank(), distributed.world_size())
-    for start in range(0, len(mine), batch_size):
-        idx = mine[start:start + batch_size]
-        cached, captions, lengths, _ = split.batch([(i, 0) for i in idx])
-        feats = regions(model, cached, device, config.precision)  # (B, P, E)
-        logits, alphas = model.decoder(feats, captions.to(device), lengths.to(device))
-        _, parts = caption_loss(logits, captions.to(device), lengths.to(device), alphas,
-                                alpha_c=model.config.alpha_c)
-        losses.append(parts["xent"] * len(idx))
-        result = greedy_decode(model.decoder, feats, model.vocab.start_id, model.vocab.end_id,
-                               max_len=config.max_decode_len)
-        hyps += [[model.vocab.itos[t] for t in toks] for toks in result.tokens]
-        refs += [[tokenize(c) for c in split.records[i].captions] for i in idx]
-        objects += [split.records[i].objects for i in idx]
-    if distributed.world_size() > 1:  # gather every process's captions, each image once
-        parts = distributed.all_gather_object(dict(zip(mine, zip(hyps, refs, objects))))
-        hyps, refs, objects = map(list, zip(*distributed.merge_by_index(parts, n)))
-        losses = distributed.all_reduce_sum([sum(losses)])
-    scores = {"loss": sum(losses) / n, **bleu(refs, hyps)}
-    if all(o is not None for o in objects):
-        scores["semantic_f1"] = semantic_f1(hyps, objects)
-    return scores
-
-
-def _recalibrate(model: Captioner, split: _Split, device: torch.device, config: TrainConfig,
-                 epoch: int) -> None:
-    g = torch.Generator().manual_seed(config.seed * 1000 + epoch + 500)
-    idx = torch.randperm(len(split.records), generator=g)[:config.bn_images]
-    batches = (split.features[idx[k:k + 64]] for k in range(0, len(idx), 64))
-    with _autocast(device, config.precision) if device.type == "cuda" else nullcontext():
-        recalibrate_batchnorm(model.encoder, batches, device)
-
-
-def _optimizer(model: Captioner, config: TrainConfig) -> torch.optim.Optimizer:
-    groups = [{"params": list(model.decoder.parameters()), "lr": config.lr}]
-    trainable = [p for p in model.encoder.trainable.parameters() if p.requires_grad]
-    if trainable:
-        groups.append({"params": trainable, "lr": config.encoder_lr})
-    return torch.optim.Adam(groups)
-
-
-def _scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int):
-    """The learning-rate schedule: on progress (`_progress`, stepped per epoch) or cosine
-    (per step)."""
-    if config.schedule == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="max", factor=config.lr_factor, patience=config.lr_patience)
-    if config.schedule == "cosine":
-        total = max(1, config.epochs * steps_per_epoch)
-        return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
-    raise CaptionLibError(f"unknown schedule {config.schedule!r} (use plateau or cosine)")
+    `loss_fn`: `model.cached_loss` (default), or under torchrun its DDP wrapper;
+    `scaler`: CUDA fp16 only; `scheduler`: stepped after every batch (cosine), if given.
+    Returns the summed cross-entropy and the number of real tokens it is summed over.
+    """
+    model.train()
+    loss_fn = loss_fn or model.cached_loss
+    scaler = scaler or torch.amp.GradScaler("cuda", enabled=False)  # a no-op without fp16
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    total = tokens = 0.0
+    for batch in batches:
+        with autocast(device, config.precision, cpu=False):  # CUDA: the decoder too
+            loss, parts = loss_fn(batch.cached, batch.captions.to(device),
+                                  batch.lengths.to(device), owner=batch.owner,
+                                  weights=batch.weights, precision=config.precision)
+        if not math.isfinite(parts["xent"]):
+            raise CaptionLibError(f"training diverged (loss {parts['xent']}); lower --lr")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        nn.utils.clip_grad_norm_(params, config.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        if scheduler is not None:
+            scheduler.step()
+        if batch.counted:
+            total += parts["xent"] * parts["tokens"]
+            tokens += parts["tokens"]
+    return total, tokens
 
 
 def train(data_dir: str | Path, out_dir: str | Path, model_config: CaptionerConfig | None = None,
@@ -245,194 +249,89 @@ def train(data_dir: str | Path, out_dir: str | Path, model_config: CaptionerConf
     (see the module docstring); `log` and `progress` then only act on rank 0.
     """
     device = pick_device(str(device)) if not isinstance(device, torch.device) else device
-    # -- data-parallel: one process per device; only rank 0 talks and writes -------------
-    device = distributed.local_device(device)
+    device = distributed.local_device(device)  # data-parallel: one device per process
     created_group = distributed.setup(device)
-    rank, world = distributed.rank(), distributed.world_size()
-    if rank != 0:
-        log, progress = (lambda *_: None), False
-    out_dir = Path(out_dir)
+    try:
+        if not distributed.is_main():
+            log, progress = (lambda *_: None), False
+        return _train(data_dir, Path(out_dir), model_config, config, device, resume,
+                      progress, log)
+    finally:
+        distributed.cleanup(created_group)
+
+
+def _train(data_dir: str | Path, out_dir: Path, model_config: CaptionerConfig | None,
+           config: TrainConfig | None, device: torch.device, resume: bool, progress: bool,
+           log) -> TrainResult:
+    if config is not None:
+        config.check()
     out_dir.mkdir(parents=True, exist_ok=True)
-    last, best = out_dir / "last.pt", out_dir / "best.pt"
-    records = load_dataset(data_dir, restval_to_train=False)  # restval: see TrainConfig.restval
+    records = _load_splits(data_dir)
+    model, config, extra = _fresh_or_resumed(out_dir / "last.pt", records, model_config,
+                                             config, resume, log)
+    model.to(device)
+    log(f"encoder weights: {model.encoder.weights_used}; trained encoder stages: "
+        f"{', '.join(model.encoder.trained_stages) or 'none (frozen)'}; device: {device}")
+    train_split = _cached_split(model, _train_records(records, config.restval), config,
+                                device, progress)
+    val_split = _cached_split(model, split_records(records, "val"), config, device, progress)
+    run = _Run.start(model, config, extra, len(train_split.records), device)
+    loss_fn = _data_parallel(model, device)
+    for epoch in range(run.first_epoch, config.epochs + 1):
+        if _stale(run.history, config):
+            log(f"early stop: no better val BLEU-4 or val loss in {config.early_stop} epochs")
+            break
+        start = time.perf_counter()
+        batches = _epoch_batches(train_split, config, epoch)
+        bar = tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", unit="batch",
+                   disable=not progress, mininterval=2.0)
+        total, tokens = train_one_epoch(model, bar, run.optimizer, config, device, loss_fn,
+                                        run.scaler, run.step_scheduler)
+        bar.close()
+        total, tokens = distributed.all_reduce_sum([total, tokens])  # data-parallel: all tokens
+        train_seconds = time.perf_counter() - start
+        val = _validate(model, train_split, val_split, run, config, device, epoch)
+        entry = {"epoch": epoch, "train_loss": total / max(tokens, 1.0), **val,
+                 "train_seconds": round(train_seconds, 1),
+                 "seconds": round(time.perf_counter() - start, 1),
+                 "captions_per_s": round(batches.captions / train_seconds, 1)}
+        if "val_semantic_f1" in val:  # last, as in the histories of earlier runs
+            entry["val_semantic_f1"] = entry.pop("val_semantic_f1")
+        run.history.append(entry)
+        log(_format(entry))
+        _checkpoint(model, out_dir, run, config, epoch, data_dir)
+    return TrainResult(model=model, history=run.history, out_dir=out_dir)
+
+
+# -- set-up --------------------------------------------------------------------------------
+
+def _load_splits(data_dir: str | Path) -> list[Record]:
+    """All records of `data_dir` (restval kept apart: see `TrainConfig.restval`), checked to
+    have training and validation images."""
+    records = load_dataset(data_dir, restval_to_train=False)
     train_records, val_records = split_records(records, "train"), split_records(records, "val")
     if not (train_records or split_records(records, "restval")) or not val_records:
         raise CaptionLibError(f"{data_dir}: need a train and a val split "
                               f"(found {len(train_records)} train, {len(val_records)} val images)")
+    return records
 
-    extra: dict = {}
+
+def _fresh_or_resumed(last: Path, records: list[Record], model_config: CaptionerConfig | None,
+                      config: TrainConfig | None, resume: bool, log
+                      ) -> tuple[Captioner, TrainConfig, dict]:
+    """The model, the config and the checkpoint's `extra` ({} for a fresh run)."""
     if resume and last.is_file():
-        model = Captioner.load(last, map_location=device)
-        extra = model.extra
+        model = Captioner.load(last)
         epochs = config.epochs if config is not None else None
-        config = TrainConfig.from_dict(json.loads(extra["train_config"]))
+        config = TrainConfig.from_dict(json.loads(model.extra["train_config"]))
         config.epochs = epochs or config.epochs  # the only setting a resume may change
-        train_records = _train_records(records, config.restval)
-        log(f"resuming from {last} after epoch {extra['epoch']}")
-    else:
-        config = config or TrainConfig()
-        model_config = model_config or CaptionerConfig()
-        train_records = _train_records(records, config.restval)
-        seed_everything(config.seed)
-        vocab = Vocabulary.build([c for r in train_records for c in r.captions],
-                                 min_freq=config.min_freq)
-        model = Captioner(vocab, model_config)
-    model.to(device)
-    log(f"encoder weights: {model.encoder.weights_used}; trained encoder stages: "
-        f"{', '.join(model.encoder.trained_stages) or 'none (frozen)'}; device: {device}")
-
-    train_split = _Split(train_records, _features_for(model, train_records, device, progress),
-                         model.vocab, config.max_caption_len)
-    val_split = _Split(val_records, _features_for(model, val_records, device, progress),
-                       model.vocab, config.max_caption_len)
-
-    optimizer = _optimizer(model, config)
-    steps_per_epoch = math.ceil(len(train_records) / config.batch_size)
-    scheduler = _scheduler(optimizer, config, steps_per_epoch)
-    history: list[dict] = []
-    first_epoch = 1
-    if extra:
-        optimizer.load_state_dict(extra["optimizer"])
-        scheduler.load_state_dict(extra["scheduler"])
-        history = json.loads(extra["history"])
-        first_epoch = int(extra["epoch"]) + 1
-        torch.set_rng_state(extra["rng"])
-    # data-parallel: each rank its own dropout stream (rank 0 keeps the one-process one)
-    if world > 1 and extra.get("rng_ranks") is not None and len(extra["rng_ranks"]) == world:
-        torch.set_rng_state(extra["rng_ranks"][rank])
-    elif rank > 0:
-        torch.manual_seed(config.seed * 1000 + 7919 * rank + first_epoch)
-    decoder, stage = _data_parallel(model, device, world)
-
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda"
-                                  and config.precision != "fp32"
-                                  and not torch.cuda.is_bf16_supported())
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    for epoch in range(first_epoch, config.epochs + 1):
-        if _stale(history, config):
-            log(f"early stop: no better val BLEU-4 or val loss in {config.early_stop} epochs")
-            break
-        start = time.perf_counter()
-        model.train()
-        g = torch.Generator().manual_seed(config.seed * 1000 + epoch)
-        batches = train_split.epoch_batches(config.batch_size, config.captions_per_image, g)
-        total = tokens = 0.0
-        seen = 0
-        bar = tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", unit="batch",
-                   disable=not progress, mininterval=2.0)
-        for batch in bar:
-            mine, norms, weight = _rank_share(train_split, batch, rank, world)  # data-parallel
-            cached, captions, lengths, owner = train_split.batch(mine)
-            captions, lengths = captions.to(device), lengths.to(device)
-            # the encoder stage runs once per image; its captions share the result
-            feats = regions(model, cached, device, config.precision,
-                            stage)[owner.to(device)]  # (N, P, E)
-            seen += len(batch)
-            cuda_amp = _autocast(device, config.precision) if device.type == "cuda" else nullcontext()
-            with cuda_amp:
-                logits, alphas = decoder(feats, captions, lengths)  # (B, L-1, V), (B, L-1, P)
-                loss, parts = caption_loss(logits.float(), captions, lengths, alphas.float(),
-                                           alpha_c=model.config.alpha_c, normalizers=norms)
-                loss = loss * weight  # 0 only for a rank with no image in this batch
-            if not _finite(parts["xent"]):
-                raise CaptionLibError(f"training diverged (loss {parts['xent']}) in epoch "
-                                      f"{epoch}; lower --lr")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(params, config.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            if config.schedule == "cosine":
-                scheduler.step()
-            total += parts["xent"] * parts["tokens"] * weight
-            tokens += parts["tokens"] * weight
-            bar.set_postfix(loss=f"{parts['xent']:.3f}", refresh=False)
-        bar.close()
-        if world > 1:  # data-parallel: the epoch's loss over all processes' tokens
-            total, tokens = distributed.all_reduce_sum([total, tokens])
-        train_seconds = time.perf_counter() - start
-        if model.encoder.trained_stages:
-            _recalibrate(model, train_split, device, config, epoch)
-        val = evaluate_split(model, val_split, device, config, limit=config.val_images)
-        if config.schedule == "plateau":  # patience: epochs without progress
-            scheduler.step(_progress(history + [{"val_bleu4": val["bleu4"],
-                                                 "val_loss": val["loss"]}]))
-        entry = {"epoch": epoch, "train_loss": total / max(tokens, 1.0), "val_loss": val["loss"],
-                 "val_bleu4": val["bleu4"], "lr": optimizer.param_groups[0]["lr"],
-                 "train_seconds": round(train_seconds, 1),
-                 "seconds": round(time.perf_counter() - start, 1),
-                 "captions_per_s": round(seen / train_seconds, 1)}
-        if "semantic_f1" in val:
-            entry["val_semantic_f1"] = val["semantic_f1"]
-        history.append(entry)
-        log(_format(entry))
-        is_best = val["bleu4"] >= max(h["val_bleu4"] for h in history)
-        state = {"epoch": epoch, "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "history": json.dumps(history),
-                 "rng": torch.get_rng_state(), "train_config": json.dumps(asdict(config)),
-                 "data_dir": str(Path(data_dir).resolve())}
-        if world > 1:  # data-parallel: every rank's RNG, so that a resume is exact
-            state["rng_ranks"] = distributed.all_gather_object(torch.get_rng_state())
-            state["world_size"] = world
-        if rank == 0:  # data-parallel: one process writes
-            model.save(last, extra=state)
-            if is_best:
-                model.save(best, extra=state)
-        distributed.barrier()
-    distributed.cleanup(created_group)
-    return TrainResult(model=model, history=history, out_dir=out_dir)
-
-
-# -- data-parallel helpers (one process: no-ops) ----------------------------------------
-
-class _EncoderStage(nn.Module):
-    """The trained encoder stage as a module DDP can wrap: cached (B, C, h, w) -> (B, P, E)."""
-
-    def __init__(self, encoder: nn.Module):
-        super().__init__()
-        self.encoder = encoder
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encoder.forward_cached(x)  # (B, P, E)
-
-
-def _data_parallel(model: Captioner, device: torch.device, world: int):
-    """(decoder, encoder stage) to train with: DDP wrappers sharing the model's weights
-    when `world` > 1, else the decoder itself and None (`regions`' default)."""
-    if world == 1:
-        return model.decoder, None
-    ids = [device.index] if device.type == "cuda" else None
-    decoder = DistributedDataParallel(model.decoder, device_ids=ids,
-                                      find_unused_parameters=not model.config.use_attention)
-    stage = None
-    if model.encoder.trained_stages:
-        # BatchNorm buffers are not synced at each forward: the statistics are re-estimated
-        # identically on every rank before each validation (`_recalibrate`). The stage
-        # runs on channels_last input, so its conv weights (and gradients) are made
-        # channels_last too: DDP's gradient buckets then match the gradients' strides
-        model.encoder.trainable.to(memory_format=torch.channels_last)
-        stage = DistributedDataParallel(_EncoderStage(model.encoder), device_ids=ids,
-                                        forward_sync_buffers=False)
-    return decoder, stage
-
-
-def _rank_share(split: _Split, batch: list[tuple[int, int]], rank: int, world: int):
-    """This rank's part of a global batch of (image, caption) pairs.
-
-    Returns (pairs, normalizers, weight): every `world`-th image of the batch with its
-    captions; `caption_loss` normalizers (global tokens / world, global captions / world);
-    weight 1, or 0 when this rank has no image in the batch (it then runs the first pair
-    with a zero loss, so that every rank still takes part in the gradient all-reduce).
-    """
-    if world == 1:
-        return batch, None, 1.0
-    images = list(dict.fromkeys(i for i, _ in batch))  # the batch's images, in order
-    own = set(images[rank::world])
-    mine = [(i, j) for i, j in batch if i in own]
-    tokens = sum(len(split.encoded[i][j]) - 1 for i, j in batch)  # targets: all but <start>
-    norms = (tokens / world, len(batch) / world)
-    return (mine, norms, 1.0) if mine else (batch[:1], norms, 0.0)
+        log(f"resuming from {last} after epoch {model.extra['epoch']}")
+        return model, config, model.extra
+    config = config or TrainConfig()
+    seed_everything(config.seed)
+    captions = [c for r in _train_records(records, config.restval) for c in r.captions]
+    vocab = Vocabulary.build(captions, min_freq=config.min_freq)
+    return Captioner(vocab, model_config or CaptionerConfig()), config, {}
 
 
 def _train_records(records: list[Record], restval: str) -> list[Record]:
@@ -442,6 +341,161 @@ def _train_records(records: list[Record], restval: str) -> list[Record]:
         raise CaptionLibError(f"restval={restval!r}: use 'train' or 'drop'")
     keep = {"train", "restval"} if restval == "train" else {"train"}
     return [r for r in records if r.split in keep]
+
+
+def _cached_split(model: Captioner, records: list[Record], config: TrainConfig,
+                  device: torch.device, progress: bool) -> CachedSplit:
+    features = workspace_features(model.encoder, records, device=device, progress=progress)
+    return CachedSplit(records, features, model.vocab, config.max_caption_len)
+
+
+@dataclass
+class _Run:
+    """What a run carries from epoch to epoch besides the model (all in `last.pt`)."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau
+    scaler: torch.amp.GradScaler
+    history: list[dict]
+    first_epoch: int
+
+    @property
+    def step_scheduler(self):
+        """The scheduler `train_one_epoch` steps after every batch (cosine), else None."""
+        return self.scheduler if isinstance(self.scheduler, torch.optim.lr_scheduler.LambdaLR) else None
+
+    @classmethod
+    def start(cls, model: Captioner, config: TrainConfig, extra: dict, train_images: int,
+              device: torch.device) -> _Run:
+        """Optimiser, schedule and gradient scaler; restored (with the RNGs) on resume."""
+        optimizer = _optimizer(model, config)
+        scheduler = _scheduler(optimizer, config, math.ceil(train_images / config.batch_size))
+        scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda"
+                                      and config.precision != "fp32"
+                                      and not torch.cuda.is_bf16_supported())
+        run = cls(optimizer, scheduler, scaler, [], 1)
+        if extra:
+            optimizer.load_state_dict(extra["optimizer"])
+            scheduler.load_state_dict(extra["scheduler"])
+            run.history = json.loads(extra["history"])
+            run.first_epoch = int(extra["epoch"]) + 1
+            set_rng_state(extra["rng"])
+        _seed_this_rank(config, extra, run.first_epoch)
+        return run
+
+
+def _seed_this_rank(config: TrainConfig, extra: dict, first_epoch: int) -> None:
+    """Data-parallel: each rank its own dropout stream (rank 0 keeps the one-process one)."""
+    rank, world = distributed.rank(), distributed.world_size()
+    if world > 1 and extra.get("rng_ranks") is not None and len(extra["rng_ranks"]) == world:
+        set_rng_state(extra["rng_ranks"][rank])
+    elif rank > 0:
+        torch.manual_seed(config.seed * 1000 + 7919 * rank + first_epoch)
+
+
+def _optimizer(model: Captioner, config: TrainConfig) -> torch.optim.Optimizer:
+    groups = [{"params": list(model.decoder.parameters()), "lr": config.lr}]
+    trainable = [p for p in model.encoder.trainable.parameters() if p.requires_grad]
+    if trainable:
+        groups.append({"params": trainable, "lr": config.encoder_lr})
+    return torch.optim.Adam(groups)
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int):
+    """The learning-rate schedule: on progress (`_progress`, stepped per epoch) or cosine
+    (per step)."""
+    if config.schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=config.lr_factor, patience=config.lr_patience)
+    total = max(1, config.epochs * steps_per_epoch)  # "cosine" (TrainConfig.check)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
+
+
+def _data_parallel(model: Captioner, device: torch.device) -> Callable:
+    """What computes the loss: `model.cached_loss`, or under torchrun its DDP wrapper.
+
+    BatchNorm buffers are not synced at each forward: the statistics are re-estimated
+    identically on every rank before each validation (`_validate`). The encoder stage
+    runs on channels_last input, so its conv weights (and gradients) are made
+    channels_last too: DDP's gradient buckets then match the gradients' strides."""
+    if distributed.world_size() > 1 and model.encoder.trained_stages:
+        model.encoder.trainable.to(memory_format=torch.channels_last)
+    return distributed.data_parallel(model, "cached_loss", device, forward_sync_buffers=False,
+                                     find_unused_parameters=not model.config.use_attention)
+
+
+class _EpochBatches:
+    """The `Batch`es of one epoch, built as they are used; `pairs` the global batches."""
+
+    def __init__(self, split: CachedSplit, pairs: list[list[tuple[int, int]]]):
+        self.split, self.pairs = split, pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    @property
+    def captions(self) -> int:
+        """Captions in the epoch, over all processes."""
+        return sum(len(pairs) for pairs in self.pairs)
+
+    def __iter__(self) -> Iterator[Batch]:
+        rank, world = distributed.rank(), distributed.world_size()
+        for pairs in self.pairs:  # data-parallel: this rank's share of the global batch
+            mine, weights = distributed.split_batch(pairs, self.split.targets, rank, world)
+            yield self.split.batch(mine, weights)
+
+
+def _epoch_batches(split: CachedSplit, config: TrainConfig, epoch: int) -> _EpochBatches:
+    """Epoch `epoch`'s batches: the same shuffled order in every process (seed, epoch)."""
+    g = torch.Generator().manual_seed(config.seed * 1000 + epoch)
+    return _EpochBatches(split, split.epoch_batches(config.batch_size,
+                                                    config.captions_per_image, g))
+
+
+# -- after each epoch ----------------------------------------------------------------------
+
+def _validate(model: Captioner, train_split: CachedSplit, val_split: CachedSplit, run: _Run,
+              config: TrainConfig, device: torch.device, epoch: int) -> dict:
+    """BatchNorm statistics re-estimated, then validation loss, BLEU-4 and (shapes)
+    semantic F1 of greedy decoding; the plateau schedule steps on progress (`_progress`)."""
+    if model.encoder.trained_stages:
+        g = torch.Generator().manual_seed(config.seed * 1000 + epoch + 500)
+        idx = torch.randperm(len(train_split.records), generator=g)[:config.bn_images]
+        batches = (train_split.features[idx[k:k + 64]] for k in range(0, len(idx), 64))
+        with autocast(device, config.precision, cpu=False):
+            recalibrate_batchnorm(model.encoder, batches, device)
+    n = min(config.val_images or len(val_split.records), len(val_split.records))
+    val = score_split(model, val_split.records[:n], val_split.features, beam_size=1,
+                      max_len=config.max_decode_len, batch_size=64,
+                      precision=config.precision, full=False,
+                      references=[caps[0] for caps in val_split.encoded[:n]]).scores
+    if config.schedule == "plateau":  # patience: epochs without progress
+        run.scheduler.step(_progress(run.history + [{"val_bleu4": val["bleu4"],
+                                                     "val_loss": val["loss"]}]))
+    entry = {"val_loss": val["loss"], "val_bleu4": val["bleu4"],
+             "lr": run.optimizer.param_groups[0]["lr"]}
+    if "semantic_f1" in val:
+        entry["val_semantic_f1"] = val["semantic_f1"]
+    return entry
+
+
+def _checkpoint(model: Captioner, out_dir: Path, run: _Run, config: TrainConfig, epoch: int,
+                data_dir: str | Path) -> None:
+    """`last.pt` (and `best.pt` for the best val BLEU-4 so far), written by rank 0."""
+    is_best = run.history[-1]["val_bleu4"] >= max(h["val_bleu4"] for h in run.history)
+    state = {"epoch": epoch, "optimizer": run.optimizer.state_dict(),
+             "scheduler": run.scheduler.state_dict(), "history": json.dumps(run.history),
+             "rng": rng_state(), "train_config": json.dumps(asdict(config)),
+             "data_dir": str(Path(data_dir).resolve())}
+    if distributed.world_size() > 1:  # data-parallel: every rank's RNG, for an exact resume
+        state["rng_ranks"] = distributed.all_gather_object(rng_state())
+        state["world_size"] = distributed.world_size()
+    if distributed.is_main():
+        model.save(out_dir / "last.pt", extra=state)
+        if is_best:
+            model.save(out_dir / "best.pt", extra=state)
+    distributed.barrier()
 
 
 def _progress(history: list[dict]) -> int:
@@ -474,17 +528,19 @@ def _format(entry: dict) -> str:
     return text + f", {entry['seconds']:.0f} s"
 
 
-def _finite(x: float) -> bool:
-    return not (math.isnan(x) or math.isinf(x))
+# -- runs of the book ----------------------------------------------------------------------
+
+# settings hashed into run folders as they were when the folders were first named: a field
+# added later is left out at this default, a field removed is put back at its last value
+_HASH_ADDED = {"restval": "train"}
+_HASH_REMOVED_MODEL = {"max_len": 20}
 
 
 def run_dir_for(data_dir: str | Path, model_config: CaptionerConfig, config: TrainConfig) -> Path:
     """The run folder of a (data, configs) combination: another setting, another folder."""
-    settings = asdict(config)
-    if settings.get("restval") == "train":  # added later: at its default, older runs' folder
-        del settings["restval"]
-    key = json.dumps([str(Path(data_dir).resolve()), asdict(model_config), settings],
-                     sort_keys=True)
+    settings = {k: v for k, v in asdict(config).items() if _HASH_ADDED.get(k, object()) != v}
+    model = {**asdict(model_config), **_HASH_REMOVED_MODEL}
+    key = json.dumps([str(Path(data_dir).resolve()), model, settings], sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
     return workspace_dir() / "runs" / f"{Path(data_dir).name}-{digest}"
 
@@ -517,25 +573,26 @@ def recipe(name: str) -> tuple[CaptionerConfig, TrainConfig]:
 
 def _overridden(model_config: CaptionerConfig, config: TrainConfig, spec: str
                 ) -> tuple[CaptionerConfig, TrainConfig]:
-    """Apply "field=value,..." (values parsed as JSON, else kept as strings)."""
+    """Apply "field=value,..." (values parsed as JSON, else kept as strings); the configs
+    are built again from the changed fields, so a bad value is refused as usual."""
+    values = {"train": asdict(config), "model": asdict(model_config)}
     changed = []
     for item in filter(None, (part.strip() for part in spec.split(","))):
-        key, _, text = item.partition("=")
-        target = next((c for c in (config, model_config) if key.strip() in
-                       {f.name for f in fields(c)}), None)
+        key, _, text = (part.strip() for part in item.partition("="))
+        target = next((v for v in values.values() if key in v), None)
         if target is None or not text:
             raise CaptionLibError(f"{RECIPE_ENV}: {item!r} is not field=value of "
                                   "TrainConfig or CaptionerConfig")
         try:
-            value = json.loads(text)
+            target[key] = json.loads(text)
         except json.JSONDecodeError:
-            value = text
-        setattr(target, key.strip(), value)
-        changed.append(f"{key.strip()}={value!r}")
-    if changed:
-        print(f"caption_lib: recipe changed by {RECIPE_ENV}: {', '.join(changed)}",
-              file=sys.stderr)
-    return model_config, config
+            target[key] = text
+        changed.append(f"{key}={target[key]!r}")
+    if not changed:
+        return model_config, config
+    print(f"caption_lib: recipe changed by {RECIPE_ENV}: {', '.join(changed)}",
+          file=sys.stderr)
+    return CaptionerConfig(**values["model"]), TrainConfig(**values["train"])
 
 
 def _recipe(name: str) -> tuple[CaptionerConfig, TrainConfig]:
@@ -558,45 +615,3 @@ def _recipe(name: str) -> tuple[CaptionerConfig, TrainConfig]:
         config.val_images, config.restval = 5000, "train"
         return model_config, config
     raise CaptionLibError(f"unknown recipe {name!r} (use shapes, flickr8k or coco)")
-
-
-def _cmd_train(args) -> int:
-    data = Path(args.data)
-    if not data.exists():
-        raise CaptionLibError(f"{data}: no such data folder (make one with `caption-lib make-shapes`)")
-    name = args.recipe
-    if name == "auto":
-        name = ("shapes" if any(data.glob("dataset_shapes.json"))
-                else "coco" if any(data.glob("dataset_coco.json")) else "flickr8k")
-    model_config, config = recipe(name)
-    overrides = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-                 "seed": args.seed, "restval": args.restval}
-    for key, value in overrides.items():
-        if value is not None:
-            setattr(config, key, value)
-    out = Path(args.out) if args.out else workspace_dir() / "runs" / data.name
-    result = train(data, out, model_config, config, device=args.device, resume=args.resume,
-                   progress=not args.no_progress)
-    best = max(result.history, key=lambda h: h["val_bleu4"]) if result.history else None
-    if best and distributed.is_main():  # data-parallel: rank 0 speaks
-        print(f"best val BLEU-4 {best['val_bleu4']:.1f} at epoch {best['epoch']}; "
-              f"checkpoints in {out}")
-    return 0
-
-
-def register(sub) -> None:
-    p = sub.add_parser("train", help="train a captioner (checkpoints: RUN_DIR/last.pt, best.pt); "
-                       "runs data-parallel under torchrun --nproc_per_node=N")
-    p.add_argument("--data", required=True, help="folder from make-shapes or a real data set")
-    p.add_argument("--out", help="run folder (default: WORKSPACE/runs/DATA_NAME)")
-    p.add_argument("--recipe", default="auto", choices=["auto", "shapes", "flickr8k", "coco"])
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float, help="decoder learning rate")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--restval", choices=["train", "drop"],
-                   help="COCO Karpathy split: fold the restval images into train (default) or drop them")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=_cmd_train)

@@ -178,7 +178,7 @@ def plot_history(history: Sequence[dict[str, Any]], title: str | None = "Trainin
     f1 = _series(history, "val_semantic_f1", "semantic_f1")
     if f1:
         score_ax.plot(f1[0], [100 * v for v in f1[1]], marker="s", label="semantic F1 x100")
-    score_ax.set(xlabel="epoch", ylabel="score (0-100)", title="Validation")
+    score_ax.set(xlabel="epoch", ylabel="score (x100)", title="Validation")
     for ax in (loss_ax, score_ax):
         if ax.lines:
             ax.legend()

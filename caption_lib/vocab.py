@@ -13,7 +13,6 @@ digit (punctuation) are dropped, as in Karpathy's preprocessed splits.
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -75,14 +74,19 @@ class Vocabulary:
         tokens = tokenize(text) if isinstance(text, str) else list(text)
         return [self.start_id] + [self.stoi.get(t, self.unk_id) for t in tokens] + [self.end_id]
 
-    def decode_tokens(self, ids: Iterable[int]) -> list[str]:
-        """Words of `ids` up to the first `<end>`; `<pad>` and `<start>` dropped."""
+    def decode_tokens(self, ids: Iterable[int], strip: bool = True) -> list[str]:
+        """Words of `ids` (the one ids -> words mapping of the library).
+
+        `strip`: up to the first `<end>`, `<pad>` and `<start>` dropped (a reference
+        caption). False: one word per id, none dropped (a decoded caption, whose words
+        must stay aligned with its attention maps). Unknown ids become `<unk>`.
+        """
         words = []
         for i in ids:
             i = int(i)
-            if i == self.end_id:
+            if strip and i == self.end_id:
                 break
-            if i in (self.pad_id, self.start_id):
+            if strip and i in (self.pad_id, self.start_id):
                 continue
             words.append(self.itos[i] if 0 <= i < len(self.itos) else UNK)
         return words
@@ -103,11 +107,12 @@ class Vocabulary:
         return cls(itos[4:], min_freq=int(d.get("min_freq", 1)))
 
     def save(self, path: str | Path) -> Path:
-        """Write JSON atomically (temporary file, then rename)."""
+        """Write JSON atomically (`runtime.atomic_write`)."""
+        from caption_lib.runtime import atomic_write
+
         path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), ensure_ascii=False))
-        os.replace(tmp, path)
+        with atomic_write(path) as f:
+            f.write(json.dumps(self.to_dict(), ensure_ascii=False).encode("utf-8"))
         return path
 
     @classmethod

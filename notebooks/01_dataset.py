@@ -151,9 +151,9 @@ for annotations in ["karpathy/dataset_flickr8k.json", "flickr/Flickr8k.token.txt
 #
 # Offline there is no Flickr8k, so the book ships a generator: 224×224 images with 1–3
 # coloured shapes and five captions each, written in Karpathy's format (one code path for
-# both). The parameter cell chooses: `"shapes"` generates it once into the workspace
-# and reuses it; `"flickr8k"` downloads the real data (Colab). The next cell prints how
-# long that took on the machine that ran it.
+# both). The parameter cell chooses: `"shapes"` generates it once into the workspace and
+# reuses it (the cell below prints how long it took this time); `"flickr8k"` downloads the
+# real data (Colab).
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -202,7 +202,7 @@ plt.show()
 # |---|---|---|
 # | objects | 1–3, not overlapping, 6 px apart | counting and relations, each object visible whole |
 # | attributes | 4 colours × 3 shapes × 2 sizes | colour is easy for a CNN, shape harder, size in between |
-# | sizes | 64 / 96 px boxes (2×2 / 3×3 cells of the 7×7 grid) | a random-init ResNet recognises shape better on big objects |
+# | sizes | boxes of 64 / 96 px a side (`HALF_SIZE` in `shapes.py`): 2–3 / 3–4 cells of the 7×7 grid a side, depending on where the box falls | a random-init ResNet recognises shape better on big objects |
 # | noise | shaded background, jittered colours, ±3 grey levels per pixel | no two images alike |
 # | references | 5 per image, ≤ 18 tokens, 32 words | a grammar small enough to learn |
 # | canonical caption | always reference 1: objects left to right, neighbours related | one most likely caption to learn |
@@ -279,9 +279,10 @@ plt.show()
 
 # %% [markdown]
 # On shapes the lengths cluster by the number of objects (3–8 words for one object, up to
-# 18 for three); people's captions vary more. Real captions have a long tail of rare words (Zipf's law): in Flickr8k about half
-# of the ~8,900 distinct words occur once, which is why a `min_freq` threshold maps the
-# rarest words to `<unk>`.
+# 18 for three); people's captions vary more. Real captions have a long tail of rare
+# words (Zipf's law): in Flickr8k a large share of the distinct words occur only once or
+# twice, too rarely to learn, which is why a `min_freq` threshold maps the rarest words to
+# `<unk>` (the shapes grammar has no rare words, so the book's recipe keeps them all).
 #
 # **Why split images, not captions?** The five references of an image describe the same
 # scene. If captions were split at random, most test images would also be training images
@@ -351,11 +352,15 @@ assert vocab.decode(vocab.encode(train[0].captions[0])) == " ".join(tokenize(tra
 #
 # ## From records to batches
 #
-# Training iterates over *captions* (`CaptionDataset`: each image appears once per
-# reference); evaluation over *images* (`ImageDataset`). Captions differ in length, so
-# `collate_captions` pads a batch with `<pad>` to the longest and returns the lengths; the
-# loss of chapter 4 ignores the padded positions. (Chapter 2 adds `FeatureCaptionDataset`,
-# the same over cached encoder features.)
+# The plain way to feed a captioner is one item per *caption* (`CaptionDataset`: each
+# image appears once per reference, as an image tensor and its token ids). Captions differ
+# in length, so `collate_captions` pads a batch with `<pad>` to the longest and returns the
+# lengths; the loss of chapter 4 ignores the padded positions. The book's trainer
+# (chapter 5) batches the same captions differently: it never loads an image, but reads
+# the encoder's cached output (chapter 2) and groups the captions by *image*, so a batch
+# of images brings some of their captions (`captions_per_image`) and the encoder runs
+# once per image; evaluation generates one caption per image and compares it with all
+# its references.
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -412,12 +417,36 @@ except caption_lib.CaptionLibError as err:
 # - The `Vocabulary` (from training captions only) turns a caption into
 #   `<start> ... <end>` indices, `<pad>` = 0, rare words `<unk>`; batches are padded and
 #   carry their lengths.
-#
+
+# %% [markdown]
 # ## Exercises
 #
-# **Exercise 1.** Write `encode(text, stoi)` that turns a caption into indices as in
-# {eq}`eq-encode`: `tokenize` it, map each word through the dictionary `stoi` (unknown
-# words to `stoi["<unk>"]`), and add `<start>` and `<end>`.
+# Exercises 1 and 2 are quick checks of this chapter's ideas; exercise 3 is a task that
+# needs some thought (where exactly does a box end?). The test cell below each exercise
+# compares your function with the library's on many inputs and, when they disagree, says
+# what is wrong in one sentence. The cell just below imports what the exercises need, so
+# this section also runs on its own (it is the chapter's nbgrader assignment: see *For
+# instructors*).
+
+# %%
+# the exercises' imports and data: a small shapes set of their own (a few seconds)
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from caption_lib import Vocabulary, checks, load_dataset, make_shapes, split_records, tokenize
+
+exercise_data = make_shapes(Path(tempfile.mkdtemp()) / "shapes", n_train=100, n_val=0, n_test=0,
+                            progress=False)
+exercise_train = split_records(load_dataset(exercise_data), "train")
+exercise_vocab = Vocabulary.build([c for r in exercise_train for c in r.captions])
+
+# %% [markdown]
+# **Exercise 1 (quick check).** Write `encode(text, stoi)` that turns a caption into
+# indices as in {eq}`eq-encode`: `tokenize` it, map each word through the dictionary
+# `stoi` (unknown words to `stoi["<unk>"]`), and add `<start>` and `<end>`.
 
 # %% nbgrader={"grade": false, "grade_id": "ex1-solution", "locked": false, "schema_version": 3, "solution": true}
 def encode(text: str, stoi: dict[str, int]) -> list[int]:
@@ -428,18 +457,20 @@ def encode(text: str, stoi: dict[str, int]) -> list[int]:
 
 
 # %% nbgrader={"grade": true, "grade_id": "ex1-test", "locked": true, "points": 2, "schema_version": 3, "solution": false}
-# compares with vocab.encode and explains a difference (caption_lib/checks.py)
-checks.check_encode(encode, vocab, trials=0, texts=["a red circle", "a mauve circle"])
+# visible: two captions, one with an unknown word, against Vocabulary.encode
+checks.check_encode(encode, exercise_vocab, trials=0, texts=["a red circle", "a mauve circle"])
 ### BEGIN HIDDEN TESTS
-checks.check_encode(encode, vocab, trials=200, seed=1,
+# hidden: 200 random word sequences with unknown words, capitals, punctuation; the empty caption
+checks.check_encode(encode, exercise_vocab, trials=200, seed=1,
                     texts=["A big red circle, left of a small PURPLE square.", ""])
 ### END HIDDEN TESTS
-print("Exercise 1: correct")
+checks.passed("Exercise 1")
 
 # %% [markdown]
-# **Exercise 2.** Write `build_itos(captions, min_freq)` returning the vocabulary's word
-# list: the four special tokens `<pad> <start> <end> <unk>`, then every word seen at least
-# `min_freq` times in `captions`, most frequent first, ties in alphabetical order.
+# **Exercise 2 (quick check).** Write `build_itos(captions, min_freq)` returning the
+# vocabulary's word list: the four special tokens `<pad> <start> <end> <unk>`, then every
+# word seen at least `min_freq` times in `captions`, most frequent first, ties in
+# alphabetical order. Why are ties broken at all?
 
 # %% nbgrader={"grade": false, "grade_id": "ex2-solution", "locked": false, "schema_version": 3, "solution": true}
 def build_itos(captions: list[str], min_freq: int = 1) -> list[str]:
@@ -451,24 +482,37 @@ def build_itos(captions: list[str], min_freq: int = 1) -> list[str]:
 
 
 # %% nbgrader={"grade": true, "grade_id": "ex2-test", "locked": true, "points": 2, "schema_version": 3, "solution": false}
+# visible: a three-caption toy set at min_freq 2 and 1, against Vocabulary.build
 def reference_itos(captions, min_freq):
     return Vocabulary.build(captions, min_freq).itos
 
 
 toy = ["a dog runs", "a dog sits", "a cat"]
-assert build_itos(toy, 2) == ["<pad>", "<start>", "<end>", "<unk>", "a", "dog"]
+checks.check_equal(build_itos(toy, 2), ["<pad>", "<start>", "<end>", "<unk>", "a", "dog"],
+                   "build_itos(toy, min_freq=2)", "special tokens first, then words seen twice")
 checks.check_function(build_itos, reference_itos, lambda g: (toy, 1), trials=1)
 ### BEGIN HIDDEN TESTS
-sample = [c for r in train[:300] for c in r.captions]
+# hidden: the captions of 100 generated images at four random min_freq in 1-59
+sample = [c for r in exercise_train for c in r.captions]
 checks.check_function(build_itos, reference_itos, trials=4, seed=1,
                       make_inputs=lambda g: (sample, int(torch.randint(1, 60, (1,), generator=g))))
 ### END HIDDEN TESTS
-print("Exercise 2: correct")
+checks.passed("Exercise 2")
+
+# %% [markdown] tags=["remove-cell", "instructors-key"]
+# **Key, exercise 2.** Without a rule for ties, words of equal count would come in
+# whatever order the counter yields them (the order of first appearance), so the same
+# words could get different ids from a reordered data set, and a saved model's vocabulary
+# could not be rebuilt exactly. Sorting by (count, word) makes the ids a function of the
+# counts alone.
 
 # %% [markdown]
-# **Exercise 3.** Write `cell_mask(box, grid=7, image_size=224)` returning the `(grid, grid)`
-# boolean tensor of the cells a box `[x0, y0, x1, y1]` overlaps (pixels `x0 <= x < x1`),
-# like `object_cell_mask`. Which cells does a box `[100, 100, 130, 130]` cover?
+# **Exercise 3 (task).** Write `cell_mask(box, grid=7, image_size=224)` returning the
+# `(grid, grid)` boolean tensor of the cells a box `[x0, y0, x1, y1]` overlaps, like
+# `object_cell_mask`. Pixels are half-open: the box covers `x0 <= x < x1` and
+# `y0 <= y < y1`; cell `(row, column)` covers the pixels of its `image_size / grid` square.
+# Work out the boundary cases before you write code: which cells does
+# `[100, 100, 130, 130]` cover, and which does `[64, 64, 96, 96]`? Row is `y`, column `x`.
 
 # %% nbgrader={"grade": false, "grade_id": "ex3-solution", "locked": false, "schema_version": 3, "solution": true}
 def cell_mask(box, grid: int = 7, image_size: int = 224) -> torch.Tensor:
@@ -484,10 +528,30 @@ def cell_mask(box, grid: int = 7, image_size: int = 224) -> torch.Tensor:
     ### END SOLUTION
 
 
-# %% nbgrader={"grade": true, "grade_id": "ex3-test", "locked": true, "points": 2, "schema_version": 3, "solution": false}
-assert cell_mask([100, 100, 130, 130]).nonzero().tolist() == [[3, 3], [3, 4], [4, 3], [4, 4]]
-checks.check_cell_mask(cell_mask, trials=20)  # random boxes, compared with object_cell_mask
+# %% nbgrader={"grade": true, "grade_id": "ex3-test", "locked": true, "points": 4, "schema_version": 3, "solution": false}
+# visible: one box (4 cells); 20 random boxes against object_cell_mask
+checks.check_equal(cell_mask([100, 100, 130, 130]).nonzero().tolist(),
+                   [[3, 3], [3, 4], [4, 3], [4, 4]], "cells of [100, 100, 130, 130] (row, column)")
+checks.check_cell_mask(cell_mask, trials=20)
 ### BEGIN HIDDEN TESTS
-checks.check_cell_mask(cell_mask, trials=300, seed=2, boxes=[[0, 0, 224, 224], [31, 31, 33, 33]])
+# hidden: 300 random boxes, the whole image, boxes ending exactly on a cell border, a 2-pixel box on a corner
+checks.check_cell_mask(cell_mask, trials=300, seed=2,
+                       boxes=[[0, 0, 224, 224], [64, 64, 96, 96], [31, 31, 33, 33], [0, 0, 1, 1]])
 ### END HIDDEN TESTS
-print("Exercise 3: correct")
+checks.passed("Exercise 3")
+
+# %% [markdown] tags=["remove-cell", "instructors-key"]
+# **Key, exercise 3.** Cells are 32 pixels wide. `[100, 100, 130, 130]` covers pixels
+# 100–129, that is columns and rows 3 (96–127) and 4 (128–159): the four cells (3, 3),
+# (3, 4), (4, 3), (4, 4). `[64, 64, 96, 96]` covers pixels 64–95 only: the single cell
+# (2, 2) — pixel 96, where cell 3 starts, is outside the box. The usual mistakes are
+# treating `x1` as inclusive (one cell too many on every border) and using `<=` on one of
+# the two comparisons.
+
+# %% [markdown]
+# **Hand in.** The last cell lists the exercises whose test cell ran to its end in this
+# session. On Colab, run all cells, then hand in this notebook (*File → Download →
+# .ipynb*) or a copy of that list; an instructor's grader also runs hidden tests.
+
+# %%
+checks.summary({"Exercise 1": 2, "Exercise 2": 2, "Exercise 3": 4})

@@ -15,7 +15,7 @@
 #
 # - why the paper describes an image by a *grid* of feature vectors rather than one vector;
 # - how ResNet-50 shrinks a 224×224 image to a 7×7 grid, stage by stage;
-# - the seed's `permute` + `view`, and why `reshape` is the safe general choice;
+# - the `permute` + `view` of captioning tutorials, and why `reshape` is the safe general choice;
 # - what one "region" of the grid is, on the image itself;
 # - what pretrained weights give, and what this book does without them (offline);
 # - why the frozen part of the encoder runs **once** per image (the feature cache).
@@ -109,7 +109,8 @@ with torch.no_grad():
 # %% [markdown]
 # ## From a feature map to a sequence of regions
 #
-# The decoder wants a *set* of $P$ vectors of size $E$: shape `(B, P, E)`. The seed does
+# The decoder wants a *set* of $P$ vectors of size $E$: shape `(B, P, E)`. Most captioning
+# code (and this book's first sketch of the encoder) does
 # it in two moves:
 #
 # $$
@@ -211,12 +212,14 @@ plt.show()
 #
 # Features learned on ImageNet name colours, textures and object parts; a decoder on top
 # of them learns to caption quickly. Offline there are no such weights, and a *frozen
-# random* ResNet-50 is a poor feature extractor: in the project's prototypes a decoder
-# trained on it reached a semantic F1 of 0.76 and put only 38 % of its attention on the
-# object it named. So the offline recipe keeps the paper's architecture and output
+# random* ResNet-50 is a poor feature extractor: its features are badly scaled and mix
+# colour, shape and position (the Training chapter trains a decoder on them and shows how
+# little it learns). So the offline recipe keeps the paper's architecture and output
 # `(B, 49, 2048)` but **fine-tunes the last stage**, `layer4`, on top of a frozen,
 # random `layer1`–`layer3` (`fine_tune="auto"` chooses this when no pretrained weights
-# are found). The Training chapter measures all three settings side by side.
+# are found). The Training chapter trains the two offline settings of the table below
+# side by side; the ImageNet setting runs where the weights can be downloaded (Colab,
+# `DATASET = "flickr8k"`), so this build has no figure for it.
 #
 # | weights | what trains | cached tensor per image | where |
 # |---|---|---|---|
@@ -274,41 +277,81 @@ print("regions from the cache:", tuple(regions_from_cache.shape))
 #   fine-tuned on cached `layer3` outputs, with BatchNorm statistics re-estimated before
 #   evaluation.
 # - The frozen part runs once per image; training reads its cached output.
-#
+
+# %% [markdown]
 # ## Exercises
 #
-# **Exercise 1.** Write `regions_from_map(fmap)` that turns a feature map `(B, C, H, W)`
-# into region features `(B, H·W, C)`, region `r` being cell `(r // W, r % W)`.
+# Exercise 1 is a task that needs thought: it asks what BatchNorm does with its
+# statistics, which this chapter only names. Exercise 2 is a quick check. The test cells
+# compare your code with the library's and say in one sentence what is wrong. The next
+# cell imports what the exercises need, so this section also runs on its own (it is the
+# chapter's nbgrader assignment: see *For instructors*).
+
+# %%
+# the exercises' imports
+import torch
+from torch import nn
+
+from caption_lib import EncoderCNN, checks
+
+# %% [markdown]
+# **Exercise 1 (task).** Section *Pretrained or not* explains why the running statistics
+# of `layer4`'s BatchNorm layers must be re-estimated after fine-tuning. Write
+# `recalibrate(net, batches)` that does it for any network: reset the running mean and
+# variance of every `nn.BatchNorm2d` in `net` and re-estimate them from `batches` (an
+# iterable of input tensors), **each batch counting equally**; change no weight; leave
+# `net` in the mode (train or eval) it was in and every BatchNorm's `momentum` as it was;
+# return the number of samples seen. (Read what `momentum=None` means in the documentation
+# of `nn.BatchNorm2d`, and think about which mode updates the statistics.) Then: why on
+# training images, and why only after the last training step?
 
 # %% nbgrader={"grade": false, "grade_id": "ex1-solution", "locked": false, "schema_version": 3, "solution": true}
-def regions_from_map(fmap: torch.Tensor) -> torch.Tensor:
+def recalibrate(net: nn.Module, batches) -> int:
     ### BEGIN SOLUTION
-    B, C, H, W = fmap.shape
-    return fmap.permute(0, 2, 3, 1).reshape(B, H * W, C)
+    norms = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    was_training, momenta = net.training, [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: every batch weighs the same
+    net.train()  # only train mode updates the running statistics
+    seen = 0
+    with torch.no_grad():
+        for x in batches:
+            net(x)
+            seen += x.size(0)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    net.train(was_training)
+    return seen
     ### END SOLUTION
 
 
-# %% nbgrader={"grade": true, "grade_id": "ex1-test", "locked": true, "points": 2, "schema_version": 3, "solution": false}
-fmap = torch.randn(3, 8, 5, 4)
-out = regions_from_map(fmap)
-assert out.shape == (3, 20, 8), f"expected (3, 20, 8), got {tuple(out.shape)}"
-assert torch.equal(out[:, 1 * 4 + 2], fmap[:, :, 1, 2]), "region r must be cell (r // W, r % W)"
-# shape (B, 49, 2048), values and gradients on random maps (caption_lib/checks.py)
-checks.check_regions_from_map(regions_from_map, trials=2)
+# %% nbgrader={"grade": true, "grade_id": "ex1-test", "locked": true, "points": 4, "schema_version": 3, "solution": false}
+# visible: 2 small conv-BatchNorm networks with stale statistics, against recalibrate_bn_statistics
+checks.check_recalibrate(recalibrate, trials=2)
 ### BEGIN HIDDEN TESTS
-checks.check_regions_from_map(regions_from_map, trials=20, seed=1)
-with torch.no_grad():
-    reference = EncoderCNN(weights=None)
-    img = torch.randn(1, 3, 64, 64)
-    assert torch.equal(regions_from_map(reference.frozen(img)), reference(img))
+# hidden: 8 more networks, batch counts and sizes
+checks.check_recalibrate(recalibrate, trials=8, seed=1)
 ### END HIDDEN TESTS
-print("Exercise 1: correct")
+checks.passed("Exercise 1")
+
+# %% [markdown] tags=["remove-cell", "instructors-key"]
+# **Key, exercise 1.** After training, the running averages are an exponential mix of
+# statistics of *earlier* weights (momentum 0.1 weighs the last batches most), so eval
+# mode would normalise with numbers that no longer describe the current layer's
+# activations; re-estimating once, with the final weights and `momentum=None` (a plain
+# average over batches), fixes that. Training images, because evaluation must not learn
+# anything from the validation or test images (their statistics would be a leak, and a
+# model must be usable on one image at a time). The traps: statistics are updated only in
+# train mode, `torch.no_grad()` keeps the weights' gradients out, and both mode and
+# momentum must be restored for training to continue as before.
 
 # %% [markdown]
-# **Exercise 2.** ResNet-50 divides the side of its input by 32 (each of the stem's two
-# layers and three stages halves it; with rounding up for odd sizes). Write
-# `num_regions(image_size)` giving the number of regions for a square input, e.g. 49 for
-# 224. How many regions does a 448×448 image give?
+# **Exercise 2 (quick check).** ResNet-50 divides the side of its input by 32 (each of
+# the stem's two layers and three stages halves it; with rounding up for odd sizes).
+# Write `num_regions(image_size)` giving the number of regions for a square input, e.g.
+# 49 for 224. How many regions does a 448×448 image give, and what does that cost the
+# attention of chapter 3?
 
 # %% nbgrader={"grade": false, "grade_id": "ex2-solution", "locked": false, "schema_version": 3, "solution": true}
 def num_regions(image_size: int) -> int:
@@ -321,17 +364,34 @@ def num_regions(image_size: int) -> int:
 
 
 # %% nbgrader={"grade": true, "grade_id": "ex2-test", "locked": true, "points": 2, "schema_version": 3, "solution": false}
-assert num_regions(224) == 49, f"224 gives a 7x7 grid, got {num_regions(224)}"
-assert num_regions(448) == 196
+# visible: 224 and 448
+checks.check_equal(num_regions(224), 49, "num_regions(224)", "224 gives a 7x7 grid")
+checks.check_equal(num_regions(448), 196, "num_regions(448)", "448 / 32 = 14 per side")
 ### BEGIN HIDDEN TESTS
+# hidden: 4 random odd and even sizes in 33-199, against the network's own output
 reference = EncoderCNN(weights=None).eval()
 
 
 def regions_of(size: int) -> int:  # what the network really gives
-    return reference(torch.zeros(1, 3, size, size)).shape[1]
+    with torch.no_grad():
+        return reference(torch.zeros(1, 3, size, size)).shape[1]
 
 
 checks.check_function(num_regions, regions_of, trials=4, seed=1,
                       make_inputs=lambda g: (int(torch.randint(33, 200, (1,), generator=g)),))
 ### END HIDDEN TESTS
-print("Exercise 2: correct")
+checks.passed("Exercise 2")
+
+# %% [markdown] tags=["remove-cell", "instructors-key"]
+# **Key, exercise 2.** 448 gives a 14×14 grid, 196 regions: four times as many. Attention
+# scores every region at every word, so its cost per word (and the size of the projected
+# features and of α) grows four-fold; each region also describes a smaller part of the
+# image.
+
+# %% [markdown]
+# **Hand in.** The last cell lists the exercises whose test cell ran to its end in this
+# session. On Colab, run all cells, then hand in this notebook (*File → Download →
+# .ipynb*) or a copy of that list; an instructor's grader also runs hidden tests.
+
+# %%
+checks.summary({"Exercise 1": 4, "Exercise 2": 2})

@@ -159,9 +159,10 @@ print("library == step by step:", torch.allclose(context_lib, context, atol=1e-5
 # same for every word of a caption, so their projection can be computed **once** and
 # reused at each step; only $W_h h_{t-1}$ is new. That is why `Attention` has a separate
 # `project` method and `forward` takes `projected=`. The saving is large: the projection
-# costs $B \cdot P \cdot E \cdot A$ multiply-adds, 1.6 billion for a batch of 32 at the
-# book's sizes — per word, if it is recomputed at every step (the way the best-known
-# PyTorch tutorial does it), for a caption of 20 words and again in the backward pass.
+# costs $B \cdot P \cdot E \cdot A$ multiply-adds (the cell below counts them for a batch
+# of 32 at the book's sizes) — per word, if it is recomputed at every step (the way
+# sgrvinod's PyTorch tutorial to image captioning, the best-known one, does it), for a
+# caption of 20 words and again in the backward pass.
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -360,55 +361,121 @@ print("sums:", [round(s, 4) for s in alpha.sum(dim=1).tolist()])
 # - $W_a a_i$ is the same at every step: `Attention.project` computes it once per caption.
 # - Attention learns where to look from the loss alone (the toy task); a mask gives
 #   non-existent regions a weight of exactly zero.
-#
-# ## Exercises
-#
-# **Exercise 1.** Implement the forward pass of additive attention with the layers of an
-# `Attention` module `att` ({eq}`eq-att-score` to {eq}`eq-att-context`), including the
-# reuse of `projected` and the optional `mask`. Return `(context, alpha)`.
-
-# %% nbgrader={"grade": false, "grade_id": "ex1-solution", "locked": false, "schema_version": 3, "solution": true}
-def attention_forward(att: Attention, features: torch.Tensor, hidden: torch.Tensor,
-                      projected: torch.Tensor | None = None,
-                      mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    ### BEGIN SOLUTION
-    if projected is None:
-        projected = att.encoder_att(features)
-    scores = att.full_att(torch.tanh(projected + att.decoder_att(hidden).unsqueeze(1)))
-    scores = scores.squeeze(2)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    alpha = torch.softmax(scores, dim=1)
-    context = (alpha.unsqueeze(2) * features).sum(dim=1)
-    return context, alpha
-    ### END SOLUTION
-
-
-# %% nbgrader={"grade": true, "grade_id": "ex1-test", "locked": true, "points": 2, "schema_version": 3, "solution": false}
-att = Attention(8, 5, 6)
-f, h = torch.randn(3, 10, 8), torch.randn(3, 5)
-for mine, ref in zip(attention_forward(att, f, h), att(f, h)):
-    assert mine.shape == ref.shape and torch.allclose(mine, ref, atol=1e-6)
-### BEGIN HIDDEN TESTS
-for seed in range(5):
-    g = torch.Generator().manual_seed(seed)
-    att = Attention(7, 4, 9)
-    f, h = torch.randn(2, 12, 7, generator=g), torch.randn(2, 4, generator=g)
-    m = torch.rand(2, 12, generator=g) > 0.4
-    m[:, 0] = True
-    p = att.project(f)
-    for args in [dict(), dict(projected=p), dict(mask=m), dict(projected=p, mask=m)]:
-        for mine, ref in zip(attention_forward(att, f, h, **args), att(f, h, **args)):
-            assert torch.allclose(mine, ref, atol=1e-6), args
-### END HIDDEN TESTS
-print("Exercise 1: correct")
 
 # %% [markdown]
-# **Exercise 2.** Write `is_attention(alpha, mask=None, atol=1e-5)` that returns `True`
-# when `alpha` `(B, P)` is a valid set of attention weights: no negative entries, every
-# row sums to one (within `atol`), and — when a mask is given — exactly zero on the masked
-# regions. Why can the library's weights never be exactly 0 on an unmasked region, and
-# why does that not matter?
+# ## Exercises
+#
+# Exercise 1 is a task that needs thought: a second scoring function, written from its
+# equation and compared with the additive one. Exercise 2 is a quick check. The test cells
+# compare your code with a reference and say in one sentence what is wrong. The next cell
+# imports what the exercises need, so this section also runs on its own (it is the
+# chapter's nbgrader assignment: see *For instructors*).
+
+# %%
+# the exercises' imports
+import torch
+from torch import nn
+
+from caption_lib import Attention, checks
+
+# %% [markdown]
+# **Exercise 1 (task).** Additive attention is not the only way to score a region.
+# *Scaled dot-product* attention (Vaswani et al. 2017; Luong et al. 2015 without the
+# scale) maps the region to a key and the state to a query in the same space of size $A$
+# and scores their agreement,
+#
+# $$
+# e_{ti} = \frac{(W_k a_i + b_k)^\top (W_q h_{t-1} + b_q)}{\sqrt{A}},
+# $$
+#
+# followed by the same softmax {eq}`eq-att-softmax` and context {eq}`eq-att-context`.
+# Write `forward` of `DotProductAttention` below (layers `key` = $W_k, b_k$ and
+# `query` = $W_q, b_q$ are given) with the interface of `Attention`: `features (B, P, E)`,
+# `hidden (B, H)`, an optional boolean `mask (B, P)` (`True` = a real region), returning
+# `(context (B, E), alpha (B, P))`. No loop over regions: one batched product. Then think:
+# which of the two has more parameters for the same $A$, which can score a region highly
+# *whatever* the state, and why divide by $\sqrt{A}$? (Train it on the toy task above by
+# replacing `Attention` in its loop, and compare.)
+
+# %% nbgrader={"grade": false, "grade_id": "ex1-solution", "locked": false, "schema_version": 3, "solution": true}
+class DotProductAttention(nn.Module):
+    """Scaled dot-product attention with the interface of `caption_lib.Attention`."""
+
+    def __init__(self, encoder_dim: int, decoder_dim: int, attention_dim: int):
+        super().__init__()
+        self.key = nn.Linear(encoder_dim, attention_dim)  # W_k a_i + b_k
+        self.query = nn.Linear(decoder_dim, attention_dim)  # W_q h + b_q
+
+    def forward(self, features: torch.Tensor, hidden: torch.Tensor,
+                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        ### BEGIN SOLUTION
+        keys = self.key(features)  # (B, P, A)
+        query = self.query(hidden).unsqueeze(2)  # (B, A, 1)
+        scores = torch.bmm(keys, query).squeeze(2) / keys.size(2) ** 0.5  # (B, P)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        alpha = torch.softmax(scores, dim=1)  # (B, P)
+        context = torch.bmm(alpha.unsqueeze(1), features).squeeze(1)  # (B, E)
+        return context, alpha
+        ### END SOLUTION
+
+
+# %% nbgrader={"grade": true, "grade_id": "ex1-test", "locked": true, "points": 4, "schema_version": 3, "solution": false}
+# visible: shapes, sums of alpha, the scale, values and gradients on 3 random inputs, with and without mask
+checks.check_dot_attention(DotProductAttention, trials=3)
+### BEGIN HIDDEN TESTS
+# hidden: 20 more random inputs and masks, other weights
+checks.check_dot_attention(DotProductAttention, trials=20, seed=1)
+### END HIDDEN TESTS
+checks.passed("Exercise 1")
+
+# %% tags=["remove-cell", "instructors-key"]
+# NBVAL_IGNORE_OUTPUT
+# Key, exercise 1: both scoring functions on the toy task, same loop, same steps
+def toy_run(att: nn.Module, seed: int = SEED) -> tuple[float, float]:
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(att.parameters(), lr=0.02)
+    for _ in range(TOY_STEPS):
+        grid, query, target = colour_grids(64, g)
+        _, alpha = att(grid, query)  # (64, 49)
+        loss = -torch.log(alpha[torch.arange(64), target] + 1e-9).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        alpha = att(test_grid, test_query)[1]  # (256, 49)
+    rows = torch.arange(len(test_target))
+    return alpha[rows, test_target].mean().item(), (alpha.argmax(1) == test_target).float().mean().item()
+
+
+for name, make in [("additive", Attention), ("dot-product", DotProductAttention)]:
+    torch.manual_seed(SEED)
+    att = make(3, 4, 16)
+    weight, hit = toy_run(att)
+    n_params = sum(p.numel() for p in att.parameters())
+    print(f"{name:12s} {n_params:4d} parameters: weight on the right cell {weight:.3f}, "
+          f"arg-max right {hit:.1%} after {TOY_STEPS} steps")
+
+# %% [markdown] tags=["remove-cell", "instructors-key"]
+# **Key, exercise 1.** The cell above trains both on the toy task with the same loop and
+# prints what each reaches (and their parameter counts); on this task both learn to pick
+# the cell, because a colour query only has to agree with one colour key. Additive
+# attention has the extra vector $w$ and a nonlinearity: it can score a region highly
+# for every state (through $W_a a_i$ alone), which a dot product can only do through the
+# key's bias direction. Without the $1/\sqrt{A}$ scale the dot product of two random
+# $A$-vectors has a standard deviation growing like $\sqrt{A}$, so with a large $A$ the
+# softmax saturates at the start (one region gets all the weight, the gradients of the
+# others vanish). Typical mistakes: the softmax over the batch, `masked_fill` with 0
+# instead of $-\infty$ (masked regions still get weight), no scale.
+
+# %% [markdown]
+# **Exercise 2 (quick check).** Write `is_attention(alpha, mask=None, atol=1e-5)` that
+# returns `True` when `alpha` `(B, P)` is a valid set of attention weights: no negative
+# entries, every row sums to one (within `atol`), and — when a mask is given — exactly
+# zero on the masked regions. In exact arithmetic a softmax weight is never 0 on an
+# unmasked region; is that true of the library's float32 weights (try two scores that
+# differ by 200)? Why does it not matter for this check?
 
 # %% nbgrader={"grade": false, "grade_id": "ex2-solution", "locked": false, "schema_version": 3, "solution": true}
 def is_attention(alpha: torch.Tensor, mask: torch.Tensor | None = None,
@@ -424,18 +491,44 @@ def is_attention(alpha: torch.Tensor, mask: torch.Tensor | None = None,
 
 
 # %% nbgrader={"grade": true, "grade_id": "ex2-test", "locked": true, "points": 2, "schema_version": 3, "solution": false}
+# visible: weights of an Attention module with and without mask; rows that sum to 2
+torch.manual_seed(0)
 att = Attention(8, 5, 6)
 f, h = torch.randn(3, 10, 8), torch.randn(3, 5)
 m = torch.ones(3, 10, dtype=torch.bool)
 m[:, 7:] = False
-assert is_attention(att(f, h)[1]) and is_attention(att(f, h, mask=m)[1], m)
-assert not is_attention(torch.full((3, 10), 0.2))
-### BEGIN HIDDEN TESTS
-assert not is_attention(att(f, h)[1], m), "unmasked weights on masked regions"
-bad = att(f, h)[1].clone()
-bad[0, 0] += 0.5
-bad[0, 1] -= 0.5
-assert not is_attention(bad), "negative weight"
-assert is_attention(torch.full((4, 8), 1 / 8))
-### END HIDDEN TESTS
-print("Exercise 2: correct")
+with torch.no_grad():
+    checks.check_equal(is_attention(att(f, h)[1]), True, "is_attention(weights of Attention)")
+    checks.check_equal(is_attention(att(f, h, mask=m)[1], m), True,
+                       "is_attention(masked weights of Attention, mask)")
+    checks.check_equal(is_attention(torch.full((3, 10), 0.2)), False,
+                       "is_attention(rows that sum to 2)")
+    ### BEGIN HIDDEN TESTS
+    # hidden: unmasked weights under a mask, a negative weight, uniform weights
+    checks.check_equal(is_attention(att(f, h)[1], m), False,
+                       "is_attention(unmasked weights, mask)", "masked regions must get exactly 0")
+    bad = att(f, h)[1].clone()
+    bad[0, 0] += 0.5
+    bad[0, 1] -= 0.5
+    checks.check_equal(is_attention(bad), False, "is_attention(weights with a negative entry)")
+    checks.check_equal(is_attention(torch.full((4, 8), 1 / 8)), True,
+                       "is_attention(uniform weights)")
+    ### END HIDDEN TESTS
+checks.passed("Exercise 2")
+
+# %% [markdown] tags=["remove-cell", "instructors-key"]
+# **Key, exercise 2.** The softmax gives $\exp(e_{ti}) / \sum_k \exp(e_{tk})$, and
+# $\exp$ of a finite score is positive, so in exact arithmetic an unmasked region always
+# keeps some weight. In float32 it does not: $\exp(-200)$ is below the smallest float32
+# (about $10^{-45}$), so a region scored 200 below the best gets a weight of exactly 0.
+# It does not matter because a tiny weight contributes a tiny amount to the context, and keeping
+# every weight positive keeps a gradient flowing to every region, so attention can still
+# move there during training. Only $-\infty$ (the mask) guarantees an exact zero.
+
+# %% [markdown]
+# **Hand in.** The last cell lists the exercises whose test cell ran to its end in this
+# session. On Colab, run all cells, then hand in this notebook (*File → Download →
+# .ipynb*) or a copy of that list; an instructor's grader also runs hidden tests.
+
+# %%
+checks.summary({"Exercise 1": 4, "Exercise 2": 2})

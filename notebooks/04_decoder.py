@@ -174,22 +174,44 @@ for t in range(5):
 #
 # - **masking**: run every step for the whole batch, and leave the padded steps out of the
 #   loss. Simplest; the work of the padded steps is wasted.
-# - **sort and shrink** (the best-known PyTorch tutorial does this): sort the batch by
-#   length, and at step $t$ run only the captions still going — a prefix of the sorted
-#   batch. It saves the padded steps, at the cost of sorting and slicing.
+# - **sort and shrink** (sgrvinod's
+#   [PyTorch tutorial to image captioning](https://github.com/sgrvinod/a-PyTorch-Tutorial-to-Image-Captioning),
+#   the best-known one, does this): sort the batch by length, and at step $t$ run only the
+#   captions still going — a prefix of the sorted batch. It saves the padded steps, at the
+#   cost of sorting and slicing.
 #
 # `caption_lib` measured both (`benchmarks/bench_decoder.py`: one training step, batch 32,
-# lengths 10–20, dims 512, vocabulary 5000, 2 CPU threads; on a quiet machine): about
-# 0.53 s per step masking only, 0.49 s shrinking — 8% faster, and more when lengths vary
-# more. So `forward` shrinks, *inside*: it sorts a copy of the batch, runs step $t$ on the
-# first `running[t]` captions, and returns logits and weights in the caller's order; the
-# loss masks the padded steps all the same. Two other choices matter far more for speed:
-# the regions are projected to attention space **once per caption** (chapter 3), and the
-# output layer $L_o$ — the biggest matrix, $H \times V$ — runs **once on all steps** after
-# the loop instead of once per step. Against the tutorial's way (projection and output
-# layer inside the loop), the same benchmark measured about 1.1 s per step: `caption_lib`
-# is about 2.2 times faster (the goal was 3; most of what remains is the LSTM's own
-# matrix products, which no reordering removes).
+# lengths 10–20, dims 512, vocabulary 5000; the cell below reads its result file). So
+# `forward` shrinks, *inside*: it sorts a copy of the batch, runs step $t$ on the first
+# `running[t]` captions, and returns logits and weights in the caller's order; the loss
+# masks the padded steps all the same. Two other choices matter far more for speed: the
+# regions are projected to attention space **once per caption** (chapter 3), and the
+# output layer — the biggest matrix, $H \times V$ — runs **once on all steps** after the
+# loop instead of once per step. The benchmark also times the tutorial's formulation
+# (projection and output layer inside the loop, written out in the benchmark, not copied).
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+import json
+
+bench = Path("../benchmarks/results/decoder.json")  # in the repository, next to notebooks/
+if bench.is_file():
+    result = json.loads(bench.read_text())
+    ms = result["ms_per_step_median"]
+    print(f"{result['threads']} CPU threads, median of {result['reps']} steps "
+          f"(1-minute load average {result['load_average_1min']})")
+    for name in ["variable/caption_lib_mask_only", "variable/caption_lib", "variable/tutorial"]:
+        print(f"  {name:32s} {ms[name]:7.1f} ms per step")
+    print(f"shrinking / masking only: {ms['variable/caption_lib'] / ms['variable/caption_lib_mask_only']:.2f} "
+          f"of the time; caption_lib is {ms['variable/tutorial'] / ms['variable/caption_lib']:.2f}x "
+          "faster than the tutorial's formulation")
+else:
+    print(f"{bench} is not here (on Colab): the benchmark results live in the repository")
+
+# %% [markdown]
+# Shrinking saves a little over masking on these lengths, more when lengths vary more;
+# the large factor comes from the two reorderings. What remains is mostly the LSTM's own
+# matrix products, which no reordering removes.
 #
 # ## One training step, shape by shape
 #
@@ -372,7 +394,7 @@ print(f"cross-entropy fell more than 10x: {history[-1]['xent'] < history[0]['xen
 # ## The baseline without attention
 #
 # To see what attention buys (chapter 5 trains both), `use_attention=False` gives a
-# "Show and Tell"-like decoder {cite:p}`xu2015show`: the same LSTM, but the context is the
+# "Show and Tell"-like decoder {cite:p}`vinyals2015show`: the same LSTM, but the context is the
 # *mean* of the regions at every step — as if the weights were always uniform, $1/P$.
 
 # %%
@@ -418,6 +440,65 @@ except caption_lib.CaptionLibError as err:
     print("error:", str(err).replace(str(folder), "...").split(" (")[0])
 
 # %% [markdown]
+# ## What this book changes from the paper
+#
+# {cite:t}`xu2015show` encode each image with the Oxford VGG network pretrained on
+# ImageNet, not fine-tuned, and take the 14×14×512 feature map of the fourth convolutional
+# layer of its last block, before max-pooling (`conv5_4`): 196 regions of 512 values
+# (Sec. 4.3). They train
+# two attention mechanisms, deterministic *soft* attention (Sec. 4.2, this chapter) and
+# stochastic *hard* attention (Sec. 4.1). This book keeps the decoder of Sec. 3.1.2 and
+# changes the pieces below; each row says why. The values in the "this book" columns are
+# read from the code (`recipe`, a decoder built with the book's sizes), not typed.
+
+# %% tags=["hide-input"]
+# NBVAL_IGNORE_OUTPUT
+from IPython.display import Markdown, display
+
+from caption_lib.train import recipe
+
+shapes_model, shapes_train = recipe("shapes")
+colab_model, colab_train = recipe("flickr8k")
+probe = DecoderWithAttention(10, encoder_dim=2048, embed_dim=8, decoder_dim=8, attention_dim=8)
+beta_size = probe.f_beta.out_features  # one gate value per feature of the context
+rows = [
+    ("encoder", "VGG-19 `conv5_4`, ImageNet, frozen",
+     "ResNet-50 to `layer4`; offline: random init, `layer4` fine-tuned; Colab: ImageNet, frozen",
+     "a stronger, standard backbone today; offline there are no ImageNet weights (chapter 2)"),
+    ("regions P × feature size E", "14×14 = 196 × 512", "7×7 = 49 × 2048",
+     "ResNet-50's last stage has stride 32: 224 / 32 = 7"),
+    ("gate β", "one scalar per step, $\\sigma(f_\\beta(h_{t-1}))$ (Sec. 4.2.1)",
+     f"a vector of {beta_size} values per step, one per feature",
+     "a per-feature gate, as most re-implementations use; the scalar is its special case"),
+    ("output layer", "deep output: $L_o(E y_{t-1} + L_h h_t + L_z \\hat z_t)$ (Sec. 3.1.2)",
+     "one linear layer on dropout($h_t$)", "fewer parameters; $y_{t-1}$ and $\\hat z_t$ reach the output through $h_t$"),
+    ("regulariser λ", "$\\lambda \\sum_i (1 - \\sum_t \\alpha_{ti})^2$ over 196 regions",
+     f"the same sum over 49 regions; λ = {shapes_model.alpha_c} (shapes), {colab_model.alpha_c} (Flickr8k)",
+     "with many regions the sum outweighs the cross-entropy (chapter 5)"),
+    ("attention mechanisms", "soft and hard", "soft (this chapter) and hard (the Hard attention chapter)", "—"),
+    ("optimiser", "RMSProp (Flickr8k), Adam (Flickr30k, COCO)", "Adam, lr "
+     f"{shapes_train.lr:g} (decoder) and {shapes_train.encoder_lr:g} (fine-tuned stage)",
+     "the common choice today; one optimiser for every data set"),
+    ("sizes (embedding / LSTM / attention)", "not all stated", f"{shapes_model.embed_dim} / "
+     f"{shapes_model.decoder_dim} / {shapes_model.attention_dim} (shapes), {colab_model.embed_dim} / "
+     f"{colab_model.decoder_dim} / {colab_model.attention_dim} (Flickr8k)",
+     "the shapes language is small, so is the offline model"),
+    ("data", "Flickr8k, Flickr30k, COCO", "shapes (offline, generated), Flickr8k and COCO (Colab)",
+     "a data set with ground truth makes correctness and grounding measurable"),
+]
+header = "| | paper | this book | why |\n|---|---|---|---|\n"
+display(Markdown(header + "\n".join(f"| {' | '.join(r)} |" for r in rows)))
+
+# %% [markdown]
+# Two consequences for reading the numbers of this book. First, scores on shapes are not
+# comparable with the paper's Table 1 (reproduced on the Results page): the shapes
+# captions come from a grammar of a few dozen words, so a model that has learned it
+# matches long $n$-grams of the references and reaches BLEU-4 scores far above what any
+# model reaches on human captions of photographs. Second, the decoder here sees 49
+# coarser regions instead of 196, so an attention map is a 7×7 grid, and a small object
+# may cover only part of one cell.
+
+# %% [markdown]
 # ## Summary
 #
 # - The decoder is an LSTM ({eq}`eq-lstm-gates`–{eq}`eq-lstm-hidden`) whose input is the
@@ -431,76 +512,104 @@ except caption_lib.CaptionLibError as err:
 #   `step` decodes one word with the same pieces.
 # - `Captioner` saves configuration, vocabulary and weights as plain data and loads them
 #   with `weights_only=True`.
-#
+
+# %% [markdown]
 # ## Exercises
 #
-# **Exercise 1.** Implement one decoding step with the layers of a `DecoderWithAttention`
-# `dec`: from the previous words `tokens` `(B,)` and the state `(h, c)`, return the
-# next-word logits `(B, V)`, the new state and the attention weights `(B, P)` — what
-# `dec.step` does ({eq}`eq-lstm-gates`–{eq}`eq-beta`).
+# Exercise 1 is a task that needs thought, in the spirit of Stanford's CS231n: the LSTM
+# step from its weights, checked against PyTorch's own cell by values and by numerical
+# gradients. Exercise 2 is a quick check. The test cells say in one sentence what is
+# wrong. The next cell imports what the exercises need, so this section also runs on its
+# own (it is the chapter's nbgrader assignment: see *For instructors*).
+
+# %%
+# the exercises' imports
+import torch
+import torch.nn.functional as F
+
+from caption_lib import checks
+
+# %% [markdown]
+# **Exercise 1 (task).** The decoder calls `nn.LSTMCell`; here you write what it
+# computes. Implement `lstm_step(x, h, c, w_ih, w_hh, b_ih, b_hh)` for a batch: input
+# `x (B, D)`, state `h, c (B, H)`, weights `w_ih (4H, D)`, `w_hh (4H, H)` and biases
+# `b_ih, b_hh (4H,)` laid out as in `nn.LSTMCell` — the rows of each are four blocks of
+# $H$, for the input gate $i$, the forget gate $f$, the candidate $g$ and the output gate
+# $o$, **in that order** (not the order of {eq}`eq-lstm-gates`). Return the new state
+# `(h, c)` of {eq}`eq-lstm-cell` and {eq}`eq-lstm-hidden`, using only matrix products and
+# elementwise functions (no `nn.LSTMCell`, no `torch.lstm_cell`). The test compares your
+# values and gradients with `nn.LSTMCell` and runs `torch.autograd.gradcheck`, which
+# compares your gradients with finite differences. Then: what do the forget gate's values
+# do to the gradient that flows from $c_t$ back to $c_{t-1}$?
 
 # %% nbgrader={"grade": false, "grade_id": "ex1-solution", "locked": false, "schema_version": 3, "solution": true}
-def decode_step(dec: DecoderWithAttention, tokens: torch.Tensor, state, features: torch.Tensor,
-                projected: torch.Tensor):
+def lstm_step(x: torch.Tensor, h: torch.Tensor, c: torch.Tensor, w_ih: torch.Tensor,
+              w_hh: torch.Tensor, b_ih: torch.Tensor, b_hh: torch.Tensor):
     ### BEGIN SOLUTION
-    h, c = state
-    context, alpha = dec.attention(features, h, projected=projected)
-    gate = torch.sigmoid(dec.f_beta(h))
-    x = torch.cat([dec.embedding(tokens), gate * context], dim=1)
-    h, c = dec.lstm(x, (h, c))
-    return dec.fc(dec.dropout(h)), (h, c), alpha
+    gates = x @ w_ih.T + b_ih + h @ w_hh.T + b_hh  # (B, 4H)
+    i, f, g, o = gates.chunk(4, dim=1)  # (B, H) each, nn.LSTMCell's order
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)  # (B, H)
+    h = torch.sigmoid(o) * torch.tanh(c)  # (B, H)
+    return h, c
     ### END SOLUTION
 
 
-# %% nbgrader={"grade": true, "grade_id": "ex1-test", "locked": true, "points": 2, "schema_version": 3, "solution": false}
-dec = DecoderWithAttention(12, encoder_dim=6, embed_dim=5, decoder_dim=4, attention_dim=3).eval()
-f = torch.randn(2, 7, 6)
-tokens = torch.tensor([1, 3])
-with torch.no_grad():
-    mine = decode_step(dec, tokens, dec.init_state(f), f, dec.project(f))
-    ref = dec.step(tokens, dec.init_state(f), f, dec.project(f))
-assert torch.allclose(mine[0], ref[0], atol=1e-6) and torch.allclose(mine[2], ref[2], atol=1e-6)
+# %% nbgrader={"grade": true, "grade_id": "ex1-test", "locked": true, "points": 4, "schema_version": 3, "solution": false}
+# visible: values and gradients against nn.LSTMCell on 2 random sizes; gradcheck in float64
+checks.check_lstm_step(lstm_step, trials=2)
 ### BEGIN HIDDEN TESTS
-with torch.no_grad():
-    s_mine = s_ref = dec.init_state(f)
-    for t in range(4):
-        tokens = torch.randint(0, 12, (2,), generator=torch.Generator().manual_seed(t))
-        out_mine = decode_step(dec, tokens, s_mine, f, dec.project(f))
-        out_ref = dec.step(tokens, s_ref, f, dec.project(f))
-        s_mine, s_ref = out_mine[1], out_ref[1]
-        assert torch.allclose(out_mine[0], out_ref[0], atol=1e-5)
-        assert torch.allclose(s_mine[1], s_ref[1], atol=1e-5)
+# hidden: 20 more random sizes and weights; gradcheck with other inputs
+checks.check_lstm_step(lstm_step, trials=20, seed=1)
 ### END HIDDEN TESTS
-print("Exercise 1: correct")
+checks.passed("Exercise 1")
+
+# %% [markdown] tags=["remove-cell", "instructors-key"]
+# **Key, exercise 1.** $\partial c_t / \partial c_{t-1} = \mathrm{diag}(f_t)$: along the
+# memory, the gradient is multiplied by the forget gate at each step and by no weight
+# matrix, so with $f_t$ near 1 it survives many steps (the reason LSTMs train where plain
+# RNNs' gradients vanish), and with $f_t$ near 0 the step forgets — the gradient too.
+# The usual mistakes: the paper's gate order $(i, f, o, g)$ instead of PyTorch's
+# $(i, f, g, o)$ (the check names it), returning $(c, h)$, $\tanh$ forgotten on $c_t$,
+# and `.detach()` or in-place updates that break gradcheck.
 
 # %% [markdown]
-# **Exercise 2.** Write `masked_xent(logits, captions, lengths)`: the mean cross-entropy
-# of `logits` `(B, T, V)` against the targets `captions[:, 1:]` over the real tokens only
-# (step $t$ of caption $b$ is real when $t <$ `lengths[b] - 1`). Do not use
-# `caption_loss`. What would the loss be if you averaged over all $B \cdot T$ positions
-# instead, and why is that wrong?
+# **Exercise 2 (quick check).** Write `masked_xent(logits, captions, lengths)`: the mean
+# cross-entropy of `logits` `(B, T, V)` against the targets `captions[:, 1:]` over the
+# real tokens only (step $t$ of caption $b$ is real when $t <$ `lengths[b] - 1`). Do not
+# use `caption_loss`. What would the loss be if you averaged over all $B \cdot T$
+# positions instead, and why is that wrong?
 
 # %% nbgrader={"grade": false, "grade_id": "ex2-solution", "locked": false, "schema_version": 3, "solution": true}
 def masked_xent(logits: torch.Tensor, captions: torch.Tensor,
                 lengths: torch.Tensor) -> torch.Tensor:
     ### BEGIN SOLUTION
     T = logits.size(1)
-    real = torch.arange(T).unsqueeze(0) < (lengths - 1).unsqueeze(1)
+    real = torch.arange(T).unsqueeze(0) < (lengths - 1).unsqueeze(1)  # (B, T)
     return F.cross_entropy(logits[real], captions[:, 1:T + 1][real])
     ### END SOLUTION
 
 
 # %% nbgrader={"grade": true, "grade_id": "ex2-test", "locked": true, "points": 2, "schema_version": 3, "solution": false}
-_, ref = caption_loss(logits_lib, captions, lengths, alphas_lib, alpha_c=0.0)
-assert abs(masked_xent(logits_lib, captions, lengths).item() - ref["xent"]) < 1e-5
+# visible: 3 random batches of captions of different lengths, against caption_loss (values and gradients)
+checks.check_masked_xent(masked_xent, trials=3)
 ### BEGIN HIDDEN TESTS
-for seed in range(5):
-    g = torch.Generator().manual_seed(seed)
-    lens = torch.randint(2, 9, (4,), generator=g)
-    caps = torch.randint(1, 10, (4, int(lens.max())), generator=g)
-    lg = torch.randn(4, caps.size(1) - 1, 10, generator=g)
-    al = torch.zeros(4, caps.size(1) - 1, 3)
-    assert abs(masked_xent(lg, caps, lens).item()
-               - caption_loss(lg, caps, lens, al, alpha_c=0.0)[1]["xent"]) < 1e-5
+# hidden: 20 more batches, vocabularies and lengths
+checks.check_masked_xent(masked_xent, trials=20, seed=1)
 ### END HIDDEN TESTS
-print("Exercise 2: correct")
+checks.passed("Exercise 2")
+
+# %% [markdown] tags=["remove-cell", "instructors-key"]
+# **Key, exercise 2.** Averaged over all $B \cdot T$ positions, the loss also counts the
+# predictions at padded steps (of `<pad>` = 0, or of whatever garbage is there), and
+# divides by more tokens than there are: its value then depends on how much padding the
+# batch happens to have — on the other captions in the batch — and the model is trained
+# to predict padding after `<end>`. Section *The loss* shows that the masked loss does
+# not change with garbage in the padding.
+
+# %% [markdown]
+# **Hand in.** The last cell lists the exercises whose test cell ran to its end in this
+# session. On Colab, run all cells, then hand in this notebook (*File → Download →
+# .ipynb*) or a copy of that list; an instructor's grader also runs hidden tests.
+
+# %%
+checks.summary({"Exercise 1": 4, "Exercise 2": 2})

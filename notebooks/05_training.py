@@ -50,18 +50,21 @@ SEED = 0
 # %%
 # NBVAL_IGNORE_OUTPUT
 import dataclasses
+import inspect
+import math
 
 import matplotlib.pyplot as plt
 
 import torch
 import torch.nn.functional as F
-from IPython.display import display
+from IPython.display import Code, Markdown, display
 
 import caption_lib
 from caption_lib.decoder import caption_loss, step_mask
 from caption_lib.evaluate import evaluate
+from caption_lib.features import workspace_features
 from caption_lib.model import Captioner
-from caption_lib.train import ensure_trained, recipe
+from caption_lib.train import CachedSplit, ensure_trained, recipe, train_one_epoch
 from caption_lib.viz import plot_history
 
 device = caption_lib.pick_device("auto")
@@ -80,11 +83,14 @@ print(f"caption_lib {caption_lib.__version__} on {device}; data: {data_dir}")
 # For an image with region features $a$ and a reference caption
 # $y = (y_0{=}\texttt{<start>}, y_1, \dots, y_C{=}\texttt{<end>})$, the decoder predicts
 # every word from the words before it (*teacher forcing*: during training the previous
-# word is the reference word, not the model's own guess). The loss of one caption is
+# word is the reference word, not the model's own guess). For a batch of $B$ captions,
+# caption $b$ with $C_b$ tokens after `<start>` (its words and `<end>`), $N = \sum_b C_b$, the
+# loss is the Decoder chapter's
 #
 # $$
-# L = -\frac{1}{C}\sum_{t=1}^{C} \log p(y_t \mid y_{<t}, a)
-#     \;+\; \lambda \sum_{i=1}^{P} \Bigl(1 - \sum_{t=1}^{C} \alpha_{ti}\Bigr)^2
+# L = -\frac{1}{N}\sum_{b=1}^{B}\sum_{t=1}^{C_b} \log p(y_{bt} \mid y_{b,<t}, a_b)
+#     \;+\; \lambda \, \frac{1}{B}\sum_{b=1}^{B}\sum_{i=1}^{P}
+#     \Bigl(1 - \sum_{t=1}^{C_b} \alpha_{bti}\Bigr)^2
 # $$ (eq-objective)
 #
 # The first term is the cross-entropy over the real words only: padding, which makes the
@@ -97,12 +103,12 @@ print(f"caption_lib {caption_lib.__version__} on {device}; data: {data_dir}")
 # ## The book's settings
 #
 # `recipe("shapes")` holds the settings this book runs offline; `recipe("flickr8k")` the
-# Colab ones (the cell prints the recipe of `DATASET`). The offline run fine-tunes
-# `layer4` of a randomly initialised ResNet-50 (see the Encoder chapter); the decoder is
-# smaller than the paper's (256 instead of 512 units), because the shapes language has
-# about 30 words. The flickr8k recipe keeps the paper's sizes (512), freezes the ImageNet
-# encoder, trains on all five references of every image in batches of 64 images, and
-# maps words seen fewer than 5 times to `<unk>`.
+# Colab ones. The offline run fine-tunes `layer4` of a randomly initialised ResNet-50
+# (see the Encoder chapter); the decoder is smaller than the paper's, because the shapes
+# language has only a few dozen words (chapter 1 prints its vocabulary). The flickr8k
+# recipe keeps the paper's sizes, freezes the ImageNet encoder, trains on all references
+# of every image and maps rare words to `<unk>`. The cell prints every setting of the
+# recipe `DATASET` names; the table after it says why each has its value.
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -113,16 +119,90 @@ for name, value in {**dataclasses.asdict(model_config), **dataclasses.asdict(con
 # %% [markdown]
 # Why these values:
 #
-# | setting | value | why |
-# |---|---|---|
-# | optimiser | Adam, lr 4e-4 (decoder), 2e-4 (encoder stage) | the usual settings for this model; the encoder stage moves slower. 1e-3 for both was no faster here (val semantic F1 0.34 vs 0.43 after 3 epochs), nor were batches of 16 images (0.36) |
-# | gradient clipping | 5.0 | LSTMs occasionally produce large gradients |
-# | $\lambda$ (`alpha_c`) | 0.02 ≈ 1/49 (both recipes) | the regulariser sums over the 49 regions: with $\lambda = 1$ it was ten times the cross-entropy and pulled attention towards uniform; 1/49 equals the popular tutorial's $\lambda = 1$ with a mean over regions. The sum does not depend on the data set, so Flickr8k gets the same weight |
-# | dropout | 0.3 | less than the paper's 0.5: a small model on a simple language |
-# | schedule | halve the learning rates after an epoch without progress; stop after 3 | progress is a better val BLEU-4 (from real decoding, the quantity we care about) *or* a lower val loss: on a small data set BLEU-4 stays 0 for the first epochs (no caption has a right 4-gram yet) while the loss falls, and BLEU-4 alone ended such runs after 4 epochs, before they learned. A short run never stalls, so the rate stays constant; a cosine decay to zero (`schedule="cosine"`) over 6 epochs was worse (val semantic F1 0.55 vs 0.59 at epoch 5): the model is still learning when the rate runs out |
-# | BatchNorm statistics | re-estimated over 256 training images before each validation | 256 × 49 positions per channel are plenty, and it costs seconds instead of tens of seconds per epoch |
-# | batches of 32 images, one caption each per epoch | 3,000 captions an epoch | five times cheaper epochs than all references; each epoch draws other references |
+# | setting | why |
+# |---|---|
+# | optimiser: Adam, `lr` for the decoder, a smaller `encoder_lr` for the fine-tuned stage | the usual choice for this model; the pretrained-or-random stage below the decoder should move more slowly than the decoder on top of it |
+# | `grad_clip` | LSTMs occasionally produce very large gradients; clipping the global norm keeps one bad batch from undoing the run |
+# | $\lambda$ (`alpha_c`), close to 1/49, in both recipes | the regulariser sums over the 49 regions: with $\lambda = 1$ it is many times the cross-entropy and pulls attention towards uniform; 1/49 equals a weight of 1 on the *mean* over regions, which is what sgrvinod's tutorial uses. The sum does not depend on the data set, so Flickr8k gets the same weight |
+# | `dropout` below the paper's | a small model on a simple language needs less of it |
+# | `schedule = "plateau"`, `early_stop` | both count epochs without *progress*: a better validation BLEU-4 (from real decoding, the quantity we care about) or a lower validation loss. On a small data set BLEU-4 stays 0 for the first epochs (no caption has a right 4-gram yet) while the loss falls, and BLEU-4 alone stopped such runs before they learned. The rates are lowered when progress stalls and the run stops when it stops; a short run that keeps improving keeps its rate |
+# | `bn_images` for the BatchNorm statistics | a few hundred images give every channel tens of thousands of positions, plenty for a mean and a variance, at a cost of seconds per epoch |
+# | `batch_size` images per step, `captions_per_image = 1` | an epoch sees every image once with one of its references drawn at random: five times cheaper than all references, and each epoch draws others |
 #
+# ## The training loop
+#
+# Everything `train` does per epoch happens in one library function, `train_one_epoch`.
+# Here is its source, exactly as the trainer runs it:
+
+# %%
+display(Code(inspect.getsource(train_one_epoch), language="python"))
+
+# %% [markdown]
+# Line by line:
+#
+# - `model.train()` switches dropout on (and the fine-tuned `layer4`'s BatchNorm to batch
+#   statistics).
+# - `loss_fn` is `model.cached_loss`: it finishes the encoder on the cached `layer3`
+#   output of each image of the batch (the frozen part never runs: chapter 2's feature
+#   cache), gives each caption its image's region features (`batch.owner`), runs the
+#   decoder with teacher forcing and returns the loss of {eq}`eq-objective` with its parts
+#   (`"xent"`, `"reg"`, `"tokens"`). Under `torchrun` the trainer passes a
+#   `DistributedDataParallel` wrapper of the same method instead, and `batch.weights`
+#   make each process's loss its share of the global batch's; for one process they are
+#   `None`.
+# - `scaler` matters only for fp16 on older GPUs (it scales the loss so small gradients
+#   survive fp16); here it does nothing. `params` are the weights the optimiser updates:
+#   the decoder and the fine-tuned encoder stage.
+# - `autocast(..., cpu=False)` runs the decoder in bf16 on a GPU; on the CPU it does
+#   nothing (the encoder stage has its own bf16 autocast inside `cached_loss`).
+# - A loss that is not finite stops the run with one clear line instead of training on.
+# - `zero_grad`, `backward()`: the gradient of the loss with respect to every weight.
+# - `clip_grad_norm_` rescales the gradient when its norm exceeds `grad_clip`:
+#   LSTMs occasionally produce a very large one.
+# - `step()` is Adam's update; a cosine schedule would also step here, once per batch.
+# - The returned sum of cross-entropies and the number of real tokens give the epoch's
+#   training loss (their ratio) that the history reports.
+#
+# Before the full run, three steps of it on the real data: a fresh model of the book's
+# settings, the first batches of an epoch (32 images with one caption each), the loss
+# printed after every step. The features come from the same cache the full run uses.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+records = caption_lib.load_dataset(data_dir)
+train_records = caption_lib.split_records(records, "train")
+vocab = caption_lib.Vocabulary.build([c for r in train_records for c in r.captions],
+                                     min_freq=config.min_freq)
+torch.manual_seed(SEED)
+fresh = Captioner(vocab, model_config).to(device)
+store = workspace_features(fresh.encoder, train_records, device=device, progress=False)
+split = CachedSplit(train_records, store, vocab, config.max_caption_len)
+optimizer = torch.optim.Adam([
+    {"params": fresh.decoder.parameters(), "lr": config.lr},
+    {"params": fresh.encoder.trainable.parameters(), "lr": config.encoder_lr}])
+epoch = split.epoch_batches(config.batch_size, config.captions_per_image,
+                            torch.Generator().manual_seed(SEED))
+first_batch = split.batch(epoch[0])
+print("a batch:", tuple(first_batch.cached.shape), "cached,", tuple(first_batch.captions.shape),
+      "captions")
+demo_losses = []
+for step, pairs in enumerate(epoch[:3], start=1):
+    total, tokens = train_one_epoch(fresh, [split.batch(pairs)], optimizer, config, device)
+    demo_losses.append(total / tokens)
+    print(f"step {step}: loss {demo_losses[-1]:.3f} over {tokens:.0f} words")
+assert all(math.isfinite(x) for x in demo_losses)
+assert demo_losses == sorted(demo_losses, reverse=True), "the loss falls step by step"
+
+# %% [markdown]
+# The loss starts near $\log V$, the cross-entropy of a uniform guess over the vocabulary
+# (printed below), and falls with every step. `train` repeats exactly this, epoch after
+# epoch, with validation and checkpoints around it.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+print(f"log V = log {len(vocab)} = {math.log(len(vocab)):.3f}")
+del fresh, optimizer, store, split
+
 # ## Training
 #
 # `ensure_trained` trains and checkpoints after every epoch (`last.pt`, and `best.pt`
@@ -210,76 +290,106 @@ for item in test.captions[:5]:
 #
 # Two more models, trained the same way on the same data:
 #
-# - **the other encoder**: offline (random weights, `layer4` fine-tuned) the comparison
-#   is a *frozen* random encoder, the paper's setting without ImageNet weights; on Colab
-#   (ImageNet weights, frozen) it is a frozen *random-init* encoder, i.e. what the
-#   pretrained weights bring;
-# - **no attention** ("Show and Tell"-style): the decoder sees the *mean* of the 49
-#   region features at every step instead of an attention-weighted one.
+# - **frozen encoder**: no stage of the ResNet-50 is trained. Offline (random weights) it
+#   is the frozen random encoder, the setting that works with ImageNet weights but not
+#   without them; on Colab, where the main run is already the frozen ImageNet encoder,
+#   this row is a frozen *random-init* one instead: what the pretrained weights bring;
+# - **no attention** ("Show and Tell"-style, {cite:t}`vinyals2015show`): the decoder sees
+#   the *mean* of the 49 region features at every step instead of an attention-weighted one.
 #
-# The labels of the table come from each run's model (`weights_used`, its trained
-# stages, `use_attention`), not from what was meant to run.
-#
-# To keep the book's build short these runs take 2 epochs (the "epochs" column), so
-# compare them with the main run's history at epoch 2 as well as with its final figures.
+# The no-attention model gets the main run's whole budget: the same epochs, seed, data and
+# settings, so the two differ only in attention. The frozen-encoder model gets 2 epochs
+# (the "epochs" column): it learns next to nothing, and more epochs do not change that.
+# The labels name the weights and stages each run's model used.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
 def describe(model: Captioner) -> str:
     """What a trained model is, read from the model itself."""
     encoder = model.encoder
-    trained = "+".join(encoder.trained_stages) + " fine-tuned" if encoder.trained_stages else "frozen"
-    looks = "attention" if model.config.use_attention else "no attention"
-    return f"{encoder.weights_used} encoder, {trained}, {looks}"
+    return (f"{encoder.weights_used} encoder, {'+'.join(encoder.trained_stages) or 'nothing'} "
+            f"fine-tuned, {'attention' if model.config.use_attention else 'no attention'}")
 
 
-def score(scores: dict, key: str) -> str:
-    return f"{scores[key]:.3f}" if key in scores else "n/a"  # n/a: no ground truth / attention
-
-
-rows = {describe(best) + " [main run]": (test.scores, len(result.history))}
+main_label = describe(result.model) + " (main run)"
+runs = {main_label: (test.scores, result.history)}
 if COMPARE:
-    other_encoder = (dataclasses.replace(model_config, encoder_weights=None, fine_tune=False)
-                     if best.encoder.pretrained  # ImageNet: what random weights would give
+    frozen_config = (dataclasses.replace(model_config, encoder_weights=None, fine_tune=False)
+                     if result.model.encoder.pretrained  # ImageNet: what random weights give
                      else dataclasses.replace(model_config, fine_tune=False))  # random: frozen
-    variants = [other_encoder, dataclasses.replace(model_config, use_attention=False)]
-    short = dataclasses.replace(config, epochs=2)
-    for variant in variants:
-        run = ensure_trained(data_dir, variant, short, device=device, progress=False)
+    variants = {  # name: (model config, training config)
+        "frozen encoder": (frozen_config, dataclasses.replace(config, epochs=2)),
+        "no attention": (dataclasses.replace(model_config, use_attention=False), config),
+    }
+    labels = {}
+    for name, (variant, budget) in variants.items():
+        run = ensure_trained(data_dir, variant, budget, device=device, progress=False)
         model = Captioner.load(run.out_dir / "best.pt", map_location=device)
         scores = evaluate(model, data_dir, "test", meteor=False, device=device,
                           progress=False).scores
-        if not model.config.use_attention:  # no attention map: grounding is not defined
-            scores.pop("grounding", None)
-        rows[describe(model)] = (scores, len(run.history))
-width = max(map(len, rows))
-print(f"{'model':{width}s} {'epochs':>6s} {'BLEU-4':>7s} {'sem. F1':>7s} {'grounding':>9s}")
-for label, (scores, epochs) in rows.items():
-    print(f"{label:{width}s} {epochs:6d} {scores['bleu4']:7.1f} "
-          f"{score(scores, 'semantic_f1'):>7s} {score(scores, 'grounding'):>9s}")
+        labels[name] = describe(model)
+        runs[labels[name]] = (scores, run.history)
+
+
+def cell(scores: dict, key: str, fmt: str) -> str:
+    return "n/a" if scores.get(key) is None else format(scores[key], fmt)
+
+
+lines = ["| model | epochs | BLEU-4 | semantic F1 | grounding |", "|---|---|---|---|---|"]
+for label, (scores, history) in runs.items():
+    ground = "n/a (no attention map)" if "no attention" in label else cell(scores, "grounding", ".3f")
+    lines.append(f"| {label} | {len(history)} | {cell(scores, 'bleu4', '.1f')} | "
+                 f"{cell(scores, 'semantic_f1', '.3f')} | {ground} |")
+display(Markdown("\n".join(lines)))
+if COMPARE and "val_semantic_f1" in result.history[-1]:  # shapes: per-object ground truth
+    other = runs[labels["no attention"]][1]
+    print("validation semantic F1 per epoch, attention vs no attention:")
+    for a, b in zip(result.history, other):
+        print(f"  epoch {a['epoch']}: {a.get('val_semantic_f1', float('nan')):.3f} vs "
+              f"{b.get('val_semantic_f1', float('nan')):.3f}")
 
 # %% [markdown]
-# What the table shows offline, on shapes (the figures above come from this build's run;
-# on Colab the first comparison row is the random-init encoder instead):
+# What the table shows offline, on shapes (the figures come from this build's runs; the
+# epoch-by-epoch lines compare the two models with the same budget):
 #
-# - **Frozen random encoder**: the decoder learns next to nothing. The features of an
+# - **Frozen random encoder**: the decoder learns next to nothing (its grounding reads 0
+#   because it writes no shape word that names an object: there is nothing to ground). The features of an
 #   untrained ResNet-50 are not only uninformative but badly scaled: its BatchNorm layers
-#   hold their initial statistics, so activations grow through the residual blocks (mean
-#   magnitude ≈ 18 at `layer4` here, against ≈ 0.5 for the fine-tuned stage), which
-#   saturates the attention's tanh and the LSTM's gates. Fine-tuning `layer4` (with its
-#   BatchNorm in train mode) fixes both.
-# - **No attention**: after the same two epochs the attention model and the mean-feature
-#   model are close (compare the main run's epoch 2 in the history); the attention model
-#   keeps improving over the following epochs. Without attention one averaged vector has
-#   to describe every object of the image at once, with no way to look at one object per
-#   word. Grounding is not defined without attention: there is no attention map.
+#   hold their initial statistics, so activations grow through the residual blocks (the
+#   cell below measures their size, against the fine-tuned stage's), which saturates the
+#   attention's tanh and the LSTM's gates. Fine-tuning `layer4` (with its BatchNorm in
+#   train mode) fixes both.
+# - **No attention, same budget**: read the two rows and the per-epoch lines together.
+#   In this build's run the two models are level for the first epochs, then the attention
+#   model pulls ahead and ends well ahead on BLEU-4 and semantic F1. One averaged vector
+#   can carry "which colours and shapes are in the picture", which is enough early on;
+#   what it cannot do is look at one object per word, and that is what a scene of several
+#   objects needs to bind each colour to its shape and place (the Inference chapter shows
+#   that most remaining mistakes are in three-object scenes). Grounding is not defined
+#   without attention: there is no attention map. If a rerun ever shows the no-attention
+#   model level or ahead, the rows above are the figures to believe, not this sentence.
 # - With ImageNet weights on Colab, the frozen encoder of the paper is the strong one —
 #   set `DATASET = "flickr8k"` there, and the table then compares it with a frozen
 #   random-init encoder: what ImageNet pretraining brings.
-#
-# The book's offline run is short (minutes on two CPU cores), and it shows: semantic F1
-# and grounding are still rising at the last epoch. Train longer (`config.epochs`) and
-# both keep improving.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+if COMPARE and DATASET == "shapes":
+    frozen = Captioner.load(ensure_trained(data_dir, *variants["frozen encoder"], device=device,
+                                           progress=False, log=lambda *_: None).out_dir / "best.pt",
+                            map_location=device).eval()
+    main_model = Captioner.load(result.out_dir / "best.pt", map_location=device).eval()
+    probe = caption_lib.load_dataset(data_dir)[:16]
+    with torch.no_grad():
+        for name, m in [("frozen random encoder", frozen), ("fine-tuned stage", main_model)]:
+            store = workspace_features(m.encoder, probe, device=device, progress=False)
+            feats = m.encode_cached(store[torch.arange(len(probe))])  # (B, 49, 2048)
+            print(f"{name:22s} mean |feature| = {feats.abs().mean():.2f}")
+
+# %% [markdown]
+# The book's offline run is short (minutes on two CPU cores): the last rows of the
+# history above show whether validation F1 was still rising at the last epoch; if it was,
+# training longer (`config.epochs`) is the first thing to try.
 #
 # ## Summary
 #
@@ -291,65 +401,115 @@ for label, (scores, epochs) in rows.items():
 #   epoch of the best BLEU-4, `last.pt` the latest.
 # - Checkpoints hold state dicts, configs and the vocabulary as JSON; resuming restores
 #   the optimiser and the random generator, so it reproduces the uninterrupted run.
-#
-# ## Exercises
-#
-# **Exercise 1.** Write the masked cross-entropy: `masked_xent(logits, targets, mask)`
-# with logits `(B, T, V)`, targets `(B, T)` and a boolean mask `(B, T)` that is True at
-# real words; return the mean negative log-likelihood over the real words only.
-
-# %% nbgrader={"grade": false, "grade_id": "ex1-solution", "locked": false, "schema_version": 3, "solution": true}
-def masked_xent(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    ### BEGIN SOLUTION
-    logp = F.log_softmax(logits, dim=-1)  # (B, T, V)
-    picked = logp.gather(2, targets.unsqueeze(2)).squeeze(2)  # (B, T)
-    return -(picked * mask).sum() / mask.sum()
-    ### END SOLUTION
-
-
-# %% nbgrader={"grade": true, "grade_id": "ex1-test", "locked": true, "points": 2, "schema_version": 3, "solution": false}
-torch.manual_seed(0)
-logits = torch.randn(3, 5, 11)
-captions = torch.randint(4, 11, (3, 6))
-lengths = torch.tensor([6, 4, 3])
-mask = step_mask(lengths, 5)
-got = masked_xent(logits, captions[:, 1:], mask)
-assert got.shape == (), f"expected a scalar, got shape {tuple(got.shape)}"
-_, parts = caption_loss(logits, captions, lengths, torch.zeros(3, 5, 49), alpha_c=0.0)
-assert abs(float(got) - parts["xent"]) < 1e-5, "padded steps must not count"
-### BEGIN HIDDEN TESTS
-captions2 = captions.clone()
-captions2[1, 4:] = 0
-assert abs(float(masked_xent(logits, captions2[:, 1:], mask)) - parts["xent"]) < 1e-5
-### END HIDDEN TESTS
-print("Exercise 1: correct")
 
 # %% [markdown]
-# **Exercise 2.** Write `attention_penalty(alphas, mask, lam)`: the doubly stochastic
-# regulariser $\lambda \cdot \text{mean}_b \sum_i (1 - \sum_{t\,\text{real}} \alpha_{bti})^2$
-# for alphas `(B, T, P)` and the mask of real steps `(B, T)`. Then think: what happens to
-# the attention maps when $\lambda$ is 0, or 10? (Try it: `dataclasses.replace(model_config,
-# alpha_c=...)` and a short `ensure_trained` run.)
+# ## Exercises
+#
+# Exercise 1 is a task that needs thought: the paper's regulariser over captions of
+# different lengths. Exercise 2 is a quick check, exercise 3 a question in words. The
+# test cells say in one sentence what is wrong. The next cell imports what the exercises
+# need, so this section also runs on its own, without the trained model (it is the
+# chapter's nbgrader assignment: see *For instructors*).
 
-# %% nbgrader={"grade": false, "grade_id": "ex2-solution", "locked": false, "schema_version": 3, "solution": true}
+# %%
+# the exercises' imports
+import torch
+
+from caption_lib import checks
+from caption_lib.decoder import step_mask
+
+# %% [markdown]
+# **Exercise 1 (task).** Write `attention_penalty(alphas, mask, lam)`, the doubly
+# stochastic regulariser of {eq}`eq-loss` (the paper's Sec. 4.2.1):
+# $\lambda \cdot \frac{1}{B}\sum_b \sum_i \big(1 - \sum_{t\ \text{real}} \alpha_{bti}\big)^2$
+# for the attention weights `alphas (B, T, P)` of a batch of captions of different
+# lengths, the boolean mask of real steps `mask (B, T)` (`step_mask`), and $\lambda$ =
+# `lam`. It must return a scalar tensor that gradients flow through (training
+# back-propagates it) and match `caption_loss`'s term for every $\lambda$, not only 0.
+# Which captions of a batch does the regulariser push hardest, the short or the long ones?
+
+# %% nbgrader={"grade": false, "grade_id": "ex1-solution", "locked": false, "schema_version": 3, "solution": true}
 def attention_penalty(alphas: torch.Tensor, mask: torch.Tensor, lam: float) -> torch.Tensor:
     ### BEGIN SOLUTION
-    total = (alphas * mask.unsqueeze(2)).sum(dim=1)  # (B, P)
+    total = (alphas * mask.unsqueeze(2)).sum(dim=1)  # (B, P): attention over the real steps
     return lam * ((1 - total) ** 2).sum(dim=1).mean()
     ### END SOLUTION
 
 
-# %% nbgrader={"grade": true, "grade_id": "ex2-test", "locked": true, "points": 2, "schema_version": 3, "solution": false}
-torch.manual_seed(1)
-captions = torch.randint(4, 11, (3, 6))
-lengths = torch.tensor([6, 4, 3])
-mask = step_mask(lengths, 5)
-alphas = torch.softmax(torch.randn(3, 5, 49), dim=-1)
-zero_logits = torch.zeros(3, 5, 11)
-_, parts = caption_loss(zero_logits, captions, lengths, alphas, alpha_c=1.0)
-got = attention_penalty(alphas, mask, 2.0)
-assert abs(float(got) - 2.0 * parts["reg"]) < 1e-4, f"expected {2.0 * parts['reg']:.4f}, got {float(got):.4f}"
+# %% nbgrader={"grade": true, "grade_id": "ex1-test", "locked": true, "points": 4, "schema_version": 3, "solution": false}
+# visible: 5 random batches of lengths 2-8 and lambdas in 0.1-4.1, against caption_loss's regulariser, with gradients
+checks.check_attention_penalty(attention_penalty, trials=5)
+checks.check_equal(float(attention_penalty(torch.full((1, 2, 4), 0.25), step_mask(torch.tensor([3]), 2),
+                                           3.0)), 3.0, "attention_penalty(uniform weights, 2 steps, 4 regions, lam=3)",
+                   "each region gets 0.5 over the caption: 4 * (1 - 0.5)^2 = 1, times lam")
 ### BEGIN HIDDEN TESTS
-assert float(attention_penalty(alphas, mask, 0.0)) == 0.0
+# hidden: 30 more batches and lambdas; lambda = 0 gives 0
+checks.check_attention_penalty(attention_penalty, trials=30, seed=1)
+alphas = torch.softmax(torch.randn(2, 5, 7), dim=2)  # (B, T, P)
+mask = step_mask(torch.tensor([6, 3]), 5)  # (B, T)
+checks.check_equal(float(attention_penalty(alphas, mask, 0.0)), 0.0, "attention_penalty(..., lam=0)")
 ### END HIDDEN TESTS
-print("Exercise 2: correct")
+checks.passed("Exercise 1")
+
+# %% [markdown] tags=["remove-cell", "instructors-key"]
+# **Key, exercise 1.** A caption of $C$ real steps spreads a total attention of $C$ over
+# the $P$ regions; the penalty is smallest when every region gets about one unit, which
+# only a caption of about $P = 49$ steps can do. The short captions are pushed hardest:
+# their smallest possible penalty, $P (1 - C/P)^2$ with the attention spread evenly, is
+# larger, and so is the gradient $-2(1 - \sum_t \alpha_{bti})$ at every region. The
+# regulariser thus makes them spread their little attention thinly rather than stare at
+# one region; the mean over the batch weighs every caption equally, whatever its length.
+# The usual mistakes: summing over the padded steps (no mask), squaring per step instead
+# of after the sum over steps, the sum instead of the mean over the batch, and `.item()`
+# (no gradient).
+
+# %% [markdown]
+# **Exercise 2 (quick check).** The trainer clips gradients before each optimiser step.
+# Write `clip_grad_norm(grads, max_norm)` for a list of gradient tensors: compute the
+# norm of all of them together, $\lVert g \rVert = \sqrt{\sum_k \lVert g_k \rVert^2}$,
+# and when it exceeds `max_norm` scale *every* tensor by `max_norm / (norm + 1e-6)`;
+# return the list of (clipped) tensors and the norm before clipping, as a tensor — what
+# `torch.nn.utils.clip_grad_norm_` does in place.
+
+# %% nbgrader={"grade": false, "grade_id": "ex2-solution", "locked": false, "schema_version": 3, "solution": true}
+def clip_grad_norm(grads: list[torch.Tensor], max_norm: float):
+    ### BEGIN SOLUTION
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads)).float()
+    scale = min(1.0, max_norm / (float(norm) + 1e-6))
+    return [g * scale for g in grads], norm
+    ### END SOLUTION
+
+
+# %% nbgrader={"grade": true, "grade_id": "ex2-test", "locked": true, "points": 2, "schema_version": 3, "solution": false}
+# visible: one norm over all tensors; 5 random lists against clip_grad_norm_; small gradients untouched
+checks.check_clip_grad_norm(clip_grad_norm, trials=5)
+### BEGIN HIDDEN TESTS
+# hidden: 30 more lists and limits
+checks.check_clip_grad_norm(clip_grad_norm, trials=30, seed=1)
+### END HIDDEN TESTS
+checks.passed("Exercise 2")
+
+# %% [markdown]
+# **Exercise 3 (written).** What happens to the attention maps when $\lambda$
+# (`alpha_c`) is 0, or 10? Predict first, then try it: `dataclasses.replace(model_config,
+# alpha_c=...)` and a short `ensure_trained` run, and look at the maps of chapter 6.
+
+# %% [markdown] tags=["remove-cell", "instructors-key"]
+# **Key, exercise 3.** With $\lambda = 0$ nothing asks attention to cover the image: the
+# cross-entropy alone lets the decoder look at the same few regions for every word (or
+# spread its weight without picking any), and the maps show less of where each object
+# is; the paper credits the regulariser with better captions and richer maps. With
+# $\lambda = 10$ the regulariser's pull dominates the cross-entropy's: attention is pushed
+# towards the spread that minimises it (for a caption of 10 steps over 49 regions, every
+# region at $10/49$ of a step), the context comes close to the mean region for every word,
+# and grounding and captions should get worse. (These are the expected effects; the book
+# does not train the $\lambda = 10$ model.) A good answer predicts the
+# direction, runs both, and compares maps or the grounding score, not only BLEU.
+
+# %% [markdown]
+# **Hand in.** The last cell lists the exercises whose test cell ran to its end in this
+# session. On Colab, run all cells, then hand in this notebook (*File → Download →
+# .ipynb*) or a copy of that list; an instructor's grader also runs hidden tests.
+
+# %%
+checks.summary({"Exercise 1": 4, "Exercise 2": 2})

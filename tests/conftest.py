@@ -53,3 +53,15 @@ def tiny_checkpoint(tiny_shapes, tmp_path_factory) -> Path:
         mp.setenv("CAPTION_LIB_HOME", str(tmp_path_factory.getbasetemp() / "workspace"))
         train(tiny_shapes, out, model_config, config, progress=False, log=lambda *_: None)
     return out / "best.pt"
+
+
+def load_tool(name: str):
+    """A script of tools/ imported as a module (registered, so its dataclasses work)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

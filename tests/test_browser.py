@@ -65,6 +65,10 @@ sum to one:</p><div class="math notranslate nohighlight">\\[\\sum_i \\alpha_{ti}
 <figure><img src="figure.png" alt="a one-pixel figure"><figcaption>A figure.</figcaption></figure>
 <pre>code keeps \\[ and $$ as they are</pre>"""
 
+# a line of a reference solution: the chapter page must not show it (answer_secrets)
+SOLUTION = "return fmap.permute(0, 2, 3, 1).reshape(B, H * W, C)"
+SECRETS = {"02_chapter.html": [SOLUTION]}
+
 FAULTS = {
     "missing figure": (GOOD.replace('src="figure.png"', 'src="missing.png"'),
                        ["image did not load: missing.png", "HTTP 404 for missing.png"]),
@@ -84,6 +88,12 @@ FAULTS = {
                               ["image without alt text: figure.png"]),
     "request outside the book": (GOOD + '<img src="https://example.org/x.png" alt="remote">',
                                  ["request outside the book (offline): https://example.org/x.png"]),
+    "visible solution": (GOOD + f'<div class="cell"><pre>def regions(fmap):\n    {SOLUTION}</pre></div>',
+                         [f"answer visible (1 lines of solutions, hidden tests or keys), e.g. {SOLUTION!r}"]),
+    "collapsed solution": (GOOD + f"<details><summary>show a solution</summary><pre>{SOLUTION}</pre></details>",
+                           [f"answer visible (1 lines of solutions, hidden tests or keys), e.g. {SOLUTION!r}"]),
+    "hidden test marker": (GOOD + '<div class="cell"><pre>### BEGIN HIDDEN TESTS\nf(2)</pre></div>',
+                           ["nbgrader marker visible: '### BEGIN HIDDEN TESTS'"]),
 }
 
 
@@ -106,7 +116,16 @@ def _site(folder: Path, chapter_body: str, **page) -> Path:
 def _check(folder: Path, chromium: str, body: str, **page) -> list[str]:
     site = _site(folder, body, **page)
     pages = check_book.toc_pages(folder / "_toc.yml")
-    return check_book.check_site(site, pages, folder / "shots", chromium, timeout_s=30)
+    return check_book.check_site(site, pages, folder / "shots", chromium, timeout_s=30,
+                                 secrets=SECRETS)
+
+
+def test_the_book_pages_with_exercises_have_their_answers_as_secrets():
+    pages = check_book.toc_pages(ROOT / "_toc.yml")
+    secrets = check_book.answer_secrets(ROOT / "_toc.yml", pages)
+    chapters = [p.path for p in pages if p.chapter]
+    assert set(chapters) <= set(secrets) and all(len(secrets[c]) >= 5 for c in chapters)
+    assert "book/intro.html" not in secrets
 
 
 def test_toc_pages_lists_the_book_in_reading_order():

@@ -202,3 +202,239 @@ def test_check_cell_mask():
             "cell_mask([64, 64, 96, 96]) covers cells [[2, 2], [2, 3], [3, 2], [3, 3]], "
             "expected [[2, 2]] (row, column)")):
         checks.check_cell_mask(off_by_one, boxes=[[64, 64, 96, 96]])
+
+
+# -- the checks of the chapters' tasks: a right answer passes, each planted mistake fails
+#    with its own sentence ---------------------------------------------------------------
+
+def test_check_equal_and_the_summary(capsys):
+    checks.check_equal([1, 2], [1, 2], "ids")
+    with pytest.raises(AssertionError, match=r"^ids differs at index 1: got 3, expected 2: "
+                                             r"ids start at 1$"):
+        checks.check_equal([1, 3], [1, 2], "ids", "ids start at 1")
+    with pytest.raises(AssertionError, match=r"is_attention\(x\): got True, expected False"):
+        checks.check_equal(True, False, "is_attention(x)")
+    checks._PASSED.clear()
+    checks.passed("Exercise 1")
+    done = checks.summary({"Exercise 1": 2, "Exercise 2": 4})
+    out = capsys.readouterr().out
+    assert done == {"Exercise 1": True, "Exercise 2": False}
+    assert "Exercise 1: correct\nExercise 1 (2 points): correct\nExercise 2 (4 points): not yet" in out
+    assert "visible tests passed: 2 of 6 points" in out
+    checks._PASSED.clear()
+
+
+def _recalibrate(net, batches):
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    was, saved = net.training, [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    net.train()
+    seen = 0
+    with torch.no_grad():
+        for x in batches:
+            net(x)
+            seen += len(x)
+    for m, s in zip(norms, saved):
+        m.momentum = s
+    net.train(was)
+    return seen
+
+
+def test_check_recalibrate():
+    checks.check_recalibrate(_recalibrate)
+
+    def keeps_momentum(net, batches):  # exponential average: the last batches weigh more
+        norms = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        for m in norms:
+            m.reset_running_stats()
+        was = net.training
+        net.train()
+        n = 0
+        with torch.no_grad():
+            for x in batches:
+                net(x)
+                n += len(x)
+        net.train(was)
+        return n
+
+    with pytest.raises(AssertionError, match=r"running_mean differs .*every batch must count "
+                                             r"equally \(momentum=None"):
+        checks.check_recalibrate(keeps_momentum)
+
+    def eval_mode(net, batches):  # runs the batches without train mode: nothing is updated
+        with torch.no_grad():
+            net.eval()
+            return sum(len(net(x)) for x in batches)
+
+    with pytest.raises(AssertionError, match="the running mean did not change"):
+        checks.check_recalibrate(eval_mode)
+
+    def forgets_mode(net, batches):
+        seen = _recalibrate(net, batches)
+        net.train()
+        return seen
+
+    with pytest.raises(AssertionError, match="back in eval mode afterwards"):
+        checks.check_recalibrate(forgets_mode)
+
+
+def _lstm_step(x, h, c, w_ih, w_hh, b_ih, b_hh):
+    i, f, g, o = (x @ w_ih.T + b_ih + h @ w_hh.T + b_hh).chunk(4, dim=1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
+
+
+def test_check_lstm_step():
+    checks.check_lstm_step(_lstm_step)
+
+    def gates_ifog(x, h, c, w_ih, w_hh, b_ih, b_hh):
+        i, f, o, g = (x @ w_ih.T + b_ih + h @ w_hh.T + b_hh).chunk(4, dim=1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+
+    with pytest.raises(AssertionError, match="the gates are in the order input, forget, output, cell"):
+        checks.check_lstm_step(gates_ifog)
+    with pytest.raises(AssertionError, match=r"you return \(c, h\)"):
+        checks.check_lstm_step(lambda *a: _lstm_step(*a)[::-1])
+
+    def no_tanh(x, h, c, w_ih, w_hh, b_ih, b_hh):
+        i, f, g, o = (x @ w_ih.T + b_ih + h @ w_hh.T + b_hh).chunk(4, dim=1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * c, c
+
+    with pytest.raises(AssertionError, match=r"lstm_step\(\.\.\.\)\[0\] differs from the reference"):
+        checks.check_lstm_step(no_tanh)
+
+    def stale_c(x, h, c, w_ih, w_hh, b_ih, b_hh):  # right values, gradient cut through c
+        h2, c2 = _lstm_step(x, h, c.detach(), w_ih, w_hh, b_ih, b_hh)
+        return h2, c2
+
+    with pytest.raises(AssertionError, match="no gradient reaches `c`: did you use .detach()"):
+        checks.check_lstm_step(stale_c)
+
+    def in_place(x, h, c, w_ih, w_hh, b_ih, b_hh):  # values right, gradient of w_ih wrong
+        h2, c2 = _lstm_step(x, h, c, w_ih, w_hh, b_ih, b_hh)
+        return h2 + 0 * (x @ w_ih.T).sum() - (0 * (x @ w_ih.T).sum()).detach() * 0, c2
+
+    checks.check_lstm_step(in_place)  # an equivalent formulation passes
+
+
+class _Dot(torch.nn.Module):
+    def __init__(self, encoder_dim, decoder_dim, attention_dim, scaled=True):
+        super().__init__()
+        self.key = torch.nn.Linear(encoder_dim, attention_dim)
+        self.query = torch.nn.Linear(decoder_dim, attention_dim)
+        self.scaled = scaled
+
+    def forward(self, features, hidden, mask=None):
+        scores = (self.key(features) @ self.query(hidden).unsqueeze(2)).squeeze(2)
+        if self.scaled:
+            scores = scores / self.key.out_features ** 0.5
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        alpha = torch.softmax(scores, dim=1)
+        return (alpha.unsqueeze(2) * features).sum(dim=1), alpha
+
+
+def test_check_dot_attention():
+    checks.check_dot_attention(_Dot)
+    with pytest.raises(AssertionError, match=r"unscaled dot products: divide the scores by sqrt\(A\)"):
+        checks.check_dot_attention(lambda e, h, a: _Dot(e, h, a, scaled=False))
+
+    class IgnoresMask(_Dot):
+        def forward(self, features, hidden, mask=None):
+            return super().forward(features, hidden)
+
+    with pytest.raises(AssertionError, match=r"forward\(features, hidden, mask\)"):
+        checks.check_dot_attention(IgnoresMask)
+
+
+def test_penalty_reference_is_caption_loss_regulariser():
+    from caption_lib.decoder import caption_loss
+
+    alphas, mask, lengths = checks._steps_inputs(torch.Generator().manual_seed(3))
+    captions = torch.ones(len(lengths), mask.size(1) + 1, dtype=torch.long)
+    _, parts = caption_loss(torch.zeros(*mask.shape, 3), captions, lengths, alphas, alpha_c=1.0)
+    assert abs(float(checks._penalty_reference(alphas, mask, 2.5)) - 2.5 * parts["reg"]) < 1e-5
+
+
+def test_check_attention_penalty():
+    checks.check_attention_penalty(checks._penalty_reference)
+    with pytest.raises(AssertionError, match="the padded steps count"):
+        checks.check_attention_penalty(
+            lambda a, m, lam: lam * ((1 - a.sum(dim=1)) ** 2).sum(dim=1).mean())
+    with pytest.raises(AssertionError, match="mean over the batch, not the sum"):
+        checks.check_attention_penalty(
+            lambda a, m, lam: lam * ((1 - (a * m.unsqueeze(2)).sum(dim=1)) ** 2).sum())
+    with pytest.raises(AssertionError, match=r"attention_penalty\(\.\.\.\) differs"):
+        checks.check_attention_penalty(lambda a, m, lam: checks._penalty_reference(a, m, 1.0))
+
+
+def test_check_masked_xent():
+    import torch.nn.functional as F
+
+    def right(logits, captions, lengths):
+        real = torch.arange(logits.size(1)) < (lengths - 1).unsqueeze(1)
+        return F.cross_entropy(logits[real], captions[:, 1:][real])
+
+    checks.check_masked_xent(right)
+    with pytest.raises(AssertionError, match="averages over all B\\*T positions"):
+        checks.check_masked_xent(lambda lg, cap, lens: F.cross_entropy(lg.flatten(0, 1),
+                                                                      cap[:, 1:].flatten()))
+    with pytest.raises(AssertionError, match=r"masked_xent\(\.\.\.\) differs"):
+        checks.check_masked_xent(lambda lg, cap, lens: right(lg, cap, lens) * 2)
+
+
+def test_check_clip_grad_norm():
+    def right(grads, max_norm):
+        norm = torch.cat([g.flatten() for g in grads]).norm()
+        scale = min(1.0, max_norm / (float(norm) + 1e-6))
+        return [g * scale for g in grads], norm
+
+    checks.check_clip_grad_norm(right)
+    with pytest.raises(AssertionError, match="each tensor is clipped on its own"):
+        checks.check_clip_grad_norm(lambda gs, m: ([g * min(1.0, m / float(g.norm())) for g in gs],
+                                                   gs[0].norm()))
+    with pytest.raises(AssertionError, match=r"below max_norm stay as they are"):
+        checks.check_clip_grad_norm(
+            lambda gs, m: ([g * m / float(torch.cat([t.flatten() for t in gs]).norm()) for g in gs]
+                           if float(torch.cat([t.flatten() for t in gs]).norm()) < m
+                           else right(gs, m)[0], right(gs, m)[1]))
+
+
+def _bleu4(references, hypothesis):
+    import math
+    from collections import Counter
+
+    def grams(words, m):
+        return Counter(tuple(words[i:i + m]) for i in range(len(words) - m + 1))
+
+    log_p = 0.0
+    for m in range(1, 5):
+        counts, clip = grams(hypothesis, m), Counter()
+        for ref in references:
+            clip |= grams(ref, m)
+        matched = sum(min(c, clip[g]) for g, c in counts.items())
+        if matched == 0:
+            return 0.0
+        log_p += math.log(matched / sum(counts.values())) / 4
+    c = len(hypothesis)
+    r = min((abs(len(ref) - c), len(ref)) for ref in references)[1]
+    return 100 * (1.0 if c > r else math.exp(1 - r / c)) * math.exp(log_p)
+
+
+def test_check_bleu4():
+    checks.check_bleu4(_bleu4)
+
+    def no_brevity(refs, hyp):
+        c = len(hyp)
+        r = min((abs(len(ref) - c), len(ref)) for ref in refs)[1]
+        bp = 1.0 if c > r else math.exp(1 - r / c)
+        return _bleu4(refs, hyp) / bp
+
+    import math
+
+    with pytest.raises(AssertionError, match="pays the brevity penalty"):
+        checks.check_bleu4(no_brevity)

@@ -54,8 +54,8 @@ EXCLUDED: dict[str, str] = {}
 EXPECTED = {
     "01_dataset": ["captions: one item per caption"],
     "02_encoder": ["weights used: IMAGENET1K_V2", "stages fine-tuned: none"],
-    "05_training": ["IMAGENET1K_V2 encoder, frozen, attention [main run]",
-                    "random(seed=0) encoder, frozen, attention", "semantic_f1  n/a"],
+    "05_training": ["IMAGENET1K_V2 encoder, nothing fine-tuned, attention (main run)",
+                    "random(seed=0) encoder, nothing fine-tuned, attention", "semantic_f1  n/a"],
     "06_inference": ["semantic F1: n/a", "grounding: n/a", "-model.pt: encoder weights IMAGENET1K_V2"],
     "results": ["encoder weights this run used: IMAGENET1K_V2"],
 }

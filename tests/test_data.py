@@ -15,8 +15,6 @@ from PIL import Image
 
 from caption_lib import (
     CaptionDataset,
-    FeatureCaptionDataset,
-    ImageDataset,
     Record,
     Vocabulary,
     collate_captions,
@@ -332,15 +330,13 @@ def small(tmp_path):
     return records, Vocabulary.build(c for r in records for c in r.captions)
 
 
-def test_caption_and_image_datasets(small):
+def test_caption_dataset(small):
     records, vocab = small
     captions = CaptionDataset(records, vocab)
     assert len(captions) == 3
     x, caption = captions[1]
     assert x.shape == (3, 8, 10) and torch.allclose(x[:, 0, 0], torch.tensor([1.0, 0, 0]))
     assert vocab.decode(caption) == "red" and caption.dtype == torch.int64
-    images = ImageDataset(records, transform=lambda im: torch.zeros(3, 4, 4))
-    assert len(images) == 2 and images[1][0].shape == (3, 4, 4) and images[1][1] == 1
 
 
 def test_collate_pads_and_keeps_lengths(small):
@@ -356,14 +352,10 @@ def test_collate_pads_and_keeps_lengths(small):
     assert [b[1].shape[1] for b in loader] == [5, 6]
 
 
-def test_feature_caption_dataset(small):
+def test_collate_takes_a_third_item_as_the_index(small):
     records, vocab = small
     features = torch.arange(2 * 49 * 4, dtype=torch.float16).view(2, 49, 4)  # (N, P, E)
-    data = FeatureCaptionDataset(features, records, vocab)
-    assert len(data) == 3
-    f, caption, i = data[2]
-    assert i == 1 and torch.equal(f, features[1]) and vocab.decode(caption) == "a green box here"
-    x, _, lengths, index = collate_captions([data[k] for k in range(3)])
+    items = [(features[i], torch.tensor(vocab.encode(c)), i)
+             for i, r in enumerate(records) for c in r.captions]
+    x, _, lengths, index = collate_captions(items)
     assert x.shape == (3, 49, 4) and index.tolist() == [0, 0, 1] and lengths.tolist() == [5, 3, 6]
-    with pytest.raises(CaptionLibError, match="features for 1 images, but 2 records"):
-        FeatureCaptionDataset(features[:1], records, vocab)

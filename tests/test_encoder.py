@@ -46,11 +46,11 @@ def test_frozen_by_default_no_gradients(frozen_random):
 
 def test_fine_tuning_layer4_trains_only_layer4():
     model = EncoderCNN(weights=None, fine_tune="layer4")
-    assert model.cached_stage == "layer3" and model.cached_channels == 1024
+    assert model.cached_stage == "layer3"
     model.train()
     assert not model.frozen.training and model.trainable.training  # frozen part stays in eval
     cached = model.extract(torch.randn(2, 3, 64, 64))  # (2, 1024, 4, 4)
-    assert cached.shape == (2, 1024, 4, 4) and not cached.requires_grad
+    assert cached.shape == (2, 1024, 4, 4) and not cached.requires_grad  # layer3: 1024 channels
     model.forward_cached(cached).sum().backward()
     assert all(p.grad is not None for p in model.trainable.parameters())
     assert all(not p.requires_grad for p in model.frozen.parameters())

@@ -48,7 +48,7 @@ def test_forward_shapes_and_loss(model, vocab):
     with torch.no_grad():
         features = model.encode_cached(cached)
         logits, alphas = model.forward_cached(cached, captions, lengths)
-        loss, parts = model.loss(logits, captions, lengths, alphas)
+        loss, parts = model.loss(features, captions, lengths)
     assert features.shape == (2, 49, 2048)
     assert logits.shape == (2, captions.size(1) - 1, len(vocab))
     assert alphas.shape == (2, captions.size(1) - 1, 49)

@@ -16,7 +16,12 @@ asserts:
 - chapter pages (the toc's numbered parts) have the Colab launch button and end with the
   headings "Summary" and "Exercises";
 - the "next" link of each page leads to the following page of the toc, from the first
-  page to the last.
+  page to the last;
+- no answer is given away: no nbgrader marker (`### BEGIN SOLUTION`, `### BEGIN HIDDEN
+  TESTS`, ...) in any notebook cell of any page, and no line of a reference solution, a
+  hidden test or an instructors' key (read from the page's notebook, see
+  tools/classroom.py) anywhere in a page's text, shown or collapsed; the same for the
+  notebooks of `_sources/` (the pages' download button).
 
 A full-page screenshot of each page is saved under `--screenshots`. Exit status 1 with
 one line per problem (`page: problem`); 2 when the browser cannot run at all.
@@ -34,10 +39,14 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import classroom  # tools/classroom.py
 
 DEFAULT_CHROMIUM = "/usr/bin/chromium"
 VIEWPORT = {"width": 1280, "height": 900}
@@ -109,6 +118,91 @@ def toc_pages(toc: Path) -> list[Page]:
     return pages
 
 
+def answer_secrets(toc: Path, pages: list[Page]) -> dict[str, list[str]]:
+    """For each page made from a notebook with exercises: the lines it must not show."""
+    import nbformat
+
+    out = {}
+    for page in pages:
+        source = toc.parent / Path(page.path).with_suffix(".ipynb")
+        if source.is_file():
+            nb = nbformat.read(source, as_version=4)
+            if any(classroom.nbgrader_meta(c) or classroom.is_key(c) for c in nb.cells):
+                out[page.path] = classroom.secrets(nb)
+    return out
+
+
+def answer_problems(text: str, cell_text: str, secrets: list[str]) -> list[str]:
+    """What gives an answer away: `text` is all of a page's text (shown or collapsed),
+    `cell_text` that of its notebook cells."""
+    out = [f"nbgrader marker visible: {m!r}" for m in classroom.MARKERS if m in cell_text]
+    lines = {classroom.normalise(line) for line in text.splitlines()}
+    shown = [s for s in secrets if classroom.normalise(s) in lines]
+    if shown:
+        out.append(f"answer visible ({len(shown)} lines of solutions, hidden tests or keys), "
+                   f"e.g. {shown[0]!r}")
+    return out
+
+
+class _Text(HTMLParser):
+    """All text of an HTML page, and that of its notebook cells (`div.cell`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.text: list[str] = []
+        self.cells: list[str] = []
+        self._stack: list[bool] = []  # per open div: inside a cell?
+        self._skip = 0
+
+    def handle_starttag(self, tag, attrs):
+        if tag in ("script", "style"):
+            self._skip += 1
+        if tag == "div":
+            classes = (dict(attrs).get("class") or "").split()
+            self._stack.append(bool(self._stack and self._stack[-1]) or "cell" in classes)
+
+    def handle_endtag(self, tag):
+        if tag in ("script", "style"):
+            self._skip -= 1
+        if tag == "div" and self._stack:
+            self._stack.pop()
+
+    def handle_data(self, data):
+        if self._skip:
+            return
+        self.text.append(data)
+        if self._stack and self._stack[-1]:
+            self.cells.append(data)
+
+
+def html_answer_problems(site: Path, secrets: dict[str, list[str]]) -> list[str]:
+    """`answer_problems` on the HTML files themselves (no browser): every page of `secrets`."""
+    out = []
+    for path, lines in secrets.items():
+        parser = _Text()
+        parser.feed((site / path).read_text(encoding="utf-8"))
+        text, cells = "".join(parser.text), "".join(parser.cells)
+        out += [f"{path}: {p}" for p in answer_problems(text, cells, lines)]
+    return out + download_problems(site, secrets)
+
+
+def download_problems(site: Path, secrets: dict[str, list[str]]) -> list[str]:
+    """The notebooks behind the download button (`_sources/`) must not hold answers."""
+    import nbformat
+
+    out = []
+    for path, lines in secrets.items():
+        base = site / "_sources" / Path(path).with_suffix(".ipynb")
+        for source in (base, base.with_name(base.name + ".txt")):
+            if not source.is_file():
+                continue
+            nb = nbformat.read(source, as_version=4)
+            cells = "\n".join(c.source for c in nb.cells)
+            out += [f"{path}: download (_sources): {p}"
+                    for p in answer_problems(cells, cells, lines)]
+    return out
+
+
 def find_chromium(explicit: str | None = None) -> str | None:
     """The Chromium to drive: `explicit` if given, else Debian's or one on PATH (or None)."""
     candidates = [explicit] if explicit else [DEFAULT_CHROMIUM, shutil.which("chromium"),
@@ -160,9 +254,23 @@ def _problems(page: Page, seen: dict) -> list[str]:
     return out
 
 
+# textContent runs adjacent blocks together ("...C)Summary"), so the text of each block
+# element is added on lines of its own; collapsed blocks are included (textContent, not
+# innerText)
+TEXT_JS = r"""() => [document.body.textContent + '\n' +
+  Array.from(document.querySelectorAll('pre, p, li, td, th, summary, h1, h2, h3, h4'))
+    .map(e => e.textContent).join('\n'),
+  Array.from(document.querySelectorAll('div.cell')).map(e => e.textContent).join('\n')]"""
+
+
 def check_site(site: Path, pages: list[Page], screenshots: Path | None,
-               chromium: str, timeout_s: float = 60.0) -> list[str]:
-    """Check `pages` of the built `site` in headless Chromium; one line per problem."""
+               chromium: str, timeout_s: float = 60.0,
+               secrets: dict[str, list[str]] | None = None) -> list[str]:
+    """Check `pages` of the built `site` in headless Chromium; one line per problem.
+
+    `secrets`: page path -> lines of answers it must not show (`answer_secrets`).
+    """
+    secrets = secrets or {}
     from playwright.sync_api import Error as PlaywrightError
     from playwright.sync_api import sync_playwright
 
@@ -186,6 +294,8 @@ def check_site(site: Path, pages: list[Page], screenshots: Path | None,
                     continue
                 seen = page.evaluate(INSPECT_JS)
                 problems += _problems(page_spec, seen)
+                text, cell_text = page.evaluate(TEXT_JS)
+                problems += answer_problems(text, cell_text, secrets.get(page_spec.path, []))
                 nexts[page_spec.path] = seen["next"] and seen["next"].removeprefix(base)
                 if screenshots is not None:
                     shot = screenshots / Path(page_spec.path).with_suffix(".png")
@@ -197,6 +307,7 @@ def check_site(site: Path, pages: list[Page], screenshots: Path | None,
             page.close()
         browser.close()
     failures += _navigation([p.path for p in pages], nexts)
+    failures += download_problems(site, secrets)
     return failures
 
 
@@ -250,7 +361,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--toc", type=Path, default=Path("_toc.yml"), help="its table of contents")
     parser.add_argument("--screenshots", type=Path, default=Path("_build/screenshots"))
     parser.add_argument("--chromium", default=None, help=f"browser (default {DEFAULT_CHROMIUM})")
+    parser.add_argument("--answers-only", action="store_true",
+                        help="only check that no page or download gives an answer away, "
+                             "on the HTML files (no browser)")
     args = parser.parse_args(argv)
+    if args.answers_only:
+        pages = toc_pages(args.toc)
+        failures = html_answer_problems(args.site, answer_secrets(args.toc, pages))
+        for line in failures:
+            print(line)
+        print(f"check_book --answers-only: {len(pages)} pages, {len(failures)} problems")
+        return 1 if failures else 0
 
     chromium = find_chromium(args.chromium)
     if chromium is None:
@@ -263,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     pages = toc_pages(args.toc)
     start = time.perf_counter()
-    failures = check_site(args.site, pages, args.screenshots, chromium)
+    failures = check_site(args.site, pages, args.screenshots, chromium,
+                          secrets=answer_secrets(args.toc, pages))
     for line in failures:
         print(line)
     print(f"check_book: {len(pages)} pages, {len(failures)} problems, screenshots in "

@@ -9,6 +9,9 @@ This script runs nbgrader's own preprocessors through nbconvert, nothing hand-wr
     ClearHiddenTests  hidden test blocks removed (the visible asserts stay)
     ClearOutput       outputs and execution counts removed
 
+and nbconvert's TagRemovePreprocessor removes the instructors' key cells (model answers
+of the written questions, tag `instructors-key`; see tools/classroom.py).
+
     python tools/student.py                 # every chapter -> student/
     python tools/student.py --out DIR 02    # only chapters whose name contains "02"
 
@@ -26,8 +29,12 @@ from pathlib import Path
 
 import nbformat
 from nbconvert.exporters import NotebookExporter
+from nbconvert.preprocessors import TagRemovePreprocessor
 from nbgrader.preprocessors import ClearHiddenTests, ClearOutput, ClearSolutions
 from traitlets.config import Config
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import classroom  # tools/classroom.py, next to this script
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
@@ -38,7 +45,8 @@ README = """\
 Made by `make student` from the chapters in `notebooks/`: every exercise solution is
 replaced by `raise NotImplementedError()` and hidden tests are removed. Fill in the cells
 marked `# YOUR CODE HERE`, then run the test cell below each one; it prints
-"Exercise N: correct" or says what is wrong.
+"Exercise N: correct" or says what is wrong. The last cell of each notebook lists the
+exercises that passed: hand it in with the notebook.
 
 Set-up: `pip install -e .` in the book's repository (or open a notebook on Colab: its
 first cell installs the package). Chapters: {chapters}.
@@ -46,9 +54,13 @@ first cell installs the package). Chapters: {chapters}.
 
 
 def exporter() -> NotebookExporter:
-    """nbconvert's notebook-to-notebook exporter with nbgrader's three preprocessors."""
+    """nbconvert's notebook-to-notebook exporter with nbgrader's three preprocessors and
+    the removal of the instructors' key cells."""
     config = Config()
-    config.NotebookExporter.preprocessors = [ClearSolutions, ClearHiddenTests, ClearOutput]
+    config.TagRemovePreprocessor.remove_cell_tags = {"instructors-key"}
+    config.TagRemovePreprocessor.enabled = True
+    config.NotebookExporter.preprocessors = [TagRemovePreprocessor, ClearSolutions,
+                                             ClearHiddenTests, ClearOutput]
     return NotebookExporter(config=config)
 
 
@@ -61,7 +73,7 @@ def student_version(notebook: Path) -> str:
 
 def build(out: Path, names: list[str] | None = None) -> list[Path]:
     """Write the student notebooks (and a README) into `out`, replacing it; return the paths."""
-    sources = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+    sources = classroom.chapters(NOTEBOOKS)
     if names:
         sources = [s for s in sources if any(n in s.stem for n in names)]
     tmp = out.with_name(out.name + ".tmp")

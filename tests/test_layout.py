@@ -1,0 +1,110 @@
+"""The library's shape: short functions, a module map, settings checked when built."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+
+import caption_lib
+from caption_lib.errors import CaptionLibError
+from caption_lib.model import CaptionerConfig
+from caption_lib.runtime import atomic_write, rng_state, set_rng_state
+from caption_lib.train import TrainConfig, recipe, run_dir_for
+
+PACKAGE = Path(caption_lib.__file__).parent
+LIMIT = 80  # lines of a function, docstring included
+
+
+def _functions():
+    for path in sorted(PACKAGE.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                yield f"{path.name}:{node.lineno} {node.name}", node.end_lineno - node.lineno + 1
+
+
+def test_no_function_is_longer_than_80_lines():
+    long = {name: n for name, n in _functions() if n > LIMIT}
+    assert not long, f"functions over {LIMIT} lines: {long}"
+
+
+def test_the_module_map_names_every_module():
+    doc = caption_lib.__doc__
+    for path in PACKAGE.glob("*.py"):
+        if not path.name.startswith("__"):
+            assert f"\n        {path.stem} " in doc, f"{path.stem} missing from the map"
+
+
+def test_argparse_only_in_the_cli():
+    users = [p.name for p in PACKAGE.glob("*.py") if "argparse" in p.read_text()]
+    assert users == ["cli.py"], users
+
+
+def test_run_folders_of_todays_recipes_keep_their_names(tmp_path, monkeypatch):
+    """Trained runs in a workspace are found by these names: a config change that renames
+    them would retrain the book (values from `run_dir_for` before `max_len` was retired)."""
+    monkeypatch.setenv("CAPTION_LIB_HOME", str(tmp_path))
+    names = {name: run_dir_for("/data/shapes", *recipe(name)).name
+             for name in ("shapes", "flickr8k", "coco")}
+    assert names == {"shapes": "shapes-6499d7d982", "flickr8k": "shapes-cc63922b5d",
+                     "coco": "shapes-e976297788"}
+    model_config, config = recipe("shapes")
+    config.epochs = 2
+    model_config.fine_tune = False
+    assert run_dir_for("/data/shapes", model_config, config).name == "shapes-2d19d2a13f"
+
+
+def test_configs_are_checked_when_built():
+    with pytest.raises(CaptionLibError, match="unknown schedule 'linear'"):
+        TrainConfig(schedule="linear")
+    with pytest.raises(CaptionLibError, match="unknown precision 'bf16'"):
+        TrainConfig(precision="bf16")
+    with pytest.raises(CaptionLibError, match="batch_size"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(CaptionLibError, match="grid=14"):
+        CaptionerConfig(grid=14)
+    with pytest.raises(CaptionLibError, match="dropout"):
+        CaptionerConfig(dropout=1.5)
+
+
+def test_unknown_keys_are_refused_by_both_configs_retired_ones_dropped():
+    config = TrainConfig(epochs=3)
+    assert TrainConfig.from_dict({**config.__dict__}) == config
+    with pytest.raises(ValueError, match="unknown config fields \\['nope'\\]"):
+        TrainConfig.from_dict({"nope": 1})
+    with pytest.raises(ValueError, match="unknown config fields \\['nope'\\]"):
+        CaptionerConfig.from_json('{"nope": 1}')
+    # checkpoints written before `max_len` was retired still load
+    assert CaptionerConfig.from_json('{"max_len": 20, "embed_dim": 8}').embed_dim == 8
+
+
+def test_rng_state_round_trip_on_the_cpu():
+    state = rng_state()
+    a = torch.rand(3)
+    set_rng_state(state)
+    assert torch.equal(torch.rand(3), a)
+    set_rng_state(state["cpu"])  # a bare CPU state, as older checkpoints hold it
+    assert torch.equal(torch.rand(3), a)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_rng_state_round_trip_on_cuda():
+    torch.cuda.init()
+    state = rng_state()
+    assert "cuda" in state
+    a = torch.rand(3, device="cuda")
+    set_rng_state(state)
+    assert torch.equal(torch.rand(3, device="cuda"), a)
+
+
+def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path):
+    path = tmp_path / "x.txt"
+    with atomic_write(path) as f:
+        f.write(b"old")
+    with pytest.raises(KeyboardInterrupt), atomic_write(path) as f:
+        f.write(b"half")
+        raise KeyboardInterrupt
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["x.txt"]
