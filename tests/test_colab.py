@@ -222,10 +222,12 @@ def test_load_image_turns_phone_photos_upright(tmp_path):
 
 
 def test_data_sets_read_photos_upright_too(tmp_path):
-    from caption_lib.data import ImageDataset, Record
+    from caption_lib.data import CaptionDataset, Record
+    from caption_lib.vocab import Vocabulary
 
     _quarter_turn_jpeg(tmp_path / "portrait.jpg")
-    x, _ = ImageDataset([Record(tmp_path / "portrait.jpg", ["a"], "train", "p")])[0]
+    records = [Record(tmp_path / "portrait.jpg", ["a"], "train", "p")]
+    x, _ = CaptionDataset(records, Vocabulary.build(["a"], min_freq=1))[0]
     assert x.shape == (3, 40, 60)  # (3, H, W) of the upright picture
 
 
@@ -250,13 +252,15 @@ def test_a_falling_val_loss_is_progress_while_bleu_is_zero(tiny_shapes, tmp_path
 
     from caption_lib import train as training
 
-    real = training.evaluate_split
+    real = training.score_split
     losses = iter([3.0, 2.5, 2.0, 1.5, 1.5, 1.5, 1.5, 1.5])
 
     def zero_bleu(*args, **kwargs):
-        return {**real(*args, **kwargs), "bleu4": 0.0, "loss": next(losses)}
+        result = real(*args, **kwargs)
+        result.scores = {**result.scores, "bleu4": 0.0, "loss": next(losses)}
+        return result
 
-    monkeypatch.setattr(training, "evaluate_split", zero_bleu)
+    monkeypatch.setattr(training, "score_split", zero_bleu)
     model_config, config = tiny_configs(epochs=8)
     config = dataclasses.replace(config, early_stop=2, lr_patience=1, val_images=2)
     run = training.train(tiny_shapes, tmp_path / "run", model_config, config,
