@@ -393,8 +393,9 @@ lengths_by_k = {k: sum(len(i["caption"].split()) for i in ev.captions) / len(ev.
                 for k, ev in evaluations.items()}
 low, high = min(evaluations), max(evaluations)
 print("mean caption length: " + ", ".join(f"k={k}: {n:.2f} words" for k, n in lengths_by_k.items()))
+f1 = {k: ev.scores.get("semantic_f1") for k, ev in evaluations.items()}  # None: no ground truth
 print(f"from k={low} to k={high}: BLEU-4 {evaluations[high].scores['bleu4'] - evaluations[low].scores['bleu4']:+.1f}, "
-      f"semantic F1 {evaluations[high].scores.get('semantic_f1', float('nan')) - evaluations[low].scores.get('semantic_f1', float('nan')):+.3f}")
+      "semantic F1 " + ("n/a" if f1[low] is None else f"{f1[high] - f1[low]:+.3f}"))
 
 # %% [markdown]
 # Why captions change length with $k$: the length-normalised score
