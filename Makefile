@@ -17,11 +17,12 @@ MATHJAX := _vendor/mathjax/tex-mml-chtml.js
 # the browser check drives Debian's Chromium (Playwright cannot download browsers here)
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: install test colab-check book check-book browser mathjax notebooks student bench lint clean help
+.PHONY: install runs test colab-check book check-book browser mathjax notebooks student bench lint clean help
 
 help:
 	@echo "make book   build the book (_build/html) with every notebook executed offline"
 	@echo "make test   run all tests, nbval over notebooks/ included"
+	@echo "make runs   build the shapes data and train the runs the chapters load (progress bars; a no-op once done)"
 	@echo "make colab-check  every chapter with DATASET=flickr8k on a tiny local Flickr8k mirror (offline)"
 	@echo "make check-book  open every page of _build/html in headless Chromium; screenshots in _build/screenshots/"
 	@echo "make notebooks [NB=01_dataset]  execute notebooks/*.py into notebooks/*.ipynb (commit them)"
@@ -41,7 +42,12 @@ $(STAMP): pyproject.toml constraints.txt | $(PY)
 
 install: $(STAMP)
 
-test: $(STAMP) $(MATHJAX)
+# the data set and every run the chapters load, trained here with their progress bars, so
+# that `make book` / `make test` show progress and the notebooks load the finished runs
+runs: $(STAMP)
+	$(PY) tools/book_runs.py
+
+test: $(STAMP) $(MATHJAX) runs
 	-@$(MAKE) --no-print-directory browser
 	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env --nbval-cell-timeout=1200 -p no:cacheprovider
 
@@ -50,7 +56,7 @@ test: $(STAMP) $(MATHJAX)
 colab-check: $(STAMP)
 	$(PY) -m pytest tests/test_colab.py -m colab --durations=0 -p no:cacheprovider
 
-book: $(STAMP) $(MATHJAX)
+book: $(STAMP) $(MATHJAX) runs
 	$(VENV)/bin/jupyter-book build -W -n --keep-going .
 
 mathjax: $(MATHJAX)
@@ -81,9 +87,10 @@ student: $(STAMP)
 
 bench: $(STAMP)
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	@$(PY) benchmarks/summary.py
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check caption_lib tests benchmarks
+	$(VENV)/bin/ruff check caption_lib tests benchmarks tools
 
 clean:
 	rm -rf _build _vendor student .pytest_cache .hypothesis .ruff_cache

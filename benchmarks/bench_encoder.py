@@ -38,10 +38,11 @@ def _median_seconds(fn, repeats: int) -> float:
 
 def main() -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batches", type=int, default=3)
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     encoder = EncoderCNN(weights=None).eval()  # frozen, as in the paper
     images = torch.randn(16, 3, 224, 224)  # (B, 3, 224, 224)

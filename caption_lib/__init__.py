@@ -11,6 +11,7 @@ module, in three layers (a module only imports from its own layer or the ones ab
         encoder      ResNet-50 -> (B, 49, 2048) region features
         attention    additive (Bahdanau) soft attention over the 49 regions
         decoder      the attention LSTM decoder and the captioning loss
+        hard_attention  stochastic hard attention (Sec. 4.1) and its REINFORCE estimator
         model        Captioner = vocabulary + encoder + decoder: encode, loss; checkpoints
         decoding     greedy decoding and batched beam search; caption one image
         metrics      BLEU, CIDEr, ROUGE-L, METEOR; semantic F1 and attention grounding

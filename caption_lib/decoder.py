@@ -128,12 +128,19 @@ class DecoderWithAttention(nn.Module):
     def _cell(self, embedded: torch.Tensor, state: State, features: torch.Tensor,
               projected: torch.Tensor | None) -> tuple[State, torch.Tensor]:
         """One LSTM update from the embedded previous word (B, D); returns (h, c), alpha."""
+        context, alpha = self._attend(features, state[0], projected)  # (B, E), (B, P)
+        return self.update(embedded, state, context), alpha
+
+    def update(self, embedded: torch.Tensor, state: State, context: torch.Tensor) -> State:
+        """The LSTM update given the context z_t (B, E): the gate beta_t, then the cell.
+
+        Soft attention passes the expected context sum_i alpha_i a_i; hard attention
+        (`caption_lib.hard_attention`) passes one sampled region a_{s_t}.
+        """
         h, c = state  # (B, H), (B, H)
-        context, alpha = self._attend(features, h, projected)  # (B, E), (B, P)
         gate = torch.sigmoid(self.f_beta(h))  # (B, E)
         x = torch.cat([embedded, gate * context], dim=1)  # (B, D + E)
-        h, c = self.lstm(x, (h, c))  # (B, H), (B, H)
-        return (h, c), alpha
+        return self.lstm(x, (h, c))  # (B, H), (B, H)
 
     # -- training: teacher forcing over the whole caption -------------------------------
 

@@ -12,6 +12,9 @@ Letters: B batch, C channels, P = H'*W' regions (49), E encoder dim (2048).
 
 The network is split in two: `frozen` (never trained, so its output can be cached once
 per image; see `caption_lib.features`) and `trainable` (the stages being fine-tuned).
+The split may also fall inside a stage, between two of its bottleneck blocks:
+`fine_tune="layer4.1"` caches the output of `layer4[0]` (B, 2048, 7, 7) and trains
+`layer4[1:]`, about half the cost of a training step through the whole of `layer4`.
 With ImageNet weights the whole network is frozen, as in the paper. Offline there are no
 ImageNet weights; a frozen *random* ResNet gives features too weak to learn from, so the
 offline recipe fine-tunes `layer4` on cached `layer3` outputs (`fine_tune="auto"` picks
@@ -20,7 +23,9 @@ this by itself).
 BatchNorm while fine-tuning: the trainable stage runs in train mode (batch statistics)
 during training; its running statistics are then re-estimated over training data with
 `recalibrate_batchnorm` before evaluation, so that eval mode uses statistics of the final
-weights rather than a stale exponential average of earlier ones.
+weights rather than a stale exponential average of earlier ones. When training starts
+inside a stage, the stage's frozen blocks get statistics of the data once, before the
+features are cached (`calibrate_frozen_batchnorm`; checkpoints store them).
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ STRICT_ENV = "CAPTION_LIB_STRICT_WEIGHTS"
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
 # children of torchvision's resnet50 after dropping avgpool and fc, by stage
 _STAGE_OF_CHILD = ("stem", "stem", "stem", "stem", "layer1", "layer2", "layer3", "layer4")
+_CHANNELS = {"stem": 64, "layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048}
+_BLOCKS = {"layer1": 3, "layer2": 4, "layer3": 6, "layer4": 3}  # bottleneck blocks per stage
 
 
 def load_resnet50(weights: str | None = "DEFAULT", strict: bool | None = None,
@@ -80,17 +87,30 @@ def load_resnet50(weights: str | None = "DEFAULT", strict: bool | None = None,
 
 
 def _stages_to_train(fine_tune: bool | str | None, pretrained: bool) -> tuple[str, ...]:
-    """Stages that train: False/None -> none; "layer4" -> layer4; "layer3" -> layer3+4;
-    True/"all" -> all; "auto" -> none with pretrained weights, layer4 without."""
+    """What trains, from where training starts to the end of the network.
+
+    False/None -> nothing; "layer4" -> layer4; "layer3" -> layer3+4; True/"all" -> all;
+    "auto" -> nothing with pretrained weights, "layer4" without. A block of a stage
+    ("layer4.1", torchvision's module name) starts inside it: "layer4.1" trains layer4's
+    blocks 1 and 2, ("layer4.1", "layer4.2"); "layer4.0" is the same as "layer4".
+    """
     if fine_tune == "auto":
         fine_tune = False if pretrained else "layer4"
     if fine_tune in (False, None, "none"):
         return ()
     if fine_tune in (True, "all"):
         return STAGES
-    if fine_tune not in STAGES:
-        raise CaptionLibError(f"fine_tune={fine_tune!r}: use False, 'auto', 'all' or one of {STAGES}")
-    return STAGES[STAGES.index(fine_tune):]
+    stage, dot, block = str(fine_tune).partition(".")
+    if (not isinstance(fine_tune, str) or stage not in STAGES
+            or (dot and not (stage in _BLOCKS and block.isdigit()
+                               and int(block) < _BLOCKS[stage]))):
+        raise CaptionLibError(
+            f"fine_tune={fine_tune!r}: use False, 'auto', 'all', a stage {STAGES} or a block "
+            f"where training starts, e.g. 'layer4.1' (blocks per stage: {_BLOCKS})")
+    later = STAGES[STAGES.index(stage) + 1:]
+    if not block or int(block) == 0:
+        return (stage, *later)
+    return (*(f"{stage}.{k}" for k in range(int(block), _BLOCKS[stage])), *later)
 
 
 class EncoderCNN(nn.Module):
@@ -98,8 +118,10 @@ class EncoderCNN(nn.Module):
 
     Args:
         weights: "DEFAULT" (ImageNet, downloaded when reachable) or None (random init).
-        fine_tune: which stages train: False (the paper: all frozen), "layer4", "layer3",
-            "all", or "auto" (frozen with ImageNet weights, "layer4" with random ones).
+        fine_tune: where training starts (everything after it trains too): False (the
+            paper: all frozen), a stage ("layer4", "layer3", ...), a block of a stage
+            ("layer4.1": layer4's last two blocks; "layer4.2": its last one), "all", or
+            "auto" (frozen with ImageNet weights, "layer4" with random ones).
         grid: optional output grid (e.g. 14 for a 14x14 = 196-region map, as some
             tutorials use); None keeps the network's own 7x7 for 224x224 inputs.
         strict: raise instead of falling back to random weights when offline.
@@ -116,20 +138,36 @@ class EncoderCNN(nn.Module):
         self.trained_stages = _stages_to_train(fine_tune, self.pretrained)
         self.fine_tune = self.trained_stages[0] if self.trained_stages else False
         children = list(resnet.children())[:-2]  # drop avgpool and fc, as the seed does
-        split = next((i for i, s in enumerate(_STAGE_OF_CHILD) if s in self.trained_stages),
-                     len(children))
-        self.frozen = nn.Sequential(*children[:split])
-        self.trainable = nn.Sequential(*children[split:])
+        start, _, block = (self.trained_stages or ("",))[0].partition(".")
+        split = next((i for i, s in enumerate(_STAGE_OF_CHILD) if s == start), len(children))
+        frozen, trainable = children[:split], children[split:]
+        if block:  # training starts inside a stage: its first blocks join the frozen part
+            frozen.append(trainable[0][:int(block)])
+            trainable[0] = trainable[0][int(block):]
+        self.frozen = nn.Sequential(*frozen)
+        self.trainable = nn.Sequential(*trainable)
         self.frozen.requires_grad_(False)
         self.frozen.eval()
+        self.frozen_calibrated = False  # see `calibrate_frozen_batchnorm`
         self.pool = nn.AdaptiveAvgPool2d(grid) if grid else nn.Identity()
         self.grid = grid
 
     @property
     def cached_stage(self) -> str:
-        """Name of the stage whose output the feature cache stores (the frozen part's end)."""
-        frozen_stages = [s for s in STAGES if s not in self.trained_stages]
-        return frozen_stages[-1] if frozen_stages else "image"
+        """Where the frozen part ends, i.e. what the feature cache stores: a stage
+        ("layer3"), a block ("layer4.0" when training starts at "layer4.1") or "image"."""
+        if not self.trained_stages:
+            return STAGES[-1]
+        stage, _, block = self.trained_stages[0].partition(".")
+        if block:
+            return f"{stage}.{int(block) - 1}"
+        index = STAGES.index(stage)
+        return STAGES[index - 1] if index else "image"
+
+    @property
+    def cached_channels(self) -> int:
+        """Channels C of the cached tensor (B, C, h, w)."""
+        return _CHANNELS.get(self.cached_stage.partition(".")[0], 3)
 
     def train(self, mode: bool = True) -> EncoderCNN:
         """Like nn.Module.train, but the frozen part always stays in eval mode."""
@@ -140,7 +178,7 @@ class EncoderCNN(nn.Module):
     @torch.no_grad()
     def extract(self, images: torch.Tensor) -> torch.Tensor:
         """Run the frozen part: (B, 3, H, W) -> (B, C, h, w), the tensor the cache stores."""
-        return self.frozen(images)  # (B, 1024, 14, 14) for layer3, (B, 2048, 7, 7) frozen
+        return self.frozen(images)  # (B, 1024, 14, 14) for layer3, (B, 2048, 7, 7) layer4.k
 
     def forward_cached(self, x: torch.Tensor) -> torch.Tensor:
         """Finish the encoder from a cached frozen output: (B, C, h, w) -> (B, P, 2048)."""
@@ -154,9 +192,73 @@ class EncoderCNN(nn.Module):
         return self.forward_cached(self.extract(images))
 
     def frozen_fingerprint(self) -> float:
-        """A cheap checksum of the frozen weights (to detect a mismatch at load time)."""
+        """A cheap checksum of the frozen weights (to detect a mismatch at load time), and of
+        the frozen BatchNorm statistics when they were calibrated (so the cache sees them)."""
         with torch.no_grad():
-            return float(sum(p.double().abs().sum() for p in self.frozen.parameters()))
+            total = float(sum(p.double().abs().sum() for p in self.frozen.parameters()))
+            state = self.frozen_batchnorm_state()
+            return total + float(sum(v.double().abs().sum() for v in state.values()))
+
+    # -- the frozen blocks of a partly trained stage ("layer4.1", "layer4.2") ------------
+
+    def frozen_batchnorms(self) -> list[nn.BatchNorm2d]:
+        """BatchNorm layers of the frozen blocks of the stage training starts in (empty
+        when training starts at a stage boundary or nothing trains)."""
+        if not self.trained_stages or "." not in self.trained_stages[0]:
+            return []
+        return [m for m in self.frozen[-1].modules() if isinstance(m, nn.BatchNorm2d)]
+
+    def frozen_batchnorm_state(self) -> dict[str, torch.Tensor]:
+        """The calibrated statistics of `frozen_batchnorms` (what checkpoints store), or {}."""
+        if not self.frozen_calibrated:
+            return {}
+        return {k: v for k, v in self.frozen[-1].state_dict().items()
+                if k.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")}
+
+    def load_frozen_batchnorm_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore `frozen_batchnorm_state()` (from a checkpoint)."""
+        if not self.frozen_batchnorms():
+            raise CaptionLibError(f"frozen BatchNorm statistics stored, but fine_tune="
+                                  f"{self.fine_tune!r} has no frozen blocks in a trained stage")
+        unexpected = self.frozen[-1].load_state_dict(state, strict=False).unexpected_keys
+        if unexpected:
+            raise CaptionLibError(f"frozen BatchNorm statistics do not fit fine_tune="
+                                  f"{self.fine_tune!r} (unexpected: {unexpected[:3]})")
+        self.frozen_calibrated = True
+
+    def freeze(self, weights_used: str) -> EncoderCNN:
+        """Freeze the trained stages too (a fine-tuned encoder reused under a new decoder).
+
+        The whole network becomes the frozen, cached part, named `weights_used`. Its old
+        frozen part stays reachable as `prefix`, so that the feature cache can finish its
+        already cached output instead of running the images again (`caption_lib.features`).
+        """
+        self.prefix = _Prefix(self)
+        self.frozen = nn.Sequential(*self.frozen, *self.trainable)
+        self.trainable = nn.Sequential()
+        self.trained_stages, self.fine_tune = (), False
+        self.frozen.requires_grad_(False)
+        self.frozen.eval()  # BatchNorm: the statistics the stage was evaluated with
+        self.weights_used = weights_used
+        return self
+
+
+class _Prefix(nn.Module):
+    """The frozen part an encoder had before `freeze`: what its old feature cache holds."""
+
+    def __init__(self, encoder: EncoderCNN) -> None:
+        super().__init__()
+        self.frozen = encoder.frozen  # the same modules, not a copy
+        self.weights_used, self.cached_stage = encoder.weights_used, encoder.cached_stage
+        self.size = len(encoder.frozen)  # children of the full network it covers
+        self.fingerprint = encoder.frozen_fingerprint()
+
+    def frozen_fingerprint(self) -> float:
+        return self.fingerprint
+
+    def extract(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.frozen(images)  # (B, C, h, w)
 
 
 def image_transform(image_size: int = 224) -> T.Compose:
@@ -214,4 +316,45 @@ def recalibrate_bn_statistics(module: nn.Module, batches: Iterable[torch.Tensor]
     for m, momentum in zip(norms, saved):
         m.momentum = momentum
     module.train(was_training)
+    return seen
+
+
+@torch.no_grad()
+def calibrate_frozen_batchnorm(encoder: EncoderCNN, batches: Iterable[torch.Tensor],
+                               fast: bool = True) -> int:
+    """Statistics of the data for the frozen blocks of a partly trained stage.
+
+    Untrained BatchNorm layers in eval mode (running mean 0, variance 1) do not normalise:
+    the output of the frozen `layer4[0]` of a random ResNet-50 has a mean near 8 and a
+    standard deviation near 12 on the shapes images, and it reaches the decoder through
+    the identity paths of the trained blocks unnormalised (fine-tuning `layer4.1` then
+    learned nothing in an epoch: `benchmarks/results/recipe_layer4.1-uncalibrated.json`). A trained
+    stage does not have the problem: its first block renormalises its input path.
+
+    So, once before the features are cached: `batches` of images (B, 3, S, S) run through
+    the frozen part, the blocks of the split stage in train mode, and their statistics are
+    averaged over all batches with equal weight (momentum=None), then frozen again (eval
+    mode). Returns the number of images seen (0 when there is nothing to calibrate).
+    `fast`: the stages before run in bf16 autocast + channels_last, as extraction does.
+    """
+    norms = encoder.frozen_batchnorms()
+    if not norms:
+        return 0
+    head, blocks = encoder.frozen[:-1], encoder.frozen[-1]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+    blocks.train()
+    seen = 0
+    for images in batches:
+        if fast:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=fast):
+            x = head(images)  # (B, C, h, w), the split stage's input
+        blocks(x.float())  # (B, C', h', w'), updates the statistics
+        seen += images.size(0)
+    for m in norms:
+        m.momentum = 0.1
+    encoder.frozen.eval()
+    encoder.frozen_calibrated = seen > 0
     return seen

@@ -6,10 +6,16 @@ and channels_last on CPU, AMP on CUDA) and stores the output as float16 in a `.n
 later epochs and chapters memory-map that file. What is stored depends on the recipe:
 
     encoder frozen (the paper, ImageNet weights) -> layer4 output (N, 2048, 7, 7)
-    layer4 fine-tuned (offline default)          -> layer3 output (N, 1024, 14, 14)
+    layer4 fine-tuned                            -> layer3 output (N, 1024, 14, 14)
+    layer4 from block k fine-tuned ("layer4.k")  -> layer4[k-1] output (N, 2048, 7, 7)
 
-A cache entry is keyed by everything its content depends on (backbone, weights, stage,
-image size, the images themselves by path, size and modification time); another key is
+(When training starts inside a stage, the BatchNorm statistics of that stage's frozen
+blocks are first calibrated on training images, `calibrate_frozen`: see
+`encoder.calibrate_frozen_batchnorm` for why.)
+
+A cache entry is keyed by everything its content depends on (backbone, weights, where
+the frozen part ends (a stage or a block: `EncoderCNN.cached_stage`), image size, the
+images themselves by path, size and modification time); another key is
 another folder. Extraction writes to a temporary file and renames it when complete, so an
 interrupted run never leaves a cache that looks valid.
 
@@ -38,7 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from caption_lib import distributed
-from caption_lib.encoder import EncoderCNN, image_transform
+from caption_lib.encoder import EncoderCNN, calibrate_frozen_batchnorm, image_transform
 from caption_lib.errors import CaptionLibError
 from caption_lib.runtime import atomic_folder, autocast, workspace_dir
 
@@ -85,6 +91,26 @@ class FeatureStore:
             out[order] = self.array[idx[order]]
             return torch.from_numpy(out)  # (B, C, h, w)
         return torch.from_numpy(np.array(self.array[idx]))  # (C, h, w) or (B, C, h, w)
+
+
+def calibrate_frozen(encoder: EncoderCNN, paths: Sequence[Path], *, images: int = 256,
+                     seed: int = 0, image_size: int = 224, batch_size: int = 32,
+                     device: torch.device | str = "cpu", fast: bool = True) -> int:
+    """Before caching: BatchNorm statistics for the frozen blocks of a partly trained stage
+    (`encoder.calibrate_frozen_batchnorm`) from `images` of `paths`, drawn with `seed`.
+
+    Returns the number of images used; 0 (nothing done) unless training starts inside a
+    stage (e.g. fine_tune="layer4.2") and the statistics are not calibrated yet. The cache
+    key sees the statistics through `EncoderCNN.frozen_fingerprint`.
+    """
+    if not encoder.frozen_batchnorms() or encoder.frozen_calibrated:
+        return 0
+    pick = torch.randperm(len(paths), generator=torch.Generator().manual_seed(seed))[:images]
+    data = _Images([paths[i] for i in sorted(pick.tolist())], image_size)
+    encoder.frozen.to(device)
+    batches = (torch.stack([data[j] for j in range(k, min(k + batch_size, len(data)))])
+               .to(device) for k in range(0, len(data), batch_size))  # (B, 3, S, S) each
+    return calibrate_frozen_batchnorm(encoder, batches, fast=fast)
 
 
 def cache_key(encoder: EncoderCNN, paths: Sequence[Path], image_size: int) -> dict:
@@ -146,6 +172,12 @@ def cached_features(encoder: EncoderCNN, paths: Sequence[Path], *, cache_root: P
         return _cached_sharded(encoder, list(paths), folder, key, cache_root=Path(cache_root),
                                image_size=image_size, batch_size=batch_size, device=device,
                                fast=fast, num_workers=num_workers, progress=progress)
+    prefix = getattr(encoder, "prefix", None)
+    if prefix is not None:  # a frozen fine-tuned encoder: finish its prefix's cache
+        return _cached_from_prefix(encoder, prefix, list(paths), folder, key,
+                                   cache_root=Path(cache_root), image_size=image_size,
+                                   batch_size=batch_size, device=device, fast=fast,
+                                   num_workers=num_workers, progress=progress)
     with atomic_folder(folder) as tmp:  # an interrupted run leaves no valid-looking cache
         shape, seconds = _extract_into(tmp / "features.npy", encoder, paths, key, device=device,
                                        image_size=image_size, batch_size=batch_size, fast=fast,
@@ -201,6 +233,41 @@ def _extract_into(path: Path, encoder: EncoderCNN, paths: Sequence[Path], key: d
     shape = tuple(out.shape)
     del out
     return shape, time.perf_counter() - start
+
+
+@torch.no_grad()
+def _cached_from_prefix(encoder: EncoderCNN, prefix, paths: list[Path], folder: Path,
+                        key: dict, *, cache_root: Path, **options) -> FeatureStore:
+    """The full frozen output from the cache of the encoder's old frozen part (`freeze`):
+    only the stages after it run (e.g. a frozen fine-tuned layer4 on cached layer3)."""
+    base = cached_features(prefix, paths, cache_root=cache_root, **options)
+    device, fast = torch.device(options["device"]), options["fast"]
+    suffix = encoder.frozen[prefix.size:]
+    was_on = next(encoder.parameters()).device
+    suffix.to(device)
+    try:
+        with atomic_folder(folder) as tmp:
+            start, out = time.perf_counter(), None
+            for row in range(0, len(base), options["batch_size"]):
+                x = base[row:row + options["batch_size"]].to(device, torch.float32)  # (B, C, h, w)
+                if fast:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with autocast(device, "auto" if fast else "fp32"):
+                    feats = suffix(x).float()  # (B, C', h', w')
+                if out is None:
+                    shape = (len(paths), *feats.shape[1:])
+                    out = np.lib.format.open_memmap(tmp / "features.npy", mode="w+",
+                                                    dtype=np.float16, shape=shape)
+                out[row:row + len(feats)] = feats.cpu().numpy().astype(np.float16)
+            out.flush()
+            del out
+            seconds = time.perf_counter() - start
+            meta = {"key": key, "shape": list(shape), "dtype": "float16", "from": str(base.path),
+                    "seconds": round(seconds, 1), "device": str(device), "fast": fast}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    finally:
+        suffix.to(was_on)
+    return FeatureStore(folder / "features.npy", meta)
 
 
 def _cached_sharded(encoder: EncoderCNN, paths: list[Path], folder: Path, key: dict, *,

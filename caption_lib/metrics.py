@@ -246,7 +246,8 @@ def grounding_report(hypotheses: Sequence[Tokens], alphas: Sequence[torch.Tensor
     mass_total, argmax_total, words, skipped = 0.0, 0, 0, 0
     for i, (hyp, alpha, objects) in enumerate(zip(hypotheses, alphas, objects_per_image)):
         hyp = [t.lower() for t in hyp]
-        alpha = torch.as_tensor(alpha).float().reshape(len(alpha), -1)  # (T, P)
+        alpha = torch.as_tensor(alpha).float()
+        alpha = alpha.reshape(len(alpha), -1 if len(alpha) else grid * grid)  # (T, P)
         if alpha.size(0) < len(hyp) or alpha.size(1) != grid * grid:
             raise ValueError(f"image {i}: attention {tuple(alpha.shape)} for {len(hyp)} "
                              f"words on a {grid}x{grid} grid")

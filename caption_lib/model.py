@@ -13,6 +13,8 @@ strings, numbers and tensors that `torch.load(..., weights_only=True)` reads saf
     decoder              the decoder's state_dict
     encoder_trainable    state_dict of the encoder's trainable part only (the frozen part is
                          rebuilt from `encoder_weights_used` and checked by its fingerprint)
+    encoder_frozen_batchnorm  only when training starts inside a stage ("layer4.2"): the
+                         calibrated BatchNorm statistics of its frozen blocks
     encoder_weights_used e.g. "IMAGENET1K_V2" or "random(seed=0)"
     encoder_fingerprint  cheap checksum of the frozen encoder weights (float)
     checksum             sum of all stored tensor values (detects edited weights)
@@ -37,6 +39,7 @@ from torch import nn
 from caption_lib.decoder import DecoderWithAttention, caption_loss, loss_terms
 from caption_lib.encoder import EncoderCNN
 from caption_lib.errors import CaptionLibError
+from caption_lib.hard_attention import TEST_CONTEXTS, HardAttentionDecoder, hard_attention_loss
 from caption_lib.runtime import atomic_write, autocast
 from caption_lib.vocab import Vocabulary
 
@@ -49,11 +52,20 @@ _KEYS = ("config", "vocab", "decoder", "encoder_trainable", "encoder_weights_use
 class CaptionerConfig:
     """Everything needed to rebuild a `Captioner` (stored in checkpoints as JSON).
 
-    encoder_weights: "DEFAULT" (ImageNet when reachable) or None (random init, seeded).
+    encoder_weights: "DEFAULT" (ImageNet when reachable), None (random init, seeded), or
+        the path of a caption_lib checkpoint (ending in .pt): its encoder, every stage
+        frozen (a new decoder on an encoder trained before, as the Hard attention chapter
+        does with chapter 5's fine-tuned `layer4`).
     fine_tune: encoder stages that train (False, "layer4", "auto", ...; see `EncoderCNN`).
     grid: None (the network's 7x7 regions); any other grid is refused here, because the
         attention figures and the grounding metric assume the 7x7 grid of the book.
     alpha_c: weight of the doubly stochastic attention regulariser in the loss.
+    attention: "soft" (Sec. 4.2, the expected context) or "hard" (Sec. 4.1, one sampled
+        region per word, trained with REINFORCE; see `caption_lib.hard_attention`).
+    lambda_r, lambda_e: hard attention's weights of the REINFORCE and entropy terms.
+    baseline_decay: the moving-average baseline's decay (the paper's 0.9).
+    expected_prob: chance that a caption trains with the expected context (paper: 0.5).
+    test_context: the context hard attention decodes with: "expected", "argmax", "sample".
 
     Checked when built (`CaptionLibError`, one line). `from_json` refuses unknown keys,
     except the retired ones in `RETIRED` (dropped: checkpoints that hold them still load).
@@ -70,6 +82,12 @@ class CaptionerConfig:
     dropout: float = 0.5
     alpha_c: float = 1.0
     use_attention: bool = True
+    attention: str = "soft"
+    lambda_r: float = 1.0
+    lambda_e: float = 0.01
+    baseline_decay: float = 0.9
+    expected_prob: float = 0.5
+    test_context: str = "expected"
 
     RETIRED: ClassVar[dict] = {"max_len": 20}  # removed fields -> their last default
 
@@ -85,6 +103,30 @@ class CaptionerConfig:
         if self.grid not in (None, 7):
             raise CaptionLibError(f"CaptionerConfig.grid={self.grid!r}: only the 7x7 grid (None) "
                                   "is supported end to end (attention plots, grounding)")
+        self._check_attention()
+        if _is_checkpoint(self.encoder_weights) and self.fine_tune not in (False, None, "auto"):
+            raise CaptionLibError(f"CaptionerConfig: fine_tune={self.fine_tune!r}: the encoder "
+                                  f"of {self.encoder_weights} is used frozen (use False)")
+
+    def _check_attention(self) -> None:
+        """One clear line for a bad hard-attention setting."""
+        def bad(what: str) -> CaptionLibError:
+            return CaptionLibError(f"CaptionerConfig: {what}")
+
+        if self.attention not in ("soft", "hard"):
+            raise bad(f"attention={self.attention!r}: use 'soft' or 'hard'")
+        if self.attention == "hard" and not self.use_attention:
+            raise bad("attention='hard' needs use_attention=True")
+        for name in ("lambda_r", "lambda_e"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise bad(f"{name}={value!r}: must be a finite number >= 0")
+        if not (isinstance(self.baseline_decay, (int, float)) and 0 <= self.baseline_decay < 1):
+            raise bad(f"baseline_decay={self.baseline_decay!r}: must be in [0, 1)")
+        if not (isinstance(self.expected_prob, (int, float)) and 0 <= self.expected_prob <= 1):
+            raise bad(f"expected_prob={self.expected_prob!r}: must be in [0, 1]")
+        if self.test_context not in TEST_CONTEXTS:
+            raise bad(f"test_context={self.test_context!r}: use one of {', '.join(TEST_CONTEXTS)}")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -135,13 +177,15 @@ class Captioner(nn.Module):
         super().__init__()
         self.vocab = vocab
         self.config = config = config or CaptionerConfig()
-        self.encoder = encoder or EncoderCNN(weights=config.encoder_weights,
-                                             fine_tune=config.fine_tune, grid=config.grid,
-                                             init_seed=config.init_seed)
-        self.decoder = DecoderWithAttention(
-            len(vocab), encoder_dim=self.encoder.encoder_dim, embed_dim=config.embed_dim,
-            decoder_dim=config.decoder_dim, attention_dim=config.attention_dim,
-            dropout=config.dropout, use_attention=config.use_attention)
+        self.encoder = encoder or build_encoder(config)
+        dims = {"encoder_dim": self.encoder.encoder_dim, "embed_dim": config.embed_dim,
+                "decoder_dim": config.decoder_dim, "attention_dim": config.attention_dim,
+                "dropout": config.dropout, "use_attention": config.use_attention}
+        if config.attention == "hard":
+            self.decoder = HardAttentionDecoder(len(vocab), expected_prob=config.expected_prob,
+                                                test_context=config.test_context, **dims)
+        else:
+            self.decoder = DecoderWithAttention(len(vocab), **dims)
         self.extra: dict[str, Any] = {}  # what `load` found under "extra"
 
     # -- the model ------------------------------------------------------------------------
@@ -178,13 +222,21 @@ class Captioner(nn.Module):
              weights: tuple[float, float] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """The training loss of captions (N, L) on region features (N, P, E).
 
-        Teacher-forced decoder pass, then `caption_loss` with this model's alpha_c:
+        Hard attention: the REINFORCE estimate of `caption_lib.hard_attention` (in train
+        mode it also moves the baseline). Soft attention: the teacher-forced decoder pass,
+        then `caption_loss` with this model's alpha_c:
         returns the scalar loss (with gradient) and its parts as floats ("xent" per real
         token, "reg" per caption, "tokens"). `weights` (per-token terms, per-caption
         terms) scale the two terms, which are means over this batch: data-parallel
         training passes each process's share of the global batch
         (`distributed.split_batch`); None (one process) is the plain loss.
         """
+        config = self.config
+        if config.attention == "hard":
+            return hard_attention_loss(self.decoder, features, captions, lengths,
+                                       lambda_r=config.lambda_r, lambda_e=config.lambda_e,
+                                       alpha_c=config.alpha_c,
+                                       baseline_decay=config.baseline_decay, weights=weights)
         logits, alphas = self.decoder(features, captions, lengths)  # (N, L-1, V), (N, L-1, P)
         logits, alphas = logits.float(), alphas.float()
         if weights is None:
@@ -217,6 +269,7 @@ class Captioner(nn.Module):
         path = Path(path)
         decoder_state = self.decoder.state_dict()
         encoder_state = self.encoder.trainable.state_dict()
+        frozen_bn = self.encoder.frozen_batchnorm_state()  # {} unless calibrated
         payload = {
             "format": FORMAT,
             "config": self.config.to_json(),
@@ -225,9 +278,11 @@ class Captioner(nn.Module):
             "encoder_trainable": encoder_state,
             "encoder_weights_used": self.encoder.weights_used,
             "encoder_fingerprint": self.encoder.frozen_fingerprint(),
-            "checksum": _tensor_checksum(decoder_state, encoder_state),
+            "checksum": _tensor_checksum(decoder_state, encoder_state, frozen_bn),
             "extra": dict(extra or {}),
         }
+        if frozen_bn:
+            payload["encoder_frozen_batchnorm"] = frozen_bn
         with atomic_write(path) as f:
             torch.save(payload, f)
         return path
@@ -259,7 +314,8 @@ class Captioner(nn.Module):
             vocab = Vocabulary.from_dict(json.loads(payload["vocab"]))
         except (ValueError, TypeError, CaptionLibError) as err:
             raise bad(f"damaged checkpoint: bad config or vocabulary ({_line(err)})") from None
-        stored = _tensor_checksum(payload["decoder"], payload["encoder_trainable"])
+        frozen_bn = payload.get("encoder_frozen_batchnorm") or {}
+        stored = _tensor_checksum(payload["decoder"], payload["encoder_trainable"], frozen_bn)
         if not math.isclose(stored, payload["checksum"], rel_tol=1e-9, abs_tol=1e-6):
             raise bad("damaged checkpoint: the weights do not match their checksum")
 
@@ -267,13 +323,22 @@ class Captioner(nn.Module):
         # rebuild the frozen part exactly as it was: the same weights, or the same seed
         weights = None if used.startswith("random") else used
         try:
-            encoder = EncoderCNN(weights=weights, fine_tune=config.fine_tune, grid=config.grid,
-                                 strict=weights is not None, init_seed=config.init_seed)
+            if _is_checkpoint(config.encoder_weights):  # the encoder of another checkpoint
+                encoder = build_encoder(config)
+            else:
+                encoder = EncoderCNN(weights=weights, fine_tune=config.fine_tune,
+                                     grid=config.grid, strict=weights is not None,
+                                     init_seed=config.init_seed)
         except CaptionLibError as err:
             raise bad(f"needs encoder weights {used}: {_line(err)}") from None
         if encoder.weights_used != used:
             raise bad(f"trained with encoder weights {used}, but {encoder.weights_used} "
                       "were built here")
+        if frozen_bn:
+            try:
+                encoder.load_frozen_batchnorm_state(frozen_bn)
+            except CaptionLibError as err:
+                raise bad(f"damaged checkpoint: {_line(err)}") from None
         if not math.isclose(encoder.frozen_fingerprint(), payload["encoder_fingerprint"],
                             rel_tol=1e-6):
             raise bad(f"the frozen encoder weights ({used}) differ from those it was trained "
@@ -287,6 +352,27 @@ class Captioner(nn.Module):
                       f"({_line(err)})") from None
         model.extra = payload.get("extra") or {}
         return model.to(map_location)
+
+
+def _is_checkpoint(weights: object) -> bool:
+    return isinstance(weights, str) and weights.endswith(".pt")
+
+
+def build_encoder(config: CaptionerConfig) -> EncoderCNN:
+    """The encoder `config` asks for: a ResNet-50 (ImageNet or seeded random init), or the
+    encoder of the checkpoint `config.encoder_weights`, every stage frozen and named after
+    that file and its weights (a changed file gives another name, hence another cache)."""
+    if not _is_checkpoint(config.encoder_weights):
+        return EncoderCNN(weights=config.encoder_weights, fine_tune=config.fine_tune,
+                          grid=config.grid, init_seed=config.init_seed)
+    path = Path(config.encoder_weights).resolve()
+    encoder = Captioner.load(path).encoder  # CaptionLibError naming the file when bad
+    if encoder.grid != config.grid:
+        raise CaptionLibError(f"{path}: its encoder has grid {encoder.grid}, the config asks "
+                              f"for {config.grid}")
+    stages = "+".join(encoder.trained_stages) or "frozen"
+    checksum = _tensor_checksum(encoder.trainable.state_dict())
+    return encoder.freeze(f"{encoder.weights_used}+{stages} of {path} ({checksum:.10g})")
 
 
 def _line(err: BaseException, limit: int = 160) -> str:

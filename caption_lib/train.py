@@ -46,7 +46,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -60,8 +60,8 @@ from caption_lib.decoding import MAX_LEN
 from caption_lib.encoder import recalibrate_batchnorm
 from caption_lib.errors import CaptionLibError
 from caption_lib.evaluate import score_split
-from caption_lib.features import FeatureStore, workspace_features
-from caption_lib.model import Captioner, CaptionerConfig, known_fields
+from caption_lib.features import FeatureStore, calibrate_frozen, workspace_features
+from caption_lib.model import Captioner, CaptionerConfig, known_fields, read_checkpoint
 from caption_lib.runtime import (
     autocast,
     pick_device,
@@ -270,6 +270,9 @@ def _train(data_dir: str | Path, out_dir: Path, model_config: CaptionerConfig | 
     model, config, extra = _fresh_or_resumed(out_dir / "last.pt", records, model_config,
                                              config, resume, log)
     model.to(device)
+    if not extra:  # training starts inside a stage: its frozen blocks' BatchNorm statistics
+        calibrate_frozen(model.encoder, [r.image for r in _train_records(records, config.restval)],
+                         images=config.bn_images, seed=config.seed, device=device)
     log(f"encoder weights: {model.encoder.weights_used}; trained encoder stages: "
         f"{', '.join(model.encoder.trained_stages) or 'none (frozen)'}; device: {device}")
     train_split = _cached_split(model, _train_records(records, config.restval), config,
@@ -533,13 +536,17 @@ def _format(entry: dict) -> str:
 # settings hashed into run folders as they were when the folders were first named: a field
 # added later is left out at this default, a field removed is put back at its last value
 _HASH_ADDED = {"restval": "train"}
+_HASH_ADDED_MODEL = {"attention": "soft", "lambda_r": 1.0, "lambda_e": 0.01, "baseline_decay": 0.9,
+                     "expected_prob": 0.5, "test_context": "expected"}
 _HASH_REMOVED_MODEL = {"max_len": 20}
 
 
 def run_dir_for(data_dir: str | Path, model_config: CaptionerConfig, config: TrainConfig) -> Path:
     """The run folder of a (data, configs) combination: another setting, another folder."""
     settings = {k: v for k, v in asdict(config).items() if _HASH_ADDED.get(k, object()) != v}
-    model = {**asdict(model_config), **_HASH_REMOVED_MODEL}
+    model = {k: v for k, v in asdict(model_config).items()
+             if _HASH_ADDED_MODEL.get(k, object()) != v}
+    model.update(_HASH_REMOVED_MODEL)
     key = json.dumps([str(Path(data_dir).resolve()), model, settings], sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
     return workspace_dir() / "runs" / f"{Path(data_dir).name}-{digest}"
@@ -555,6 +562,22 @@ def ensure_trained(data_dir: str | Path, model_config: CaptionerConfig, config: 
     """
     return train(data_dir, run_dir_for(data_dir, model_config, config), model_config, config,
                  device=device, resume=True, progress=progress, log=log)
+
+
+def same_features_runs(run_dir: str | Path, model_config: CaptionerConfig, config: TrainConfig,
+                       epochs: int) -> dict[str, tuple[CaptionerConfig, TrainConfig]]:
+    """Soft and hard attention decoders on the frozen encoder of the finished run in
+    `run_dir` (trained with `model_config`, `config`): identical features, so that only
+    the attention mechanism differs and only the decoder trains (the Hard attention
+    chapter's comparison). A fine-tuned encoder is named by its checkpoint
+    (`encoder_weights` = the absolute path of `best.pt`); an encoder that was frozen stays
+    what it was. Returns {"soft": configs, "hard": configs}, `epochs` epochs each."""
+    best = (Path(run_dir) / "best.pt").resolve()
+    tuned = bool(read_checkpoint(best)["encoder_trainable"])
+    base = replace(model_config, encoder_weights=str(best) if tuned else model_config.encoder_weights,
+                   fine_tune=False)
+    budget = replace(config, epochs=epochs)
+    return {attention: (replace(base, attention=attention), budget) for attention in ("soft", "hard")}
 
 
 RECIPE_ENV = "CAPTION_LIB_RECIPE_OVERRIDES"

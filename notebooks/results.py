@@ -217,6 +217,8 @@ folder = Path(BENCHMARKS)
 if folder.is_dir():
     for path in sorted(folder.glob("*.json")):
         record = json.loads(path.read_text())
+        if path.name.startswith("recipe_") and "epochs" in record:
+            continue  # a recipe experiment's curve: in the next section
         found = ratios(record)
         display(Markdown(f"**`{path.name}`**: {record.get('benchmark', path.stem)} "
                          f"(CPU threads: {record.get('threads', '?')})"))
@@ -225,6 +227,56 @@ if folder.is_dir():
         display(Markdown(reading(record, found)))
 else:
     print(f"{folder} is not here: the benchmark results live in the repository ({REPO_URL})")
+
+# %% [markdown]
+# ## Recipe experiments: what the offline recipe's settings rest on
+#
+# `benchmarks/recipe_experiments.py` trains variants of `recipe("shapes")` from the same
+# seed and writes one curve per variant (`benchmarks/results/recipe_<name>.json`):
+# validation semantic F1 after each epoch (on the whole validation split where the
+# experiment measured it, otherwise the trainer's own validation images), attention
+# grounding where measured, and the seconds an epoch took on the machine that ran it (a
+# shared machine's seconds are contended; "CPU seconds" is the process's own CPU time).
+# Below, per variant, what it changes, its curve, and a sentence that reads it.
+
+# %% tags=["hide-input"]
+# NBVAL_IGNORE_OUTPUT
+def curve_rows(record: dict) -> list[list]:
+    """One row per epoch: F1 (whole val split where measured, else the trainer's), grounding,
+    seconds and CPU seconds (blank where not recorded)."""
+    rows = []
+    for e in record["epochs"]:
+        f1 = e.get("val_semantic_f1_all", e.get("val_semantic_f1"))
+        rows.append([e["epoch"], f"{f1:.3f}",
+                     f"{e['val_grounding_mass']:.3f}" if "val_grounding_mass" in e else "",
+                     e.get("seconds", ""), e.get("cpu_seconds", "")])
+    return rows
+
+
+def curve_reading(record: dict) -> str:
+    """One sentence: the best F1 of the curve, at which epoch, and after how many seconds."""
+    f1 = [e.get("val_semantic_f1_all", e.get("val_semantic_f1")) for e in record["epochs"]]
+    best = max(range(len(f1)), key=f1.__getitem__)
+    seconds = sum(e.get("seconds", 0) for e in record["epochs"][:best + 1])
+    text = (f"Best validation F1 {f1[best]:.3f} at epoch {best + 1} of {len(f1)}, "
+            f"after {seconds:.0f} s of epochs")
+    cpu = [e["cpu_seconds"] for e in record["epochs"][:best + 1] if "cpu_seconds" in e]
+    if len(cpu) == best + 1:
+        text += f" ({sum(cpu):.0f} CPU seconds)"
+    return text + "." + (f" {record['note']}" if "note" in record else "")
+
+
+experiments = sorted(folder.glob("recipe_*.json")) if folder.is_dir() else []
+for path in experiments:
+    record = json.loads(path.read_text())
+    if "epochs" not in record or not record["epochs"]:
+        continue
+    changes = {**record["settings"]["changes"]["model"], **record["settings"]["changes"]["train"]}
+    display(Markdown(f"**`{path.name}`**: changes {changes or 'none (the recipe as it is)'}"
+                     + (f"; {record['source']}" if "source" in record else "")))
+    display(table(["epoch", "val semantic F1", "val grounding (mass)", "seconds",
+                   "CPU seconds"], curve_rows(record)))
+    display(Markdown(curve_reading(record)))
 
 # %% [markdown]
 # ## Figures for the Scaling-up page
@@ -287,3 +339,38 @@ display(table(["figure", "value"], [[what, value] for what, value in scaling.val
 # The table is the arithmetic behind that page's plan: sizes follow from the image count
 # and the cached map's shape, times from the measured rates. The last rows are why the
 # page recommends GPUs: at the CPU's measured rate a single COCO epoch takes hours.
+
+# %% [markdown]
+# ## Hard against soft attention: the cost of a training step
+#
+# `benchmarks/bench_hard.py` times one decoder training step (loss, backward, clipping,
+# Adam) on cached features at the Colab recipe's sizes, for soft attention, for hard
+# attention as the Hard attention chapter trains it (the expected context for half of
+# the captions), and for hard attention with a drawn location for every caption.
+
+# %% tags=["hide-input"]
+# NBVAL_IGNORE_OUTPUT
+hard_bench = Path(BENCHMARKS) / "hard.json"
+if hard_bench.is_file():
+    record = json.loads(hard_bench.read_text())
+    ms = record["ms_per_step_median"]
+    cpu = record.get("cpu_ms_per_step_median", {})  # CPU time: steadier on a shared machine
+    display(table(["attention", "ms per step (median)", "relative to soft", "CPU ms per step",
+                   "CPU, relative to soft"],
+                  [[name, value, f"{value / ms['soft']:.2f}×", cpu.get(name, "n/a"),
+                    f"{cpu[name] / cpu['soft']:.2f}×" if name in cpu else "n/a"]
+                   for name, value in ms.items()]))
+    sizes = record["sizes"]
+    print(f"{sizes['captions']} captions, decoder {sizes['decoder_dim']}, vocabulary "
+          f"{sizes['vocab']}, {record['device']} with {record['threads']} threads, "
+          f"{record['repeats']} interleaved repeats; load average during the run "
+          f"{record.get('load_average', 'not recorded')}")
+    r = record.get("cpu_ratio_hard_over_soft", record["ratio_hard_over_soft"])
+    reading = ("about as costly as" if abs(r - 1) < 0.1
+               else "costlier than" if r > 1 else "cheaper than")
+    print(f"Reading: a hard-attention step is {reading} a soft one on this machine ({r:.2f}× "
+          "in CPU time). Both compute the attention weights at every step; hard attention "
+          "adds the draws, the gather of one region per step and the log-probabilities the "
+          "REINFORCE term needs, and saves the weighted sum over the 49 regions.")
+else:
+    print(f"{hard_bench} is not here: see the repository ({REPO_URL})")

@@ -30,13 +30,14 @@ def tiny_shapes(tmp_path_factory) -> Path:
                        n_test=6, seed=3)
 
 
-def tiny_configs(fine_tune=False, epochs=2):
+def tiny_configs(fine_tune=False, epochs=2, attention="soft"):
     """A tiny, fast model and training setting (frozen random encoder unless told)."""
     from caption_lib.model import CaptionerConfig
     from caption_lib.train import TrainConfig
 
     model = CaptionerConfig(encoder_weights=None, fine_tune=fine_tune, embed_dim=32,
-                            decoder_dim=32, attention_dim=32, dropout=0.2)
+                            decoder_dim=32, attention_dim=32, dropout=0.2,
+                            attention=attention)
     config = TrainConfig(epochs=epochs, batch_size=2, lr=3e-3, encoder_lr=1e-3, min_freq=1,
                          captions_per_image=0, val_images=6, bn_images=16, max_decode_len=12)
     return model, config
@@ -50,6 +51,19 @@ def tiny_checkpoint(tiny_shapes, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run")
     model_config, config = tiny_configs(epochs=2)
     with pytest.MonkeyPatch.context() as mp:  # only while training: notebooks keep theirs
+        mp.setenv("CAPTION_LIB_HOME", str(tmp_path_factory.getbasetemp() / "workspace"))
+        train(tiny_shapes, out, model_config, config, progress=False, log=lambda *_: None)
+    return out / "best.pt"
+
+
+@pytest.fixture(scope="session")
+def tiny_hard_checkpoint(tiny_shapes, tmp_path_factory) -> Path:
+    """best.pt of a tiny HARD-attention model trained for 2 epochs on `tiny_shapes`."""
+    from caption_lib.train import train
+
+    out = tmp_path_factory.mktemp("hard_run")
+    model_config, config = tiny_configs(epochs=2, attention="hard")
+    with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CAPTION_LIB_HOME", str(tmp_path_factory.getbasetemp() / "workspace"))
         train(tiny_shapes, out, model_config, config, progress=False, log=lambda *_: None)
     return out / "best.pt"

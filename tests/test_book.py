@@ -20,7 +20,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-CHAPTERS = ["01_dataset", "02_encoder", "03_attention", "04_decoder", "05_training", "06_inference"]
+CHAPTERS = ["01_dataset", "02_encoder", "03_attention", "04_decoder", "05_training", "06_inference",
+            "07_hard_attention"]
 
 
 def _tools():

@@ -9,7 +9,13 @@ import torch
 from torch import nn
 
 from caption_lib import encoder as enc
-from caption_lib.encoder import EncoderCNN, image_transform, load_resnet50, recalibrate_batchnorm
+from caption_lib.encoder import (
+    EncoderCNN,
+    calibrate_frozen_batchnorm,
+    image_transform,
+    load_resnet50,
+    recalibrate_batchnorm,
+)
 from caption_lib.errors import CaptionLibError
 
 
@@ -54,6 +60,45 @@ def test_fine_tuning_layer4_trains_only_layer4():
     model.forward_cached(cached).sum().backward()
     assert all(p.grad is not None for p in model.trainable.parameters())
     assert all(not p.requires_grad for p in model.frozen.parameters())
+
+
+def test_fine_tuning_from_a_block_of_layer4():
+    model = EncoderCNN(weights=None, fine_tune="layer4.1")
+    assert model.trained_stages == ("layer4.1", "layer4.2") and model.fine_tune == "layer4.1"
+    assert model.cached_stage == "layer4.0" and model.cached_channels == 2048
+    assert len(model.trainable[0]) == 2  # layer4's blocks 1 and 2; block 0 is frozen
+    model.train()
+    cached = model.extract(torch.randn(2, 3, 64, 64))  # layer4[0] output (2, 2048, 2, 2)
+    assert cached.shape == (2, 2048, 2, 2) and not cached.requires_grad
+    model.forward_cached(cached).sum().backward()
+    assert all(p.grad is not None for p in model.trainable.parameters())
+    assert all(not p.requires_grad for p in model.frozen.parameters())
+    last = EncoderCNN(weights=None, fine_tune="layer4.2")
+    assert last.trained_stages == ("layer4.2",) and last.cached_stage == "layer4.1"
+    assert len(last.trainable[0]) == 1
+
+
+def test_where_training_starts_does_not_change_the_network(frozen_random):
+    x = torch.randn(1, 3, 64, 64)  # (B, 3, S, S)
+    with torch.no_grad():
+        want = frozen_random(x)  # (1, 4, 2048)
+        for fine_tune in ("layer4", "layer4.1", "layer4.2", "layer3.5"):
+            assert torch.equal(EncoderCNN(weights=None, fine_tune=fine_tune).eval()(x), want)
+
+
+def test_block_values_name_what_trains():
+    assert EncoderCNN(weights=None, fine_tune="layer4.0").trained_stages == ("layer4",)
+    inner = EncoderCNN(weights=None, fine_tune="layer3.5")
+    assert inner.trained_stages == ("layer3.5", "layer4")
+    assert inner.cached_stage == "layer3.4" and inner.cached_channels == 1024
+
+
+@pytest.mark.parametrize("bad", ["layer4.3", "layer4.", "layer4.x", "layer4.-1", "stem.0",
+                                 "layer4[1:]", 4])
+def test_bad_fine_tune_values_are_one_clear_error(bad):
+    with pytest.raises(CaptionLibError, match=r"fine_tune=.*'layer4.1'") as err:
+        enc._stages_to_train(bad, pretrained=False)
+    assert "\n" not in str(err.value) and repr(bad) in str(err.value)
 
 
 def test_auto_fine_tunes_only_without_pretrained_weights(monkeypatch):
@@ -129,3 +174,39 @@ def test_recalibrated_batchnorm_uses_statistics_of_the_data():
     assert model.training and model.trainable.training
     assert torch.allclose(bn.running_mean, torch.stack(seen).mean(0), atol=1e-5)
     assert bn.momentum == 0.1  # restored
+
+
+def test_calibrating_the_frozen_blocks_of_a_partly_trained_stage():
+    model = EncoderCNN(weights=None, fine_tune="layer4.1")
+    stage_level = EncoderCNN(weights=None, fine_tune="layer4")
+    assert calibrate_frozen_batchnorm(stage_level, [torch.randn(2, 3, 64, 64)]) == 0
+    assert stage_level.frozen_batchnorm_state() == {} and not stage_level.frozen_calibrated
+    norms = model.frozen_batchnorms()
+    assert len(norms) == 4  # layer4[0]: bn1..bn3 and the downsample's
+    before, fingerprint = model.extract(torch.randn(4, 3, 64, 64)), model.frozen_fingerprint()
+    seen = []
+    hook = norms[0].register_forward_hook(lambda m, i, o: seen.append(i[0].mean(dim=(0, 2, 3))))
+    batches = [torch.randn(3, 3, 64, 64) for _ in range(3)]
+    assert calibrate_frozen_batchnorm(model, batches, fast=False) == 9
+    hook.remove()
+    assert torch.allclose(norms[0].running_mean, torch.stack(seen).mean(0), atol=1e-4)
+    assert not model.frozen.training and all(m.momentum == 0.1 for m in norms)
+    assert model.frozen_calibrated and model.frozen_fingerprint() != fingerprint
+    after = model.extract(torch.randn(4, 3, 64, 64))  # (4, 2048, 2, 2)
+    assert before.std() > 3 and after.std() < 3, (before.std(), after.std())  # normalised
+    assert set(model.frozen_batchnorm_state()) == {
+        f"0.{k}" for m in ("bn1", "bn2", "bn3", "downsample.1")
+        for k in (f"{m}.running_mean", f"{m}.running_var", f"{m}.num_batches_tracked")}
+
+
+def test_calibrated_statistics_travel_as_a_state():
+    model = EncoderCNN(weights=None, fine_tune="layer4.2")
+    calibrate_frozen_batchnorm(model, [torch.randn(2, 3, 64, 64)], fast=False)
+    copy = EncoderCNN(weights=None, fine_tune="layer4.2")
+    copy.load_frozen_batchnorm_state(model.frozen_batchnorm_state())
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.equal(copy.extract(x), model.extract(x))
+    assert copy.frozen_fingerprint() == model.frozen_fingerprint()
+    with pytest.raises(CaptionLibError, match="no frozen blocks"):
+        EncoderCNN(weights=None, fine_tune="layer4").load_frozen_batchnorm_state(
+            model.frozen_batchnorm_state())

@@ -73,6 +73,39 @@ def test_key_changes_invalidate(encoder, images, tmp_path, monkeypatch):
     assert len(list(root.iterdir())) == 3
 
 
+def test_the_key_is_where_the_frozen_part_ends(encoder, images, tmp_path):
+    root = tmp_path / "c"
+    stores = {}
+    for fine_tune in ("layer4.1", "layer4.2"):
+        block = EncoderCNN(weights=None, fine_tune=fine_tune).eval()
+        stores[fine_tune] = feat.cached_features(block, images[:2], cache_root=root,
+                                                 image_size=64, fast=False, progress=False)
+        x = torch.stack([feat._Images(images[:2], 64)[i] for i in range(2)])  # (2, 3, 64, 64)
+        want = block.extract(x)  # (2, 2048, 2, 2): the output of the last frozen block
+        assert torch.allclose(stores[fine_tune][torch.arange(2)].float(), want,
+                              rtol=1e-2, atol=1e-2)
+    stores["layer4"] = feat.cached_features(encoder, images[:2], cache_root=root,
+                                            image_size=64, fast=False, progress=False)
+    stages = {k: s.meta["key"]["stage"] for k, s in stores.items()}
+    assert stages == {"layer4.1": "layer4.0", "layer4.2": "layer4.1", "layer4": "layer3"}
+    assert sorted(p.name.split("-")[1] for p in root.iterdir()) == sorted(stages.values())
+    assert not torch.equal(stores["layer4.1"][0], stores["layer4.2"][0])
+
+
+def test_calibration_before_caching_is_seeded_and_keyed(images, tmp_path):
+    a, b = (EncoderCNN(weights=None, fine_tune="layer4.2").eval() for _ in range(2))
+    uncalibrated = a.frozen_fingerprint()
+    assert feat.calibrate_frozen(a, images, images=3, seed=1, image_size=64) == 3
+    assert feat.calibrate_frozen(a, images, images=3, seed=1, image_size=64) == 0  # done
+    feat.calibrate_frozen(b, images, images=3, seed=1, image_size=64)
+    assert a.frozen_fingerprint() == b.frozen_fingerprint() != uncalibrated
+    assert feat.calibrate_frozen(EncoderCNN(weights=None, fine_tune="layer4"), images) == 0
+    keys = [feat.cache_key(e, images, 64) for e in (a, EncoderCNN(weights=None,
+                                                                    fine_tune="layer4.2"))]
+    assert keys[0]["stage"] == keys[1]["stage"] == "layer4.1"
+    assert keys[0]["frozen_fingerprint"] != keys[1]["frozen_fingerprint"]
+
+
 def test_interrupted_extraction_leaves_no_valid_cache(encoder, images, tmp_path, monkeypatch):
     real = feat.extract_frozen
     calls = []

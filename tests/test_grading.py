@@ -53,6 +53,9 @@ WRONG = {
     "05_training": ("ex1-solution", ("(alphas * mask.unsqueeze(2))", "alphas"), "the padded steps count"),
     "06_inference": ("ex2-solution", ("bp = 1.0 if c > r else math.exp(1 - r / c)", "bp = 1.0"),
                      "brevity penalty"),
+    "07_hard_attention": ("ex1-solution", (".to(p.dtype) - p  # (n, 2) grad log p_s",
+                                           ".to(p.dtype)  # (n, 2) grad log p_s"),
+                          "differs from the reference"),
 }
 STUDENTS = ("solved", "untouched", "wrong")
 

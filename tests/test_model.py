@@ -150,3 +150,21 @@ def test_pickled_code_is_refused(tmp_path):
 
     torch.save({"format": FORMAT, "x": Evil()}, tmp_path / "evil.pt")
     assert "not a readable caption_lib checkpoint" in _error(tmp_path / "evil.pt")
+
+
+def test_calibrated_frozen_statistics_are_checkpointed(vocab, tmp_path):
+    from caption_lib.encoder import calibrate_frozen_batchnorm
+
+    config = CaptionerConfig(encoder_weights=None, fine_tune="layer4.2", embed_dim=8,
+                             decoder_dim=8, attention_dim=8, dropout=0.0)
+    model = Captioner(vocab, config).eval()
+    calibrate_frozen_batchnorm(model.encoder, [torch.randn(2, 3, 64, 64)], fast=False)
+    path = model.save(tmp_path / "calibrated.pt")
+    assert "encoder_frozen_batchnorm" in read_checkpoint(path)
+    loaded = Captioner.load(path).eval()
+    assert loaded.encoder.frozen_calibrated
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded.encode(images), model.encode(images))
+    assert "encoder_frozen_batchnorm" not in read_checkpoint(
+        Captioner(vocab, config).save(tmp_path / "plain.pt"))  # nothing calibrated

@@ -39,6 +39,17 @@ def test_fine_tuning_layer4_learns_and_recalibrates(tiny_shapes, tmp_path):
     assert bn.num_batches_tracked.item() == 1, "statistics re-estimated over 16 images in 1 batch"
 
 
+def test_fine_tuning_from_a_block_calibrates_the_frozen_block_first(tiny_shapes, tmp_path):
+    model_config, config = _configs(fine_tune="layer4.2", epochs=1)
+    result = train(tiny_shapes, tmp_path / "block", model_config, config, progress=False,
+                   log=lambda *_: None)
+    encoder = result.model.encoder
+    assert encoder.trained_stages == ("layer4.2",) and encoder.frozen_calibrated
+    assert all(m.num_batches_tracked.item() == 1 for m in encoder.frozen_batchnorms())
+    loaded = Captioner.load(tmp_path / "block" / "last.pt")
+    assert loaded.encoder.frozen_fingerprint() == encoder.frozen_fingerprint()
+
+
 def test_resume_reproduces_the_next_epoch_exactly(tiny_shapes, tmp_path):
     model_config, config = _configs(epochs=2)
     straight = train(tiny_shapes, tmp_path / "a", model_config, config, progress=False,

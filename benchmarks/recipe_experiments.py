@@ -1,0 +1,334 @@
+"""Experiment: which offline recipe learns fastest per second of a 2-core CPU.
+
+Each variant is `recipe("shapes")` with a few settings changed (`VARIANTS`), trained by
+`caption_lib.train.train` on the shapes data set of the workspace (`ensure_shapes()`),
+from the same seed, one epoch per call (`resume=True` continues exactly, so the curve is
+that of one uninterrupted run). After every epoch the model is evaluated on the whole
+validation split by greedy decoding (`caption_lib.evaluate.evaluate`): semantic F1,
+attention grounding (mass and arg-max) and BLEU-4. The curve goes to
+`benchmarks/results/recipe_<name>.json`, rewritten after every epoch:
+
+    {"variant", "settings": {"model": ..., "train": ...}, "cache": {stage, seconds},
+     "epochs": [{"epoch", "val_semantic_f1", "val_grounding_mass", "val_grounding_argmax",
+                 "val_bleu4", "train_seconds", "seconds", ...}], "machine": ...}
+
+`seconds` per epoch are the trainer's own (training + BatchNorm re-estimation + its
+validation); the extra evaluation is not counted. Times are of the machine that ran it:
+on a shared machine they are contended, so `cpu_seconds` (the process's CPU time for the
+epoch, all threads, loading the checkpoint included) is recorded as well: with
+`--threads 1` it is close to what the epoch takes alone on one core. `--step-ratio`
+measures the training step of the variants side by side in one process (interleaved),
+wall and CPU time, ratios that stay meaningful on a shared machine.
+
+    python benchmarks/recipe_experiments.py layer4.1 layer4.2 [--epochs 10] [--threads 2]
+    python benchmarks/recipe_experiments.py --step-ratio today layer4.1 layer4.2
+    python benchmarks/recipe_experiments.py --list
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from caption_lib.data import load_dataset, split_records
+from caption_lib.encoder import EncoderCNN
+from caption_lib.evaluate import evaluate
+from caption_lib.features import cached_features, calibrate_frozen
+from caption_lib.metrics import grounding_report
+from caption_lib.model import Captioner
+from caption_lib.runtime import workspace_dir
+from caption_lib.shapes import ensure_shapes
+from caption_lib.train import recipe, train
+from caption_lib.vocab import Vocabulary
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# name -> (CaptionerConfig changes, TrainConfig changes) relative to recipe("shapes")
+VARIANTS: dict[str, tuple[dict, dict]] = {
+    "today": ({}, {}),
+    "layer4.1": ({"fine_tune": "layer4.1"}, {}),
+    "layer4.2": ({"fine_tune": "layer4.2"}, {}),
+    "layer4.2-lr2x": ({"fine_tune": "layer4.2"}, {"lr": 8e-4, "encoder_lr": 4e-4}),
+    "layer4.1-lr2x": ({"fine_tune": "layer4.1"}, {"lr": 8e-4, "encoder_lr": 4e-4}),
+    "layer4.2-caps2": ({"fine_tune": "layer4.2"}, {"captions_per_image": 2}),
+    "layer4.1-caps2": ({"fine_tune": "layer4.1"}, {"captions_per_image": 2}),
+    "layer4.1-bn": ({"fine_tune": "layer4.1"}, {}),
+    "layer4.2-bn": ({"fine_tune": "layer4.2"}, {}),
+    "layer4.1-uncalibrated": ({"fine_tune": "layer4.1"}, {}),
+    "layer4.2-uncalibrated": ({"fine_tune": "layer4.2"}, {}),
+}
+# Training from a block ("layer4.1") calibrates the BatchNorm statistics of the stage's
+# frozen blocks on `bn_images` training images (`features.calibrate_frozen`, run by the
+# trainer). "-uncalibrated" switches that off (the frozen blocks keep their untrained
+# statistics, mean 0 and variance 1: their output, mean ~8 and std ~12 here, passes
+# unnormalised through the identity paths of the trained blocks into the decoder).
+# "-bn" calibrates instead on BN_IMAGES training images from the layer3 cache and derives
+# its cache from the layer3 cache (`frozen_bn_encoder`, `derive_cache`): the first
+# experiment that tried the idea, cheaper to run on a shared machine.
+UNCALIBRATED = {"layer4.1-uncalibrated", "layer4.2-uncalibrated"}
+FROZEN_BN = {"layer4.1-bn", "layer4.2-bn"}
+BN_IMAGES = 1024
+
+
+def configs(name: str, epochs: int):
+    """recipe("shapes") with the variant's changes and `epochs` epochs."""
+    model_config, config = recipe("shapes")
+    model_changes, train_changes = VARIANTS[name]
+    model_config = dataclasses.replace(model_config, **model_changes)
+    config = dataclasses.replace(config, **{"epochs": epochs, **train_changes})
+    return model_config, config
+
+
+def _machine() -> dict:
+    return {"threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+            "torch": torch.__version__, "processor": platform.processor() or platform.machine(),
+            "load_average": [round(x, 2) for x in os.getloadavg()]}
+
+
+def _cache(cls: type[EncoderCNN], model_config, config, records: list,
+           calibrate: bool = True) -> dict:
+    """Make (or find) the feature caches the trainer will use; their extraction seconds
+    (calibration of the frozen BatchNorm statistics, if any, not included)."""
+    encoder = _encoder(cls, model_config)
+    if calibrate:  # as the trainer does before it caches
+        calibrate_frozen(encoder, [r.image for r in split_records(records, "train")],
+                         images=config.bn_images, seed=config.seed)
+    seconds, shapes = 0.0, {}
+    for split in ("train", "val"):
+        store = cached_features(encoder, [r.image for r in split_records(records, split)],
+                                cache_root=workspace_dir() / "features", progress=False)
+        seconds += float(store.meta.get("seconds", 0.0))
+        shapes[split] = list(store.shape)
+    return {"stage": encoder.cached_stage, "extraction_seconds": round(seconds, 1),
+            "shapes": shapes}
+
+
+def _encoder(cls, model_config, fine_tune=None) -> EncoderCNN:
+    return cls(weights=model_config.encoder_weights, init_seed=model_config.init_seed,
+               fine_tune=fine_tune or model_config.fine_tune)
+
+
+def frozen_bn_encoder(model_config, records: list) -> type[EncoderCNN]:
+    """An `EncoderCNN` class whose frozen blocks of the split stage (`frozen[-1]`, e.g.
+    layer4[:1] for "layer4.1") carry BatchNorm statistics of BN_IMAGES training images.
+
+    The statistics are estimated on the stage's cached input (the layer3 cache of the
+    stage-level recipe) with cumulative averages, then frozen; the cache key sees them
+    through `frozen_fingerprint`. An experiment only: checkpoints do not store them.
+    """
+    stage = model_config.fine_tune.partition(".")[0]
+    source = cached_features(_encoder(EncoderCNN, model_config, stage),
+                             [r.image for r in split_records(records, "train")],
+                             cache_root=workspace_dir() / "features", progress=False)
+    block = _encoder(EncoderCNN, model_config).frozen[-1]  # layer4[:k]
+    norms = [m for m in block.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    idx = torch.randperm(len(source), generator=torch.Generator().manual_seed(0))[:BN_IMAGES]
+    block.train()
+    with torch.no_grad():
+        for k in range(0, len(idx), 64):
+            block(source[idx[k:k + 64]].float())  # (b, 2048, 7, 7), updates statistics
+    for m in norms:
+        m.momentum = 0.1
+    stats = {k: v.clone() for k, v in block.state_dict().items()
+             if k.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")}
+
+    class FrozenBN(EncoderCNN):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.load_frozen_batchnorm_state(stats)  # the trainer does not calibrate again
+
+    return FrozenBN
+
+
+def derive_cache(cls: type[EncoderCNN], model_config, records: list) -> None:
+    """Fill the cache of `cls`'s encoder from the stage's input cache (layer3) by running
+    only the frozen blocks of the split stage: the same values up to bf16/fp16 rounding,
+    for a fraction of the cost of extracting from the images again."""
+    import hashlib
+
+    import numpy as np
+
+    from caption_lib.features import cache_key
+
+    stage = model_config.fine_tune.partition(".")[0]
+    encoder = _encoder(cls, model_config).eval()
+    for split in ("train", "val"):
+        paths = [r.image for r in split_records(records, split)]
+        key = cache_key(encoder, paths, 224)
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        folder = workspace_dir() / "features" / f"{key['backbone']}-{key['stage']}-{digest}"
+        if (folder / "meta.json").is_file():
+            continue
+        source = cached_features(_encoder(EncoderCNN, model_config, stage), paths,
+                                 cache_root=workspace_dir() / "features", progress=False)
+        tmp = folder.parent / f".{folder.name}.partial-{os.getpid()}"
+        tmp.mkdir(parents=True, exist_ok=True)
+        start, out = time.perf_counter(), None
+        for k in range(0, len(paths), 64):
+            x = source[torch.arange(k, min(k + 64, len(paths)))].float()  # (b, 1024, 14, 14)
+            x = x.contiguous(memory_format=torch.channels_last)
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                y = encoder.frozen[-1](x).float()  # (b, 2048, 7, 7)
+            if out is None:
+                out = np.lib.format.open_memmap(tmp / "features.npy", mode="w+",
+                                                dtype=np.float16, shape=(len(paths), *y.shape[1:]))
+            out[k:k + len(y)] = y.numpy().astype(np.float16)
+        out.flush()
+        del out
+        meta = {"key": key, "shape": [len(paths), *y.shape[1:]], "dtype": "float16",
+                "seconds": round(time.perf_counter() - start, 1), "device": "cpu",
+                "fast": True, "derived_from": str(source.path)}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, folder)
+
+
+def run_variant(name: str, epochs: int, data: Path) -> dict:
+    """Train `name` for `epochs`, evaluating after each; returns (and writes) its curve."""
+    model_config, config = configs(name, epochs)
+    out = workspace_dir() / "runs" / f"recipe-exp-{name}"
+    shutil.rmtree(out, ignore_errors=True)
+    records = load_dataset(data)
+    encoder_cls = EncoderCNN
+    if name in FROZEN_BN:  # the experiment's encoder replaces the library's in this process
+        import caption_lib.model
+
+        encoder_cls = frozen_bn_encoder(model_config, records)
+        derive_cache(encoder_cls, model_config, records)
+        caption_lib.model.EncoderCNN = encoder_cls
+    if name in UNCALIBRATED:  # the trainer's calibration switched off in this process
+        import caption_lib.train
+
+        caption_lib.train.calibrate_frozen = lambda *args, **kwargs: 0
+    result = {"variant": name, "data": str(data),
+              "command": "python benchmarks/recipe_experiments.py " + " ".join(sys.argv[1:]),
+              "settings": {"model": dataclasses.asdict(model_config),
+                           "train": dataclasses.asdict(config),
+                           "changes": {"model": VARIANTS[name][0], "train": VARIANTS[name][1]}},
+              "cache": _cache(encoder_cls, model_config, config, records,
+                              calibrate=name not in UNCALIBRATED),
+              "machine": _machine(),
+              "frozen_bn": (f"calibrated on {BN_IMAGES} training images (layer3 cache)"
+                            if name in FROZEN_BN else "untrained (mean 0, variance 1)"
+                            if name in UNCALIBRATED else
+                            f"calibrated on bn_images={config.bn_images} training images"),
+              "epochs": []}
+    path = RESULTS / f"recipe_{name}.json"
+    for epoch in range(1, epochs + 1):
+        config.epochs = epoch
+        cpu = time.process_time()
+        run = train(data, out, model_config, config, device="cpu", resume=True, progress=False,
+                    log=lambda *_: None)
+        entry = dict(run.history[-1])
+        entry["cpu_seconds"] = round(time.process_time() - cpu, 1)  # all threads, with loading
+        start = time.perf_counter()
+        val = evaluate(run.model, data, split="val", meteor=False, progress=False)
+        report = grounding_report([c["caption"].split() for c in val.captions], val.alphas,
+                                  [r.objects for r in split_records(records, "val")])
+        entry.update({"val_semantic_f1_all": round(val.scores["semantic_f1"], 4),
+                      "val_grounding_mass": round(report["mass"], 4),
+                      "val_grounding_argmax": round(report["argmax"], 4),
+                      "val_bleu4_all": round(val.scores["bleu4"], 2),
+                      "eval_seconds": round(time.perf_counter() - start, 1),
+                      "load_average": round(os.getloadavg()[0], 2)})
+        result["epochs"].append(entry)
+        print(f"{name} epoch {epoch}: val F1 {entry['val_semantic_f1_all']:.3f} "
+              f"(trainer's {entry.get('val_semantic_f1', float('nan')):.3f}), grounding "
+              f"{entry['val_grounding_mass']:.3f}/{entry['val_grounding_argmax']:.3f}, "
+              f"{entry['seconds']:.0f} s (load {entry['load_average']})", flush=True)
+        RESULTS.mkdir(exist_ok=True)
+        path.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def step_ratio(names: list[str], repeats: int) -> dict:
+    """Median training step (B 32, one caption of 13 tokens each) per variant, interleaved."""
+    torch.manual_seed(0)
+    vocab = Vocabulary([f"w{i}" for i in range(32)])
+    B, L = 32, 13
+    captions = torch.randint(4, len(vocab), (B, L))  # (B, L)
+    captions[:, 0] = vocab.start_id
+    lengths = torch.full((B,), L)  # (B,)
+    steps = {}
+    for name in names:
+        model_config, config = configs(name, 1)
+        model = Captioner(vocab, dataclasses.replace(model_config, encoder_weights=None)).train()
+        C = model.encoder.cached_channels
+        side = 14 if model.encoder.cached_stage == "layer3" else 7
+        cached = torch.randn(B, C, side, side).half()  # (B, C, h, w) as stored
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+        steps[name] = (model, cached, optimizer, config)
+
+    def step(name: str) -> tuple[float, float]:
+        model, cached, optimizer, config = steps[name]
+        start, cpu = time.perf_counter(), time.process_time()
+        loss, _ = model.cached_loss(cached, captions, lengths, precision=config.precision)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return time.perf_counter() - start, time.process_time() - cpu
+
+    times: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
+    for name in names:
+        step(name)  # warm-up
+    for _ in range(repeats):
+        for name in names:
+            times[name].append(step(name))
+    wall = {n: statistics.median(w for w, _ in t) for n, t in times.items()}
+    cpu = {n: statistics.median(c for _, c in t) for n, t in times.items()}
+    result = {"benchmark": "recipe training step, side by side", "batch_images": B,
+              "caption_tokens": L, "variants": {n: VARIANTS[n] for n in names},
+              "ms_per_step_median": {n: round(1000 * s, 1) for n, s in wall.items()},
+              "cpu_ms_per_step_median": {n: round(1000 * s, 1) for n, s in cpu.items()},
+              "speedup_over_first": {n: round(wall[names[0]] / s, 2) for n, s in wall.items()},
+              "cpu_speedup_over_first": {n: round(cpu[names[0]] / s, 2)
+                                         for n, s in cpu.items()},
+              "command": "python benchmarks/recipe_experiments.py " + " ".join(sys.argv[1:]),
+              "machine": _machine()}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "recipe_step_ratio.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result))
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("variants", nargs="*", help=f"names from {list(VARIANTS)}")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--step-ratio", action="store_true",
+                        help="time the training step of the variants side by side instead")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch threads (on a shared machine 1 per process wastes less)")
+    parser.add_argument("--list", action="store_true", help="print the variants and exit")
+    args = parser.parse_args()
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if args.list or unknown or not args.variants:
+        for name, changes in VARIANTS.items():
+            print(f"{name:16s} {changes}")
+        if unknown:
+            raise SystemExit(f"unknown variant(s) {unknown}")
+        return
+    torch.set_num_threads(max(1, min(args.threads, os.cpu_count() or 1)))
+    if args.step_ratio:
+        step_ratio(args.variants, args.repeats)
+        return
+    data = ensure_shapes()
+    for name in args.variants:
+        run_variant(name, args.epochs, data)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""tools/book_runs.py (`make runs`): it trains exactly the runs the chapters then load."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import re
+
+from conftest import ROOT, load_tool
+
+from caption_lib.model import Captioner, CaptionerConfig
+from caption_lib.train import recipe, run_dir_for
+from caption_lib.vocab import Vocabulary
+
+CHAPTER = ROOT / "notebooks" / "05_training.py"
+
+
+def _chapter_runs() -> list[tuple]:
+    """(model config, training config) of every `ensure_trained` call of chapter 5, from
+    its own code: the main run's configs, and its `variants` dict evaluated as written."""
+    source = CHAPTER.read_text()
+    assert re.search(r"^DATASET = \"shapes\"", source, re.MULTILINE)
+    assert re.search(r"^model_config, config = recipe\(DATASET\)$", source, re.MULTILINE)
+    calls = re.findall(r"ensure_trained\(data_dir, (\w+(?:\[[^]]*\]\[\d\])?), ?\s*(\S+?),", source)
+    assert ("model_config", "config") in calls and ("variant", "budget") in calls, calls
+    tree = ast.parse(source)
+    (variants,) = [n.value for n in ast.walk(tree) if isinstance(n, ast.Assign)
+                   and [getattr(t, "id", None) for t in n.targets] == ["variants"]]
+    model_config, config = recipe("shapes")
+    namespace = {"dataclasses": dataclasses, "model_config": model_config, "config": config}
+    chapter_variants = eval(compile(ast.Expression(variants), str(CHAPTER), "eval"), namespace)
+    return [(model_config, config), *chapter_variants.values()]
+
+
+def _folders(runs, data_dir="/data/shapes-v2") -> set[str]:
+    return {run_dir_for(data_dir, m, c).name for m, c in runs}
+
+
+def test_the_tool_trains_the_run_folders_the_chapter_loads(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAPTION_LIB_HOME", str(tmp_path))
+    tool = load_tool("book_runs")
+    chapter = _folders(_chapter_runs())
+    assert len(chapter) == 3 and _folders(tool.book_runs().values()) == chapter
+    # the default run is today's recipe, its folder the name pinned in test_layout
+    assert run_dir_for("/data/shapes", *tool.book_runs()[next(iter(tool.book_runs()))]).name \
+        == "shapes-6499d7d982"
+
+
+def test_a_different_budget_is_another_folder(tmp_path, monkeypatch):
+    """The comparison above would notice a tool that drifted from the chapter."""
+    monkeypatch.setenv("CAPTION_LIB_HOME", str(tmp_path))
+    runs = list(load_tool("book_runs").book_runs().values())
+    model_config, config = runs[1]
+    drifted = [*runs[:1], (model_config, dataclasses.replace(config, epochs=3)), *runs[2:]]
+    assert _folders(drifted) != _folders(_chapter_runs())
+
+
+def _fake_run(out_dir, epoch: int, history: list[dict]) -> None:
+    config = CaptionerConfig(encoder_weights=None, fine_tune=False, embed_dim=4,
+                             decoder_dim=4, attention_dim=4)
+    model = Captioner(Vocabulary(["a"]), config)
+    model.save(out_dir / "last.pt", extra={"epoch": epoch, "history": json.dumps(history)})
+
+
+def test_complete_runs_are_found_not_trained(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CAPTION_LIB_HOME", str(tmp_path))
+    tool = load_tool("book_runs")
+    data_dir = tmp_path / "shapes"
+    monkeypatch.setattr("caption_lib.shapes.ensure_shapes", lambda: data_dir)
+    trained = []
+    monkeypatch.setattr(tool, "ensure_trained",
+                        lambda d, m, c, **kw: trained.append(run_dir_for(d, m, c).name))
+    runs = list(tool.book_runs().values())
+    done = run_dir_for(data_dir, *runs[0])
+    done.mkdir(parents=True)
+    _fake_run(done, runs[0][1].epochs, [{"val_bleu4": 1.0}] * runs[0][1].epochs)
+    half = run_dir_for(data_dir, *runs[2])  # interrupted after 1 epoch: resumed by training
+    half.mkdir(parents=True)
+    _fake_run(half, 1, [{"val_bleu4": 1.0}])
+    assert tool.main([]) == 0
+    assert trained == [run_dir_for(data_dir, *r).name for r in runs[1:]]
+    assert f"{done.name} (complete, {runs[0][1].epochs} epochs)" in capsys.readouterr().out
+    trained.clear()
+    assert tool.main(["--list"]) == 0 and trained == []
+
+
+def test_an_early_stopped_run_is_complete(tmp_path):
+    tool = load_tool("book_runs")
+    _, config = recipe("shapes")
+    history = [{"val_bleu4": b} for b in (5.0, 9.0, 8.0, 7.0, 6.0)]  # best at 2, 3 worse
+    _fake_run(tmp_path, len(history), history)
+    assert tool.finished(tmp_path, config) == len(history) < config.epochs
+    assert tool.finished(tmp_path / "missing", config) is None
+
+
+
+def test_make_book_and_make_test_train_the_runs_first():
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^runs: .*\n\t\$\(PY\) tools/book_runs.py$", makefile, flags=re.MULTILINE)
+    for target in ("book", "test"):
+        assert re.search(rf"^{target}: .*\bruns\b", makefile, flags=re.MULTILINE), target
+
+
+def test_the_hard_attention_chapter_runs_are_trained_too(tmp_path, monkeypatch):
+    """Chapter 7 builds its two runs with `same_features_runs` and EPOCHS; the tool trains
+    the same folders once the default run has a checkpoint."""
+    source = (ROOT / "notebooks" / "07_hard_attention.py").read_text()
+    (epochs,) = re.findall(r"^EPOCHS = (\d+)", source, flags=re.MULTILINE)
+    assert re.search(r"same_features_runs\(chapter5\.out_dir, model_config, config,\s+EPOCHS\)",
+                     source)
+    tool = load_tool("book_runs")
+    assert tool.HARD_EPOCHS == int(epochs)
+    monkeypatch.setenv("CAPTION_LIB_HOME", str(tmp_path))
+    data_dir = tmp_path / "shapes"
+    assert tool.hard_attention_runs(data_dir) == {}  # no default run yet: nothing to train
+    default = run_dir_for(data_dir, *recipe("shapes"))
+    default.mkdir(parents=True)
+    _fake_run(default, 1, [])
+    (default / "last.pt").rename(default / "best.pt")
+    runs = tool.hard_attention_runs(data_dir)
+    assert [m.attention for m, _ in runs.values()] == ["soft", "hard"]
+    assert all(c.epochs == int(epochs) for _, c in runs.values())
