@@ -17,12 +17,13 @@ MATHJAX := _vendor/mathjax/tex-mml-chtml.js
 # the browser check drives Debian's Chromium (Playwright cannot download browsers here)
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: install runs test book check-book browser mathjax notebooks student bench lint clean help
+.PHONY: install runs test colab-check book check-book browser mathjax notebooks student bench lint clean help
 
 help:
 	@echo "make book   build the book (_build/html) with every notebook executed offline"
 	@echo "make test   run all tests, nbval over notebooks/ included"
 	@echo "make runs   build the shapes data and train the runs the chapters load (progress bars; a no-op once done)"
+	@echo "make colab-check  every chapter with DATASET=flickr8k on a tiny local Flickr8k mirror (offline)"
 	@echo "make check-book  open every page of _build/html in headless Chromium; screenshots in _build/screenshots/"
 	@echo "make notebooks [NB=01_dataset]  execute notebooks/*.py into notebooks/*.ipynb (commit them)"
 	@echo "make student  student notebooks (solutions and hidden tests removed) into student/"
@@ -49,6 +50,11 @@ runs: $(STAMP)
 test: $(STAMP) $(MATHJAX) runs
 	-@$(MAKE) --no-print-directory browser
 	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env --nbval-cell-timeout=1200 -p no:cacheprovider
+
+# the Colab path: every chapter with DATASET = "flickr8k" against a tiny local Flickr8k
+# mirror with planted weights, offline (tests/test_colab.py; also part of `make test`)
+colab-check: $(STAMP)
+	$(PY) -m pytest tests/test_colab.py -m colab --durations=0 -p no:cacheprovider
 
 book: $(STAMP) $(MATHJAX) runs
 	$(VENV)/bin/jupyter-book build -W -n --keep-going .

@@ -25,6 +25,8 @@ test image is seen in training under another caption. Three real formats exist:
 | missing image file | counted by `find_missing_images` / `inspect`; error when loaded |
 | corrupt / zero-byte / truncated image, decompression bomb | error (`load_image`) |
 | grayscale, RGBA, CMYK, palette, 16-bit image | converted to RGB (`load_image`) |
+| photo with an EXIF orientation (phones) | turned upright (`load_image`) |
+| HEIC/HEIF or another format PIL cannot read | error naming the file and the format |
 
 Skips are counted into `skipped` (a `Counter` the caller passes) and reported with a
 warning; nothing is dropped silently. Without split lists (Kaggle), images are split by a
@@ -43,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from caption_lib.errors import CaptionLibError
 
@@ -299,10 +301,14 @@ def find_missing_images(records: list[Record]) -> list[Path]:
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """Open an image as RGB, whatever its mode; CaptionLibError naming the file if broken.
+    """Open an image as RGB, upright, whatever its mode; CaptionLibError naming the file
+    if broken.
 
-    Grayscale, palette and CMYK images are converted; transparent ones are put on white;
-    16-bit and float images are scaled to 8 bits (not clipped).
+    A phone photo stores its pixels as the sensor saw them and its rotation in the EXIF
+    Orientation tag: it is applied (`ImageOps.exif_transpose`), so a portrait photo is
+    seen upright, as a photo viewer shows it. Grayscale, palette and CMYK images are
+    converted; transparent ones are put on white; 16-bit and float images are scaled to
+    8 bits (not clipped).
     """
     path = Path(path)
     try:
@@ -310,15 +316,34 @@ def load_image(path: str | Path) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(path)
             image.load()
+            image = ImageOps.exif_transpose(image)
     except FileNotFoundError:
         raise CaptionLibError(f"{path}: image file not found") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise CaptionLibError(f"{path}: image too large ({err})") from None
     except UnidentifiedImageError:
-        raise CaptionLibError(f"{path}: not an image (empty or unknown format)") from None
+        kind = _unreadable_kind(path)
+        raise CaptionLibError(f"{path}: not an image PIL can read ({kind}); "
+                              "convert it to JPEG or PNG") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise CaptionLibError(f"{path}: broken image ({err})") from None
     return to_rgb(image)
+
+
+def _unreadable_kind(path: Path) -> str:
+    """What a file PIL cannot open looks like: HEIC/AVIF (phones), empty, or unknown."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(32)
+    except OSError:
+        return "unreadable file"
+    if not head:
+        return "empty file"
+    if head[4:8] == b"ftyp":  # ISO base media: HEIC/HEIF (iPhone photos), AVIF
+        brand = head[8:12].decode("ascii", "replace").strip()
+        return {"heic": "HEIC photo", "heix": "HEIC photo", "mif1": "HEIF image",
+                "avif": "AVIF image"}.get(brand, f"ISO media file, brand {brand!r}")
+    return "unknown format"
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

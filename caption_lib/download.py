@@ -11,6 +11,12 @@ HTTP server. A download:
 
 `extract_zip` refuses archives whose members would land outside the target folder
 (`../x`, `/etc/x`, `C:\\x`: "zip slip") before it writes anything.
+
+A local mirror (a classroom server, or the loopback server of `tests/test_colab.py`):
+with `CAPTION_LIB_MIRROR=http://host/folder` set, every archive of this module is fetched
+from `http://host/folder/<its file name>` instead of its public address (same checksums).
+`fetch_checkpoint` downloads a published trained model the same way (its SHA-256 is
+required), for `Captioner.from_url`.
 """
 
 from __future__ import annotations
@@ -50,6 +56,13 @@ KARPATHY_SPLITS = Source(
 # `filepath` train2014/val2014) into 113,287 train (incl. restval) / 5,000 val / 5,000 test.
 COCO_TRAIN2014 = Source("http://images.cocodataset.org/zips/train2014.zip")
 COCO_VAL2014 = Source("http://images.cocodataset.org/zips/val2014.zip")
+MIRROR_ENV = "CAPTION_LIB_MIRROR"
+
+
+def mirrored(url: str) -> str:
+    """`url`, or its file name under `$CAPTION_LIB_MIRROR` when that is set."""
+    mirror = os.environ.get(MIRROR_ENV, "").rstrip("/")
+    return f"{mirror}/{url.rsplit('/', 1)[-1]}" if mirror else url
 
 
 def sha256_of(path: str | Path, chunk_size: int = 1 << 20) -> str:
@@ -183,7 +196,7 @@ def _fetch(root: Path, steps: list[tuple[Source, list[str] | None]], progress: b
         marker = root / f".{name}.extracted"
         if marker.is_file():
             continue
-        archive = download(source.url, root / "downloads" / name, source.sha256,
+        archive = download(mirrored(source.url), root / "downloads" / name, source.sha256,
                            progress=progress)
         extract_zip(archive, root, members)
         for member in members or []:  # e.g. dataset_flickr8k.json inside a folder
@@ -192,3 +205,26 @@ def _fetch(root: Path, steps: list[tuple[Source, list[str] | None]], progress: b
                 os.replace(found[0], root / member)
         marker.write_text("ok\n")
     return root
+
+
+def fetch_checkpoint(url: str, sha256: str, folder: str | Path | None = None,
+                     progress: bool = True) -> Path:
+    """Download a published checkpoint (`.pt`) once into `folder` (default:
+    `workspace_dir()/checkpoints`), checked against `sha256`; return its path.
+
+    The SHA-256 is required: a trained model is code-adjacent data, and a file that is not
+    the one published must never be loaded. A mismatch deletes the download and raises
+    `CaptionLibError` (one line).
+    """
+    import re
+
+    from caption_lib.runtime import workspace_dir
+
+    if not isinstance(sha256, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
+        raise CaptionLibError(f"{url}: a checkpoint needs its SHA-256 (64 hex digits), "
+                              f"got {sha256!r}")
+    folder = Path(folder) if folder is not None else workspace_dir() / "checkpoints"
+    name = url.rsplit("/", 1)[-1].split("?")[0] or "checkpoint.pt"
+    # the hash in the name: another published file never reuses a stale download
+    dest = folder / f"{sha256.lower()[:12]}-{name}"
+    return download(url, dest, sha256.lower(), progress=progress)

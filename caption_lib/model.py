@@ -288,6 +288,15 @@ class Captioner(nn.Module):
         return path
 
     @classmethod
+    def from_url(cls, url: str, sha256: str, map_location: str | torch.device = "cpu",
+                 progress: bool = True) -> Captioner:
+        """`load` a published checkpoint: downloaded once (resumable) into the workspace
+        and checked against `sha256` first (`caption_lib.download.fetch_checkpoint`)."""
+        from caption_lib.download import fetch_checkpoint
+
+        return cls.load(fetch_checkpoint(url, sha256, progress=progress), map_location)
+
+    @classmethod
     def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> Captioner:
         """Rebuild a `Captioner` from `save`'s file; `.extra` holds the saved `extra`.
 

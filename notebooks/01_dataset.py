@@ -20,17 +20,26 @@
 # - what happens when the input is wrong.
 
 # %% tags=["hide-input"]
-# Setup. On Colab: install this book's package from its repository. Locally `make`
-# has installed it already, so nothing happens here
+# Setup. On Colab: install this book's package from its repository (Colab's own PyTorch
+# is kept) and, if you want, keep the workspace on Google Drive. Locally `make` has
+# installed it already, so nothing happens here
+import os
 import subprocess
 import sys
 
 REPO_URL = "https://github.com/show-attend-tell-book/show-attend-tell-book"
+KEEP_ON_DRIVE = False  # Colab: True keeps data, feature cache and runs on your Google Drive
 if "google.colab" in sys.modules:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"git+{REPO_URL}"], check=True)
+    if KEEP_ON_DRIVE:  # the book's page "Running on Colab" says what is kept where
+        from google.colab import drive
+
+        drive.mount("/content/drive")
+        os.environ["CAPTION_LIB_HOME"] = "/content/drive/MyDrive/caption_lib"
 
 # %% tags=["parameters"]
-# Parameters: "shapes" runs offline on a CPU; "flickr8k" downloads Flickr8k (Colab)
+# Parameters: "shapes" runs offline on a CPU; "flickr8k" downloads Flickr8k (Colab; the
+# archives' published size is about 1 GB)
 DATASET = "shapes"
 SEED = 0
 
@@ -154,7 +163,7 @@ if DATASET == "shapes":
 else:
     from caption_lib.download import prepare_flickr8k
 
-    data_dir = prepare_flickr8k()  # about 1 GB, on Colab
+    data_dir = prepare_flickr8k()  # the images, the token file and Karpathy's split
 records = load_dataset(data_dir)
 print(f"{len(records)} images from {data_dir.name} in {time.perf_counter() - start:.1f} s")
 
@@ -269,11 +278,11 @@ plt.tight_layout()
 plt.show()
 
 # %% [markdown]
-# The lengths cluster by the number of objects (3–8 words for one object, up to 18 for
-# three). Real captions have a long tail of rare words (Zipf's law): in Flickr8k a large
-# share of the distinct words occur only once or twice, too rarely to learn, which is why a
-# `min_freq` threshold maps the rarest words to `<unk>` (the shapes grammar has no rare
-# words, so the book's recipe keeps them all).
+# On shapes the lengths cluster by the number of objects (3–8 words for one object, up to
+# 18 for three); people's captions vary more. Real captions have a long tail of rare
+# words (Zipf's law): in Flickr8k a large share of the distinct words occur only once or
+# twice, too rarely to learn, which is why a `min_freq` threshold maps the rarest words to
+# `<unk>` (the shapes grammar has no rare words, so the book's recipe keeps them all).
 #
 # **Why split images, not captions?** The five references of an image describe the same
 # scene. If captions were split at random, most test images would also be training images
@@ -329,12 +338,15 @@ print(tokenize(text))
 print(ids)
 print(vocab.decode_tokens(ids))
 print(repr(vocab.decode(ids + [vocab.pad_id, vocab.pad_id])))
+print("not in the training captions, so <unk>:", [w for w in tokenize(text) if w not in vocab])
 assert ids[0] == vocab.start_id and ids[-1] == vocab.end_id and len(ids) == len(tokenize(text)) + 2
-assert vocab.decode(vocab.encode(first.captions[0])) == " ".join(tokenize(first.captions[0]))
+# every word of a training caption is in the vocabulary (min_freq=1): decoding gives it back
+assert vocab.decode(vocab.encode(train[0].captions[0])) == " ".join(tokenize(train[0].captions[0]))
 
 # %% [markdown]
-# *purple* is not a colour of the data set, so it became `<unk>` (index 3); `decode` stops
-# at `<end>` and drops `<pad>`/`<start>`. The vocabulary is saved as JSON next to every
+# Words the training captions never use became `<unk>` (index 3), as the last line lists
+# (on shapes: *purple*, not a colour of the data set); `decode` stops at `<end>` and drops
+# `<pad>`/`<start>`. The vocabulary is saved as JSON next to every
 # trained model (`vocab.save(path)` / `Vocabulary.load(path)`), so a checkpoint decodes
 # with exactly the words it was trained with.
 #
@@ -356,7 +368,9 @@ to_tensor = transforms.Compose([transforms.Resize((224, 224)), transforms.ToTens
 dataset = CaptionDataset(train, vocab, to_tensor)
 loader = DataLoader(dataset, batch_size=4, shuffle=False, collate_fn=collate_captions)
 x, captions, lengths, index = next(iter(loader))
-assert len(dataset) == 5 * len(train)
+# one item per caption the reader kept (it drops empty and repeated ones, see below)
+assert len(dataset) == sum(len(r.captions) for r in train)
+print(f"{len(train)} training images, {len(dataset)} captions: one item per caption")
 assert x.shape == (4, 3, 224, 224) and captions.shape == (4, int(lengths.max()))
 print("images  ", tuple(x.shape), x.dtype)  # (B, 3, 224, 224)
 print("captions", tuple(captions.shape), captions.dtype)  # (B, L) padded with 0

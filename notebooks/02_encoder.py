@@ -21,18 +21,28 @@
 # - why the frozen part of the encoder runs **once** per image (the feature cache).
 
 # %% tags=["hide-input"]
-# Setup. On Colab: install this book's package from its repository. Locally `make`
-# has installed it already, so nothing happens here
+# Setup. On Colab: install this book's package from its repository (Colab's own PyTorch
+# is kept) and, if you want, keep the workspace on Google Drive. Locally `make` has
+# installed it already, so nothing happens here
+import os
 import subprocess
 import sys
 
 REPO_URL = "https://github.com/show-attend-tell-book/show-attend-tell-book"
+KEEP_ON_DRIVE = False  # Colab: True keeps data, feature cache and runs on your Google Drive
 if "google.colab" in sys.modules:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"git+{REPO_URL}"], check=True)
+    if KEEP_ON_DRIVE:  # the book's page "Running on Colab" says what is kept where
+        from google.colab import drive
+
+        drive.mount("/content/drive")
+        os.environ["CAPTION_LIB_HOME"] = "/content/drive/MyDrive/caption_lib"
 
 # %% tags=["parameters"]
-# Parameters: "DEFAULT" asks torchvision for ImageNet weights (downloaded on Colab);
-# offline the encoder falls back to a random initialisation and says so
+# Parameters: DATASET gives the example images ("shapes" offline, "flickr8k" on Colab).
+# WEIGHTS "DEFAULT" asks torchvision for ImageNet weights (downloaded on Colab); offline
+# the encoder falls back to a random initialisation and says so
+DATASET = "shapes"
 WEIGHTS = "DEFAULT"
 SEED = 0
 
@@ -147,14 +157,17 @@ print(tuple(images.shape), "->", tuple(features.shape))
 # Each of the 49 vectors belongs to one cell of a 7×7 grid laid over the image: a square
 # of 224 / 7 = 32 pixels. (The *receptive field* of a `layer4` unit is much larger than its
 # cell — in ResNet-50 it covers the whole image — but each unit is centred on its cell and
-# weighs its surroundings most.) Here is the grid over an image of the *shapes* data set
-# (chapter 1), with the index of every region:
+# weighs its surroundings most.) Here is the grid over a validation image of the data set
+# (chapter 1), resized to 224×224 as the encoder sees it, with the index of every region:
 
 # %% mystnb={"image": {"alt": "A validation image divided into the 7x7 grid of regions, each cell numbered 0 to 48"}}
-data_dir = caption_lib.ensure_shapes()
+if DATASET == "shapes":
+    data_dir = caption_lib.ensure_shapes()
+else:
+    data_dir = caption_lib.prepare_flickr8k()
 records = caption_lib.load_dataset(data_dir)
 val = caption_lib.split_records(records, "val")
-image = caption_lib.load_image(val[0].image)
+image = caption_lib.load_image(val[0].image).resize((224, 224))
 
 fig, ax = plt.subplots(figsize=(5, 5))
 ax.imshow(image)
@@ -172,9 +185,11 @@ plt.show()
 # ## What the features look like
 #
 # For a few validation images, the mean activation of the 2048 channels in every cell
-# (bright = strong). Even a random network responds to edges and colour blobs, so the
-# objects stand out; what a random network lacks is features that *separate* a circle
-# from a square reliably.
+# (bright = strong), from the weights the first cell loaded (the figure's title names
+# them). Even a random network, the offline case, responds to edges and colour blobs, so
+# the shapes stand out; what a random network lacks is features that *separate* a circle
+# from a square reliably. ImageNet weights (Colab) were trained to tell a thousand kinds
+# of objects apart, and those are the features the decoder then reads.
 
 # %% mystnb={"image": {"alt": "Four validation images above their 7x7 maps of mean encoder activation"}}
 transform = caption_lib.image_transform()
@@ -189,6 +204,7 @@ for k, r in enumerate(val[:4]):
     axes[1, k].set_title("mean activation")
 for a in axes.flat:
     a.axis("off")
+fig.suptitle(f"encoder weights: {encoder.weights_used}")
 plt.show()
 
 # %% [markdown]

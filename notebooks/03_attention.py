@@ -23,17 +23,27 @@
 # - how a mask keeps attention off regions that do not exist (padding).
 
 # %% tags=["hide-input"]
-# Setup. On Colab: install this book's package from its repository. Locally `make`
-# has installed it already, so nothing happens here
+# Setup. On Colab: install this book's package from its repository (Colab's own PyTorch
+# is kept) and, if you want, keep the workspace on Google Drive. Locally `make` has
+# installed it already, so nothing happens here
+import os
 import subprocess
 import sys
 
 REPO_URL = "https://github.com/show-attend-tell-book/show-attend-tell-book"
+KEEP_ON_DRIVE = False  # Colab: True keeps data, feature cache and runs on your Google Drive
 if "google.colab" in sys.modules:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"git+{REPO_URL}"], check=True)
+    if KEEP_ON_DRIVE:  # the book's page "Running on Colab" says what is kept where
+        from google.colab import drive
+
+        drive.mount("/content/drive")
+        os.environ["CAPTION_LIB_HOME"] = "/content/drive/MyDrive/caption_lib"
 
 # %% tags=["parameters"]
-# Parameters: the toy training below is small enough for a CPU
+# Parameters: DATASET gives the image of the last section ("shapes" offline, "flickr8k"
+# on Colab); the toy training below is small enough for a CPU
+DATASET = "shapes"
 SEED = 0
 TOY_STEPS = 300
 
@@ -267,16 +277,20 @@ plt.show()
 # %% [markdown]
 # ## Attention on an image
 #
-# The same trained toy attention, applied to a real *shapes* image. Its regions are the 49
-# cells of the 7×7 grid, each described by its mean colour, arranged exactly like the
-# encoder's regions in chapter 2 (`permute` then `reshape`):
+# The same trained toy attention, applied to a real image of the data set, resized to
+# 224×224. Its regions are the 49 cells of the 7×7 grid, each described by its mean
+# colour, arranged exactly like the encoder's regions in chapter 2 (`permute` then
+# `reshape`):
 
 # %%
 # NBVAL_CHECK_OUTPUT
-data_dir = caption_lib.ensure_shapes()
+if DATASET == "shapes":
+    data_dir = caption_lib.ensure_shapes()
+else:
+    data_dir = caption_lib.prepare_flickr8k()
 val = caption_lib.split_records(caption_lib.load_dataset(data_dir), "val")
 record = val[0]
-pixels = np.asarray(caption_lib.load_image(record.image), dtype=np.float32)
+pixels = np.asarray(caption_lib.load_image(record.image).resize((224, 224)), dtype=np.float32)
 image = torch.from_numpy(pixels) / 255  # (224, 224, 3)
 cells = F.avg_pool2d(image.permute(2, 0, 1).unsqueeze(0), 32)  # (1, 3, 7, 7)
 regions = cells.permute(0, 2, 3, 1).reshape(1, 49, 3)  # (1, 49, 3)
@@ -285,7 +299,8 @@ print(record.captions[0])
 print(tuple(image.shape), "->", tuple(cells.shape), "->", tuple(regions.shape))
 
 # %% mystnb={"image": {"alt": "A shapes image and, for each colour it contains, the attention of the toy model over the image: bright where the object of that colour is"}}
-words = sorted({o["colour"] for o in record.objects})
+# the colours in the scene (shapes knows them); a photo has no such list: all four
+words = sorted({o["colour"] for o in record.objects}) if record.objects else list(COLOURS)
 fig, axes = plt.subplots(1, len(words) + 1, figsize=(4 * (len(words) + 1), 4))
 axes[0].imshow(image)
 axes[0].set_title(record.captions[0], fontsize=8)
@@ -307,8 +322,10 @@ plt.show()
 
 # %% [markdown]
 # The toy never saw this image, nor a whole object — only single coloured cells — and yet
-# for each colour word it looks at the object of that colour, on the cells the object
-# fills (the cells an object only partly covers get less). In the real model the regions are 2048-number ResNet features and the
+# on a shapes image, for each colour word it looks at the object of that colour, on the
+# cells the object fills (the cells an object only partly covers get less). On a photo
+# (Flickr8k) it looks at the cells whose mean colour is nearest that word's, whatever
+# object they belong to: four colours are all it knows. In the real model the regions are 2048-number ResNet features and the
 # query is the LSTM's state, but the mechanism is this one. Chapter 6 draws the same kind
 # of picture for every word of a generated caption.
 #

@@ -23,17 +23,27 @@
 # - how the model, its vocabulary and its configuration are saved and loaded safely.
 
 # %% tags=["hide-input"]
-# Setup. On Colab: install this book's package from its repository. Locally `make`
-# has installed it already, so nothing happens here
+# Setup. On Colab: install this book's package from its repository (Colab's own PyTorch
+# is kept) and, if you want, keep the workspace on Google Drive. Locally `make` has
+# installed it already, so nothing happens here
+import os
 import subprocess
 import sys
 
 REPO_URL = "https://github.com/show-attend-tell-book/show-attend-tell-book"
+KEEP_ON_DRIVE = False  # Colab: True keeps data, feature cache and runs on your Google Drive
 if "google.colab" in sys.modules:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"git+{REPO_URL}"], check=True)
+    if KEEP_ON_DRIVE:  # the book's page "Running on Colab" says what is kept where
+        from google.colab import drive
+
+        drive.mount("/content/drive")
+        os.environ["CAPTION_LIB_HOME"] = "/content/drive/MyDrive/caption_lib"
 
 # %% tags=["parameters"]
-# Parameters: small sizes keep this chapter fast on a CPU (the book's model uses 512)
+# Parameters: small sizes keep this chapter fast on a CPU (the book's model uses 512).
+# DATASET changes nothing here: this chapter's inputs are made up, the same on Colab
+DATASET = "shapes"
 SEED = 0
 EMBED_DIM = 32
 DECODER_DIM = 32

@@ -24,14 +24,22 @@
 #   same budget: BLEU-4, semantic F1, grounding, training time.
 
 # %% tags=["hide-input"]
-# Setup. On Colab: install this book's package from its repository. Locally `make`
-# has installed it already, so nothing happens here
+# Setup. On Colab: install this book's package from its repository (Colab's own PyTorch
+# is kept) and, if you want, keep the workspace on Google Drive. Locally `make` has
+# installed it already, so nothing happens here
+import os
 import subprocess
 import sys
 
 REPO_URL = "https://github.com/show-attend-tell-book/show-attend-tell-book"
+KEEP_ON_DRIVE = False  # Colab: True keeps data, feature cache and runs on your Google Drive
 if "google.colab" in sys.modules:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"git+{REPO_URL}"], check=True)
+    if KEEP_ON_DRIVE:  # the book's page "Running on Colab" says what is kept where
+        from google.colab import drive
+
+        drive.mount("/content/drive")
+        os.environ["CAPTION_LIB_HOME"] = "/content/drive/MyDrive/caption_lib"
 
 # %% tags=["parameters"]
 # Parameters: "shapes" runs offline on a CPU (what this book shows); "flickr8k" on Colab
@@ -252,6 +260,7 @@ runs = {name: ensure_trained(data_dir, m, c, device=device, progress=False, log=
         for name, (m, c) in same_features_runs(chapter5.out_dir, model_config, config,
                                                EPOCHS).items()}
 columns = ["epoch", "train_loss", "val_loss", "val_bleu4", "val_semantic_f1", "seconds"]
+columns = [c for c in columns if c in runs["soft"].history[-1]]  # no F1 without ground truth
 display(table(["model", *columns],
               [[name, *(f"{row[c]:.4g}" for c in columns)]
                for name, run in runs.items() for row in run.history]))

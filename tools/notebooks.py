@@ -7,8 +7,13 @@ with its outputs so that readers on GitHub and Colab see results before running 
     python tools/notebooks.py sync        # .py -> .ipynb (sources only, outputs kept where cells are unchanged)
     python tools/notebooks.py execute     # .py -> .ipynb, then execute in notebooks/ and save outputs
     python tools/notebooks.py check       # exit 1 when a pair is out of sync
+    python tools/notebooks.py run 05 -p DATASET=flickr8k --out DIR
+                                          # execute with parameters into DIR (papermill-style)
 
-`tests/test_notebooks_sync.py` runs `check`.
+`run` leaves `notebooks/*.ipynb` alone: it injects `NAME = value` lines as a new cell
+right after the cell tagged `parameters` (tagged `injected-parameters`, as papermill
+does), executes in `notebooks/` and writes the executed copy into `--out`.
+`tests/test_book.py` runs `check`; `tests/test_colab.py` runs chapters with `run`.
 """
 
 from __future__ import annotations
@@ -86,12 +91,63 @@ def write(script: Path, notebook: Path, execute: bool) -> None:
     nbformat.write(nb, notebook)
 
 
+def inject(nb: nbformat.NotebookNode, parameters: dict) -> nbformat.NotebookNode:
+    """Add `parameters` (NAME -> Python value) as a cell after the `parameters` cell."""
+    where = next((i for i, c in enumerate(nb.cells)
+                  if "parameters" in c.metadata.get("tags", [])), None)
+    if where is None:
+        raise ValueError("no cell tagged 'parameters' to inject into")
+    source = "# Parameters injected by tools/notebooks.py\n" + "\n".join(
+        f"{name} = {value!r}" for name, value in parameters.items())
+    cell = nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]})
+    nb.cells.insert(where + 1, cell)
+    return nb
+
+
+def run(script: Path, parameters: dict, out: Path | None = None, timeout: int = 1800
+        ) -> nbformat.NotebookNode:
+    """Execute `script` with `parameters` injected; save into `out` (a folder) if given.
+
+    A failing cell raises nbclient's `CellExecutionError` naming the cell; the partly
+    executed notebook is still written to `out`, to read what happened.
+    """
+    nb = inject(from_script(script), parameters) if parameters else from_script(script)
+    try:
+        NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                       resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    finally:
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            nbformat.write(nb, out / script.with_suffix(".ipynb").name)
+    return nb
+
+
+def _value(text: str):
+    """A -p value: a Python literal when it is one ("3", "True", "'x'"), else the string."""
+    import ast
+
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=["sync", "execute", "check"])
+    parser.add_argument("action", choices=["sync", "execute", "check", "run"])
     parser.add_argument("names", nargs="*", help="only notebooks whose name contains one of these")
+    parser.add_argument("-p", "--parameter", action="append", default=[], metavar="NAME=VALUE",
+                        help="run: a parameter to inject (repeatable)")
+    parser.add_argument("--out", type=Path, help="run: folder for the executed notebooks")
     args = parser.parse_args()
     failures = 0
+    if args.action == "run":
+        parameters = dict(p.split("=", 1) for p in args.parameter)
+        for script, _ in pairs(args.names):
+            start = time.perf_counter()
+            run(script, {k: _value(v) for k, v in parameters.items()}, args.out)
+            print(f"ran {script.name} in {time.perf_counter() - start:.0f} s")
+        return 0
     for script, notebook in pairs(args.names):
         if args.action == "check":
             why = out_of_sync(script, notebook)
