@@ -182,6 +182,16 @@ NAMES = {  # a benchmark key -> what it compares
     "extract_speedup": "feature extraction, bf16 + channels_last vs fp32",
     "epoch_speedup": "an epoch from the feature cache vs running the CNN at every step",
     "speedup_bf16_over_fp32": "fine-tuned training step, bf16 autocast vs fp32",
+    "speedup_bf16_autocast_over_fp32_median": "decoder training step, bf16 autocast vs fp32 (median)",
+    "ratio_hard_over_soft": "hard-attention step time over soft (wall clock; above 1: hard is slower)",
+    "ratio_all_sampled_over_soft": "hard attention, every caption sampled, over soft (wall clock)",
+    "cpu_ratio_hard_over_soft": "hard-attention step over soft, in CPU time",
+    "speedup_over_first.today": "today's recipe step (the reference)",
+    "speedup_over_first.layer4.1": "step fine-tuning layer4's last two blocks vs today's whole layer4",
+    "speedup_over_first.layer4.2": "step fine-tuning layer4's last block vs today's whole layer4",
+    "cpu_speedup_over_first.today": "today's recipe step, CPU time (the reference)",
+    "cpu_speedup_over_first.layer4.1": "layer4's last two blocks vs the whole layer4, CPU time",
+    "cpu_speedup_over_first.layer4.2": "layer4's last block vs the whole layer4, CPU time",
 }
 
 
@@ -206,6 +216,8 @@ def ratios(record: dict, prefix: str = "") -> dict[str, float]:
     found = {}
     for key, value in record.items():
         name = f"{prefix}{key}"
+        if key in ("issue_goal", "ratio_of_gemm_peak"):
+            continue  # goals and shares of the GEMM peak: the next table
         if isinstance(value, dict):
             found.update(ratios(value, f"{name}."))
         elif isinstance(value, (int, float)) and re.search(r"ratio|speedup|_over_", name):
@@ -227,6 +239,57 @@ if folder.is_dir():
         display(Markdown(reading(record, found)))
 else:
     print(f"{folder} is not here: the benchmark results live in the repository ({REPO_URL})")
+
+# %% [markdown]
+# ### Against the speed goals
+#
+# The figures the speed issue set goals for, as `make bench` ends by printing them
+# (`benchmarks/summary.py`), next to the goal the benchmark file records, and how far
+# each one is from it.
+
+# %% tags=["hide-input"]
+# NBVAL_IGNORE_OUTPUT
+GOALS = [  # (file, key path, what, unit, goal key path)
+    ("decoder.json", ("speedup_vs_tutorial_median", "variable"),
+     "decoder training step vs tutorial-style (lengths 10-20, median)", "×", ("issue_goal", "speedup_vs_tutorial")),
+    ("decoder.json", ("ratio_of_gemm_peak", "variable/caption_lib"),
+     "decoder training step, fp32: share of the fp32 GEMM peak", "%", ("issue_goal", "ratio_of_gemm_peak")),
+    ("decoder.json", ("ratio_of_gemm_peak", "variable/caption_lib_bf16"),
+     "decoder training step, bf16 autocast: share of the bf16 GEMM peak", "%", ("issue_goal", "ratio_of_gemm_peak")),
+    ("beam.json", ("ratio_batched_over_tutorial",),
+     "batched beam search vs tutorial-style per-image search", "×", ("issue_goal", "ratio_batched_over_tutorial")),
+    ("beam.json", ("images_per_s", "batched"),
+     "batched beam search, images/s", "", ("issue_goal", "images_per_s_batched")),
+]
+
+
+def lookup(record: dict, keys: tuple[str, ...]):
+    for key in keys:
+        if not isinstance(record, dict) or key not in record:
+            return None
+        record = record[key]
+    return record
+
+
+def shown(value, unit: str) -> str:
+    if value is None:
+        return "not recorded"
+    return f"{100 * value:.0f} %" if unit == "%" else f"{value:g}{unit}"
+
+
+goal_rows, short = [], []
+for name, keys, what, unit, goal_keys in GOALS:
+    path = folder / name
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    value, goal = lookup(record, keys), lookup(record, goal_keys)
+    reached = "n/a" if value is None or goal is None else ("yes" if value >= goal else "no")
+    goal_rows.append([what, shown(value, unit), shown(goal, unit), reached,
+                      f"{name}, {record.get('threads', '?')} threads"])
+    if reached == "no":
+        short.append(f"{what} ({shown(value, unit)} of {shown(goal, unit)})")
+display(table(["figure", "measured", "goal", "reached", "file"], goal_rows))
+display(Markdown("Not reached: " + "; ".join(short) + "." if short else
+                 "Every goal with a recorded figure is reached."))
 
 # %% [markdown]
 # ## Recipe experiments: what the offline recipe's settings rest on
