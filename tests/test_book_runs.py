@@ -6,6 +6,7 @@ import ast
 import dataclasses
 import json
 import re
+from types import SimpleNamespace
 
 from conftest import ROOT, load_tool
 
@@ -25,11 +26,17 @@ def _chapter_runs() -> list[tuple]:
     calls = re.findall(r"ensure_trained\(data_dir, (\w+(?:\[[^]]*\]\[\d\])?), ?\s*(\S+?),", source)
     assert ("model_config", "config") in calls and ("variant", "budget") in calls, calls
     tree = ast.parse(source)
-    (variants,) = [n.value for n in ast.walk(tree) if isinstance(n, ast.Assign)
-                   and [getattr(t, "id", None) for t in n.targets] == ["variants"]]
+    def assigned(name: str):
+        (value,) = [n.value for n in ast.walk(tree) if isinstance(n, ast.Assign)
+                    and [getattr(t, "id", None) for t in n.targets] == [name]]
+        return compile(ast.Expression(value), str(CHAPTER), "eval")
+
     model_config, config = recipe("shapes")
-    namespace = {"dataclasses": dataclasses, "model_config": model_config, "config": config}
-    chapter_variants = eval(compile(ast.Expression(variants), str(CHAPTER), "eval"), namespace)
+    offline = SimpleNamespace(model=SimpleNamespace(encoder=SimpleNamespace(pretrained=False)))
+    namespace = {"dataclasses": dataclasses, "model_config": model_config, "config": config,
+                 "result": offline}  # the main run as shapes has it: a random-init encoder
+    namespace["frozen_config"] = eval(assigned("frozen_config"), namespace)
+    chapter_variants = eval(assigned("variants"), namespace)
     return [(model_config, config), *chapter_variants.values()]
 
 
@@ -88,7 +95,8 @@ def test_complete_runs_are_found_not_trained(tmp_path, monkeypatch, capsys):
 def test_an_early_stopped_run_is_complete(tmp_path):
     tool = load_tool("book_runs")
     _, config = recipe("shapes")
-    history = [{"val_bleu4": b} for b in (5.0, 9.0, 8.0, 7.0, 6.0)]  # best at 2, 3 worse
+    history = [{"val_bleu4": b, "val_loss": loss}  # best at 2, then 3 epochs worse
+               for b, loss in zip((5.0, 9.0, 8.0, 7.0, 6.0), (2.0, 1.0, 1.1, 1.2, 1.3))]
     _fake_run(tmp_path, len(history), history)
     assert tool.finished(tmp_path, config) == len(history) < config.epochs
     assert tool.finished(tmp_path / "missing", config) is None
