@@ -342,6 +342,36 @@ for path in experiments:
     display(Markdown(curve_reading(record)))
 
 # %% [markdown]
+# ## Sizes of this build's workspace (for the Running-on-Colab page)
+#
+# What the offline run keeps in its workspace (`CAPTION_LIB_HOME`), measured on disk
+# when this page is built and pasted into the page *Running on Colab* (`glue`): the data
+# set, the feature cache of every chapter, and the default run's folder.
+
+# %% tags=["hide-input"]
+# NBVAL_IGNORE_OUTPUT
+from myst_nb import glue
+
+
+def disk_bytes(path: Path) -> int:
+    """Bytes the files under `path` occupy (as `du` counts them: allocated blocks)."""
+    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+    return sum(f.stat().st_blocks * 512 for f in files)
+
+
+workspace = Path(data_dir).parent
+sizes = {"ws_data_mb": ("the data set folder (MB)", Path(data_dir), 1e6),
+         "ws_features_gb": ("`features/`, every cached encoder output (GB)", workspace / "features", 1e9),
+         "ws_run_mb": ("the default run's folder, `last.pt` and `best.pt` (MB)", run.out_dir, 1e6),
+         "ws_checkpoint_mb": ("one checkpoint of the default run (MB)", run.out_dir / "best.pt", 1e6)}
+rows = []
+for key, (what, path, unit) in sizes.items():
+    value = f"{disk_bytes(path) / unit:.1f}" if path.exists() else "n/a"
+    glue(key, value, display=False)
+    rows.append([what, value])
+display(table(["in the workspace", "size"], rows))
+
+# %% [markdown]
 # ## Figures for the Scaling-up page
 #
 # The page *Scaling up* (Going further) plans a COCO run from the benchmark files above.
