@@ -237,6 +237,7 @@ def caption_loss(
     alphas: torch.Tensor,
     alpha_c: float = 1.0,
     pad_id: int = 0,
+    weights: tuple[float, float] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Cross-entropy over real tokens + the doubly stochastic attention regulariser.
 
@@ -249,10 +250,13 @@ def caption_loss(
         alphas: (B, T, P) attention weights.
         alpha_c: lambda, the weight of the regulariser (0 switches it off).
         pad_id: id of the padding token (only used when `lengths` is None).
+        weights: (per-token, per-caption) factors of the two terms, which are means over
+            this batch: data-parallel training passes each process's share of the global
+            batch (`distributed.split_batch`); None (one process) is the plain loss.
 
     Returns:
         the scalar loss (with gradient) and {"xent": ..., "reg": ..., "tokens": ...} as floats.
     """
     xent, reg, tokens = loss_terms(logits, captions, lengths, alphas, pad_id)
-    loss = xent + alpha_c * reg
+    loss = xent + alpha_c * reg if weights is None else weights[0] * xent + alpha_c * weights[1] * reg
     return loss, {"xent": float(xent.detach()), "reg": float(reg.detach()), "tokens": tokens}

@@ -252,12 +252,8 @@ def hard_attention_loss(decoder: HardAttentionDecoder, features: torch.Tensor,
     """
     if not decoder.training:
         logits, alphas = decoder(features, captions, lengths)  # (B, T, V), (B, T, P)
-        if weights is None:
-            return caption_loss(logits.float(), captions, lengths, alphas.float(),
-                                alpha_c=alpha_c)
-        xent, reg, tokens = loss_terms(logits.float(), captions, lengths, alphas.float())
-        loss = weights[0] * xent + alpha_c * weights[1] * reg
-        return loss, {"xent": float(xent.detach()), "reg": float(reg.detach()), "tokens": tokens}
+        return caption_loss(logits.float(), captions, lengths, alphas.float(), alpha_c=alpha_c,
+                            weights=weights)
     out = decoder(features, captions, lengths, sample=True)  # HardPass
     loss, parts, reward = reinforce_loss(out, captions, lengths, decoder.baseline,
                                          lambda_r, lambda_e, alpha_c, weights)

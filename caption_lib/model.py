@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from caption_lib.decoder import DecoderWithAttention, caption_loss, loss_terms
+from caption_lib.decoder import DecoderWithAttention, caption_loss
 from caption_lib.encoder import EncoderCNN
 from caption_lib.errors import CaptionLibError
 from caption_lib.hard_attention import TEST_CONTEXTS, HardAttentionDecoder, hard_attention_loss
@@ -239,12 +239,8 @@ class Captioner(nn.Module):
                                        baseline_decay=config.baseline_decay, weights=weights)
         logits, alphas = self.decoder(features, captions, lengths)  # (N, L-1, V), (N, L-1, P)
         logits, alphas = logits.float(), alphas.float()
-        if weights is None:
-            return caption_loss(logits, captions, lengths, alphas, alpha_c=self.config.alpha_c,
-                                pad_id=self.vocab.pad_id)
-        xent, reg, tokens = loss_terms(logits, captions, lengths, alphas)
-        loss = weights[0] * xent + self.config.alpha_c * weights[1] * reg
-        return loss, {"xent": float(xent.detach()), "reg": float(reg.detach()), "tokens": tokens}
+        return caption_loss(logits, captions, lengths, alphas, alpha_c=self.config.alpha_c,
+                            pad_id=self.vocab.pad_id, weights=weights)
 
     def cached_loss(self, cached: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
                     owner: torch.Tensor | None = None, weights: tuple[float, float] | None = None,
