@@ -7,13 +7,17 @@ plain square matrix product reaches on the same threads and precision (`gemm_gfl
 Elementwise work (softmax, tanh, the LSTM gates, Adam) is not counted: it is the part
 that keeps a step below the peak.
 
+`cpu()` names the processor and its matrix extensions, for the result files.
+
 Not a benchmark itself (`make bench` runs `bench_*.py` only).
 """
 
 from __future__ import annotations
 
+import platform
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -41,3 +45,23 @@ class Gemm:
         start = time.perf_counter()
         torch.mm(self.a, self.b)  # (n, n)
         return time.perf_counter() - start
+
+
+def cpu() -> dict[str, object]:
+    """The CPU the figures were measured on: its model name and the matrix extensions that
+    decide its bf16 speed (AMX makes bf16 products several times faster than avx512_bf16
+    alone; the machines this project runs on have differed in that between sessions)."""
+    info: dict[str, object] = {"model": platform.processor() or platform.machine(), "flags": []}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            info["model"] = value.strip()
+        elif key.strip() == "flags":
+            wanted = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx2")
+            info["flags"] = [f for f in wanted if f in value.split()]
+            break
+    return info

@@ -51,7 +51,7 @@ from caption_lib.decoder import DecoderWithAttention
 from caption_lib.decoding import beam_search
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _gemm import Gemm, count_gflop  # benchmarks/ is a folder of scripts, not a package
+from _gemm import Gemm, count_gflop, cpu  # benchmarks/ is a folder of scripts, not a package
 
 RESULTS = Path(__file__).resolve().parent / "results" / "beam.json"
 START, END = 1, 2
@@ -151,7 +151,7 @@ def main() -> None:
                   "regions": P, "encoder_dim": E, "embed_dim": 512, "decoder_dim": 512,
                   "attention_dim": 512, "vocab": V},
         "threads": args.threads, "reps": args.reps, "warmup": args.warmup,
-        "torch": torch.__version__, "machine": platform.machine(),
+        "torch": torch.__version__, "machine": platform.machine(), "cpu": cpu(),
         "images_per_s": {name: round(v, 1) for name, v in ips.items()},
         "seconds_all": {name: [round(x, 3) for x in v] for name, v in times.items()},
         "ratio_batched_over_tutorial": round(ips["batched"] / ips["tutorial"], 1),

@@ -15,7 +15,11 @@ repetitions, interleaved so that machine noise hits all of them alike):
   algorithm, written out here with caption_lib's parameters and maths (the tutorial's
   code is not copied into this repository).
 - "caption_lib": `DecoderWithAttention` (projection once per sequence, output layer once
-  after the loop, internal sort + shrink over the running captions).
+  after the loop, internal sort + shrink over the running captions, the three products of
+  h_{t-1} in one, the word's share of the LSTM input for all steps at once, and the
+  per-step weights' gradients in one product each: `caption_lib.recurrent`), updated by
+  `caption_lib.train.adam` (torch's fused Adam), as the trainer does. The tutorial's step
+  uses the plain `torch.optim.Adam`, as that tutorial does.
 - "caption_lib_mask_only": the same pieces with every step run on the whole batch and
   padded steps only masked (to decide masking vs shrinking by measurement; on "variable").
 - "caption_lib_bf16": `DecoderWithAttention` under CPU bf16 autocast (on "variable").
@@ -45,9 +49,10 @@ import torch
 import torch.nn.functional as F
 
 from caption_lib.decoder import DecoderWithAttention, caption_loss, step_mask
+from caption_lib.train import adam
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _gemm import Gemm, count_gflop  # benchmarks/ is a folder of scripts, not a package
+from _gemm import Gemm, count_gflop, cpu  # benchmarks/ is a folder of scripts, not a package
 
 RESULTS = Path(__file__).resolve().parent / "results" / "decoder.json"
 
@@ -86,12 +91,13 @@ def mask_forward(dec: DecoderWithAttention, features: torch.Tensor, captions: to
     """caption_lib's decoder pieces (projection once, fc once), every step on the whole
     batch, padded steps only masked in the loss: the alternative to shrinking."""
     T = captions.size(1) - 1
-    embedded = dec.embedding(captions[:, :T])  # (B, T, D)
+    loop = dec.prepare()
+    word_gates = dec.input_gates(loop, dec.embedding(captions[:, :T]))  # (B, T, 4H)
     state = dec.init_state(features)  # (B, H), (B, H)
     projected = dec.project(features)  # (B, P, A)
     hiddens, alphas = [], []
     for t in range(T):
-        state, alpha = dec._cell(embedded[:, t], state, features, projected)
+        state, alpha = dec._cell(loop, word_gates[:, t], state, features, projected)
         hiddens.append(state[0])  # (B, H)
         alphas.append(alpha)  # (B, P)
     logits = dec.fc(dec.dropout(torch.stack(hiddens, dim=1)))  # (B, T, V)
@@ -131,7 +137,8 @@ def main() -> None:
     B, P, E, V, L = args.batch, 49, 2048, args.vocab, args.max_len
     torch.manual_seed(0)
     dec = DecoderWithAttention(V, E, 512, 512, 512, dropout=0.5)
-    opt = torch.optim.Adam(dec.parameters(), lr=1e-4)
+    opt = torch.optim.Adam(dec.parameters(), lr=1e-4)  # the tutorial's optimiser
+    opt_lib = adam([{"params": list(dec.parameters()), "lr": 1e-4}])  # caption_lib.train's
     # "variable": lengths drawn in [min_len, max_len]; "fixed": every caption max_len long
     batches = {"variable": _batch(B, P, E, V, L, args.min_len), "fixed": _batch(B, P, E, V, L, L)}
 
@@ -164,10 +171,11 @@ def main() -> None:
     gemm_times: dict[str, list[float]] = {p: [] for p in gemms}
     for rep in range(args.warmup + args.reps):
         for key, fn, batch in runs:  # interleaved: noise hits every variant alike
+            optimizer = opt if key.endswith("/tutorial") else opt_lib
             start = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)
             fn(*batch).backward()
-            opt.step()
+            optimizer.step()
             if rep >= args.warmup:
                 times[key].append((time.perf_counter() - start) * 1000)
         for p, gemm in gemms.items():  # the machine's peak, under the same load
@@ -184,7 +192,7 @@ def main() -> None:
                   "decoder_dim": 512, "attention_dim": 512, "vocab": V, "max_len": L,
                   "variable_lengths": [int(x) for x in batches["variable"][2]]},
         "threads": args.threads, "reps": args.reps, "warmup": args.warmup,
-        "torch": torch.__version__, "machine": platform.machine(),
+        "torch": torch.__version__, "machine": platform.machine(), "cpu": cpu(),
         "load_average_1min": round(os.getloadavg()[0], 2),
         "ms_per_step_median": {k: round(v, 1) for k, v in median.items()},
         "ms_per_step_min": {k: round(v, 1) for k, v in best.items()},

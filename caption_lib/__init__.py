@@ -11,6 +11,7 @@ module, in three layers (a module only imports from its own layer or the ones ab
         encoder      ResNet-50 -> (B, 49, 2048) region features
         attention    additive (Bahdanau) soft attention over the 49 regions
         decoder      the attention LSTM decoder and the captioning loss
+        recurrent    the LSTM update; one weight-gradient product for a loop's steps
         hard_attention  stochastic hard attention (Sec. 4.1) and its REINFORCE estimator
         model        Captioner = vocabulary + encoder + decoder: encode, loss; checkpoints
         decoding     greedy decoding and batched beam search; caption one image

@@ -63,8 +63,15 @@ class Attention(nn.Module):
         """
         if projected is None:
             projected = self.project(features)  # (B, P, A)
-        query = self.decoder_att(hidden).unsqueeze(1)  # (B, 1, A)
-        scores = self.full_att(torch.tanh(projected + query)).squeeze(2)  # (B, P)
+        return self.weigh(features, self.decoder_att(hidden), projected, mask)
+
+    def weigh(self, features: torch.Tensor, query: torch.Tensor, projected: torch.Tensor,
+              mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` from the query W_h h_{t-1} (B, A) instead of h_{t-1}: the decoder
+        computes the query in one product with its other uses of h_{t-1}. Other arguments
+        and the result as for `forward` (`projected` is required)."""
+        query = query.unsqueeze(1)  # (B, 1, A)
+        scores = self.full_att((projected + query).tanh_()).squeeze(2)  # (B, P), tanh in place
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))  # (B, P)
         alpha = torch.softmax(scores, dim=1)  # (B, P)

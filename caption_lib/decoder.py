@@ -27,7 +27,13 @@ gives the same numbers; shrinking was measurably faster on the book's benchmark 
 with lengths 10-20, more when lengths vary more; `benchmarks/bench_decoder.py`).
 
 Speed: W_a a is projected once per sequence, and the output layer (H -> V, the biggest
-matrix) is applied to all hidden states at once after the loop.
+matrix) is applied to all hidden states at once after the loop. Inside the loop
+(`prepare`): the three products of h_{t-1} (attention query, gate, W_hh h) are one
+product; the word's share of the LSTM input is computed for all steps at once; and the
+per-step weights get their gradients from one product per loop (`caption_lib.recurrent`).
+The parameters are still those of `nn.Linear`/`nn.LSTMCell` modules: checkpoints and the
+maths are unchanged (tests/test_recurrent.py compares values and gradients with the plain
+per-step formulation).
 
 Shapes: B batch, P regions (49), E encoder dim (2048), D word-embedding dim, H decoder
 dim, A attention dim, L caption length incl. <start>/<end>, T = L - 1 decoding steps,
@@ -36,11 +42,14 @@ V vocabulary size.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from caption_lib.attention import Attention
+from caption_lib.recurrent import StepWeight, lstm_cell, split_columns
 
 State = tuple[torch.Tensor, torch.Tensor]
 
@@ -57,6 +66,17 @@ def step_mask(lengths: torch.Tensor, steps: int,
 def _prefix(x: torch.Tensor, rows: int) -> torch.Tensor:
     """x[:rows], or x itself when that is all of it."""
     return x if rows == x.size(0) else x[:rows]
+
+
+def stack_steps(steps: list[torch.Tensor], like: torch.Tensor, batch: int, total: int,
+                width: int) -> torch.Tensor:
+    """Per-step outputs of the running prefix, [(b_t, X)] (b_t non-increasing, X = width),
+    as one (batch, total, X) tensor (dtype and device of `like`) with zeros where a
+    caption had ended and after the last step. One stack instead of a write into a
+    preallocated tensor per step, whose backward copies the whole tensor at every step."""
+    padded = [F.pad(x, (0, 0, 0, batch - x.size(0))) for x in steps]  # (batch, X) each
+    padded += [like.new_zeros(batch, width)] * (total - len(padded))  # steps never run
+    return torch.stack(padded, dim=1) if padded else like.new_zeros(batch, 0, width)
 
 
 class DecoderWithAttention(nn.Module):
@@ -116,31 +136,70 @@ class DecoderWithAttention(nn.Module):
         """W_a a for the attention, (B, P, A), once per sequence (None without attention)."""
         return self.attention.project(features) if self.attention is not None else None
 
-    def _attend(self, features: torch.Tensor, h: torch.Tensor,
+    def prepare(self) -> LoopWeights:
+        """The weights arranged for one pass of the loop (make one per sequence).
+
+        h_{t-1} enters three products: the attention's query W_h h, the gate f_beta(h) and
+        the LSTM's W_hh h. They are one product with the three matrices stacked
+        (A + E + 4H rows). The LSTM's input weight W_ih is split by its columns into the
+        word part (`input_gates`, applied to all steps at once) and the context part,
+        applied at each step. Both per-step weights are `StepWeight`s: their gradients
+        are one product over all steps (`caption_lib.recurrent`). The parameters are the
+        modules' own (`f_beta`, `lstm`, ...), so checkpoints are unchanged.
+        """
+        word, context = split_columns(self.lstm.weight_ih, self.embedding.embedding_dim)
+        parts = [self.f_beta.weight, self.lstm.weight_hh]  # (E, H), (4H, H)
+        biases = [self.f_beta.bias, torch.zeros_like(self.lstm.bias_hh)]  # b_hh: in input_gates
+        if self.attention is not None:
+            parts.insert(0, self.attention.decoder_att.weight)  # (A, H)
+            biases.insert(0, self.attention.decoder_att.bias)
+        return LoopWeights(from_h=StepWeight(torch.cat(parts)),  # (A + E + 4H, H)
+                           h_bias=torch.cat(biases),  # (A + E + 4H,)
+                           word=word,  # (4H, D)
+                           from_context=StepWeight(context),  # (4H, E)
+                           query_dim=parts[0].size(0) if self.attention is not None else 0)
+
+    def input_gates(self, loop: LoopWeights, embedded: torch.Tensor) -> torch.Tensor:
+        """The word's share of the LSTM pre-activations plus both LSTM biases:
+        (..., D) -> (..., 4H). Applied to all steps of a caption in one product."""
+        bias = self.lstm.bias_ih + self.lstm.bias_hh  # (4H,)
+        return F.linear(embedded, loop.word, bias)  # (..., 4H)
+
+    def read(self, loop: LoopWeights, h: torch.Tensor
+             ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """Everything h_{t-1} (b, H) feeds, in one product: the attention query W_h h
+        (b, A; None without attention), the gate beta_t (b, E) and W_hh h (b, 4H)."""
+        out = loop.from_h(h) + loop.h_bias  # (b, A + E + 4H)
+        a, e = loop.query_dim, self.encoder_dim
+        query = out[:, :a] if a else None  # (b, A)
+        return query, torch.sigmoid(out[:, a:a + e]), out[:, a + e:]  # (b, E), (b, 4H)
+
+    def write(self, loop: LoopWeights, word_gates: torch.Tensor, from_h: torch.Tensor,
+              gate: torch.Tensor, context: torch.Tensor, c: torch.Tensor) -> State:
+        """The LSTM update from the word's pre-activations (b, 4H, `input_gates`), W_hh h
+        and the gate (from `read`), the context z_t (b, E) and the cell c_{t-1} (b, H).
+
+        Soft attention passes the expected context sum_i alpha_i a_i; hard attention
+        (`caption_lib.hard_attention`) passes one sampled region a_{s_t}.
+        """
+        gates = word_gates + from_h + loop.from_context(gate * context)  # (b, 4H)
+        return lstm_cell(gates, c)  # (b, H), (b, H)
+
+    def _attend(self, features: torch.Tensor, query: torch.Tensor | None,
                 projected: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.attention is None:
             B, P, _ = features.shape
             context = features.mean(dim=1)  # (B, E)
             alpha = features.new_full((B, P), 1.0 / P)  # (B, P)
             return context, alpha
-        return self.attention(features, h, projected=projected)  # (B, E), (B, P)
+        return self.attention.weigh(features, query, projected)  # (B, E), (B, P)
 
-    def _cell(self, embedded: torch.Tensor, state: State, features: torch.Tensor,
-              projected: torch.Tensor | None) -> tuple[State, torch.Tensor]:
-        """One LSTM update from the embedded previous word (B, D); returns (h, c), alpha."""
-        context, alpha = self._attend(features, state[0], projected)  # (B, E), (B, P)
-        return self.update(embedded, state, context), alpha
-
-    def update(self, embedded: torch.Tensor, state: State, context: torch.Tensor) -> State:
-        """The LSTM update given the context z_t (B, E): the gate beta_t, then the cell.
-
-        Soft attention passes the expected context sum_i alpha_i a_i; hard attention
-        (`caption_lib.hard_attention`) passes one sampled region a_{s_t}.
-        """
-        h, c = state  # (B, H), (B, H)
-        gate = torch.sigmoid(self.f_beta(h))  # (B, E)
-        x = torch.cat([embedded, gate * context], dim=1)  # (B, D + E)
-        return self.lstm(x, (h, c))  # (B, H), (B, H)
+    def _cell(self, loop: LoopWeights, word_gates: torch.Tensor, state: State,
+              features: torch.Tensor, projected: torch.Tensor | None) -> tuple[State, torch.Tensor]:
+        """One step of the loop: (h, c), alpha from the word's pre-activations (b, 4H)."""
+        query, gate, from_h = self.read(loop, state[0])  # (b, A), (b, E), (b, 4H)
+        context, alpha = self._attend(features, query, projected)  # (b, E), (b, P)
+        return self.write(loop, word_gates, from_h, gate, context, state[1]), alpha
 
     # -- training: teacher forcing over the whole caption -------------------------------
 
@@ -168,22 +227,26 @@ class DecoderWithAttention(nn.Module):
         order = torch.argsort(lengths, descending=True, stable=True)  # (B,)
         features, captions = features[order], captions[order]  # (B, P, E), (B, L)
         running = step_mask(lengths[order], steps).sum(dim=0).tolist()  # T ints
-        embedded = self.embedding(captions[:, :steps])  # (B, T, D)
+        loop = self.prepare()
+        # unbound once: indexing word_gates[:, t] at each step would cost a backward that
+        # writes a zero-filled (B, T, 4H) tensor per step
+        word_gates = self.input_gates(loop, self.embedding(captions[:, :steps])).unbind(1)
         h, c = self.init_state(features)  # (B, H), (B, H)
         projected = self.project(features)  # (B, P, A) or None
-        hidden = features.new_zeros(B, steps, self.decoder_dim)  # (B, T, H)
-        alphas = features.new_zeros(B, steps, P)  # (B, T, P), stays 0 at padded steps
+        hiddens, alphas = [], []  # per step (b, H), (b, P)
         for t, b in enumerate(running):
             if b == 0:
                 break
             # while every caption runs, no slice: a slice's backward pads its gradient to
             # the full (B, P, E) at every step (a quarter of a fine-tuning step's decoder)
-            (h, c), alpha = self._cell(embedded[:b, t], (h[:b], c[:b]), _prefix(features, b),
+            (h, c), alpha = self._cell(loop, _prefix(word_gates[t], b), (h[:b], c[:b]),
+                                       _prefix(features, b),
                                        None if projected is None else _prefix(projected, b))
-            hidden[:b, t] = h  # (b, H)
-            alphas[:b, t] = alpha  # (b, P)
+            hiddens.append(h)
+            alphas.append(alpha)
         restore = torch.argsort(order)  # (B,) back to the caller's order
-        hidden, alphas = hidden[restore], alphas[restore]  # (B, T, H), (B, T, P)
+        hidden = stack_steps(hiddens, features, B, steps, self.decoder_dim)[restore]  # (B, T, H)
+        alphas = stack_steps(alphas, features, B, steps, P)[restore]  # (B, T, P), 0 when padded
         logits = self.fc(self.dropout(hidden))  # (B, T, V), all steps in one matmul
         return logits, alphas
 
@@ -205,10 +268,34 @@ class DecoderWithAttention(nn.Module):
         """
         if projected is None:
             projected = self.project(features)  # (B, P, A) or None
-        embedded = self.embedding(tokens)  # (B, D)
-        state, alpha = self._cell(embedded, state, features, projected)
+        loop = self._decoding_weights()
+        word_gates = self.input_gates(loop, self.embedding(tokens))  # (B, 4H)
+        state, alpha = self._cell(loop, word_gates, state, features, projected)
         logits = self.fc(self.dropout(state[0]))  # (B, V)
         return logits, state, alpha
+
+    def _decoding_weights(self) -> LoopWeights:
+        """`prepare()`, kept between the steps of a search while no parameter changes and
+        no gradient is wanted (decoding), so that the stacking is not redone each step."""
+        if torch.is_grad_enabled():
+            return self.prepare()
+        key = (tuple((p.data_ptr(), p._version) for p in self.parameters()),
+               torch.is_autocast_enabled(self.fc.weight.device.type))
+        cached = getattr(self, "_cached_loop", None)
+        if cached is None or cached[0] != key:
+            cached = self._cached_loop = (key, self.prepare())
+        return cached[1]
+
+
+@dataclass
+class LoopWeights:
+    """The decoder's weights arranged for one pass of its loop (`prepare`)."""
+
+    from_h: StepWeight  # h_{t-1} -> [W_h h; f_beta h; W_hh h], (A + E + 4H, H)
+    h_bias: torch.Tensor  # (A + E + 4H,) the biases of those three (W_hh's: 0, see input_gates)
+    word: torch.Tensor  # (4H, D) the word's columns of W_ih (`input_gates`)
+    from_context: StepWeight  # beta_t * z_t -> its share of the LSTM pre-activations, (4H, E)
+    query_dim: int  # A (0 without attention)
 
 
 def loss_terms(logits: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor | None,
@@ -224,7 +311,10 @@ def loss_terms(logits: torch.Tensor, captions: torch.Tensor, lengths: torch.Tens
     if lengths is None:
         lengths = (captions != pad_id).sum(dim=1)  # (B,)
     real = step_mask(lengths, steps, logits.device)  # (B, T)
-    xent = F.cross_entropy(logits[real], targets[real])  # mean over the real tokens
+    # mean over the real tokens; padded steps are ignored, not gathered out (which would
+    # copy the real rows of the (B, T, V) logits and scatter their gradient back)
+    xent = F.cross_entropy(logits.reshape(-1, logits.size(-1)),  # (B*T, V)
+                           targets.masked_fill(~real, -100).reshape(-1), ignore_index=-100)
     attention_total = (alphas * real.unsqueeze(2).to(alphas.dtype)).sum(dim=1)  # (B, P)
     reg = ((1.0 - attention_total) ** 2).sum(dim=1).mean()  # scalar
     return xent, reg, float(real.sum())

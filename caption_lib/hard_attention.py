@@ -82,7 +82,7 @@ def entropy(alpha: torch.Tensor) -> torch.Tensor:
 class HardAttentionDecoder(DecoderWithAttention):
     """`DecoderWithAttention` whose context is one region drawn from its attention.
 
-    The same `Attention` and LSTM cell (`update`) as soft attention; only the choice of the
+    The same `Attention` and LSTM update (`read`, `write`) as soft attention; only the choice of the
     context differs. `forward(..., sample=True)` is the training pass (`HardPass`);
     plain `forward` and `step` use `test_context` in eval mode ("expected" in train mode).
 
@@ -101,9 +101,9 @@ class HardAttentionDecoder(DecoderWithAttention):
         # b: moving average of log p(y | s~, a), part of the state so that resume is exact
         self.register_buffer("baseline", torch.zeros(()))
 
-    def _attend(self, features: torch.Tensor, h: torch.Tensor,
+    def _attend(self, features: torch.Tensor, query: torch.Tensor | None,
                 projected: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        context, alpha = super()._attend(features, h, projected)  # (B, E), (B, P)
+        context, alpha = super()._attend(features, query, projected)  # (B, E), (B, P)
         if self.training or self.test_context == "expected":
             return context, alpha
         if self.test_context == "argmax":
@@ -144,7 +144,8 @@ class HardAttentionDecoder(DecoderWithAttention):
             sampled = (draw >= self.expected_prob).to(features.device)  # (B,)
         else:
             sampled = torch.ones(B, dtype=torch.bool, device=features.device)  # (B,)
-        embedded = self.embedding(captions[:, :steps])  # (B, T, D)
+        loop = self.prepare()
+        word_gates = self.input_gates(loop, self.embedding(captions[:, :steps])).unbind(1)  # T x (B, 4H)
         h, c = self.init_state(features)  # (B, H), (B, H)
         projected = self.project(features)  # (B, P, A)
         hidden = features.new_zeros(B, steps, self.decoder_dim)  # (B, T, H)
@@ -155,15 +156,16 @@ class HardAttentionDecoder(DecoderWithAttention):
         for t, b in enumerate(running):
             if b == 0:
                 break
-            context, alpha = self.attention(features[:b], h[:b], projected[:b],
-                                            mask=None if mask is None else mask[:b])
+            query, gate, from_h = self.read(loop, h[:b])  # (b, A), (b, E), (b, 4H)
+            context, alpha = self.attention.weigh(features[:b], query, projected[:b],
+                                                  mask=None if mask is None else mask[:b])
             if forced is None:
                 s = torch.multinomial(alpha.detach().float(), 1, generator=generator)
                 s = s.squeeze(1).to(features.device)  # (b,)
             else:
                 s = forced[:b, t]  # (b,)
             context = torch.where(sampled[:b, None], pick(features[:b], s), context)  # (b, E)
-            h, c = self.update(embedded[:b, t], (h[:b], c[:b]), context)  # (b, H) x2
+            h, c = self.write(loop, word_gates[t][:b], from_h, gate, context, c[:b])  # (b, H) x2
             hidden[:b, t], alphas[:b, t], where[:b, t] = h, alpha, s
             chosen = alpha.gather(1, s.unsqueeze(1)).squeeze(1)  # (b,) alpha_{t, s_t}
             log_alpha[:b, t] = torch.log(chosen.clamp_min(_TINY))

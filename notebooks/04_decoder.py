@@ -189,6 +189,22 @@ for t in range(5):
 # output layer — the biggest matrix, $H \times V$ — runs **once on all steps** after the
 # loop instead of once per step. The benchmark also times the tutorial's formulation
 # (projection and output layer inside the loop, written out in the benchmark, not copied).
+#
+# Three more arrangements make the loop itself cheaper without changing its maths
+# (`DecoderWithAttention.prepare` and `caption_lib.recurrent`):
+#
+# - $h_{t-1}$ enters three products: the attention's query $W_h h_{t-1}$, the gate
+#   $f_\beta(h_{t-1})$ and the LSTM's $W_{hh} h_{t-1}$. They are computed as one product,
+#   with the three matrices stacked.
+# - The word's share of the LSTM input (the first $D$ columns of `weight_ih` times
+#   $E y_{t-1}$) does not depend on the state. It is computed for all steps at once.
+# - A weight used at every step gets its gradient from one matrix product over all steps.
+#   Autograd would otherwise compute one small product per step and add it to the
+#   gradient each time.
+#
+# The weights stay in the modules listed above. `lstm` is an `nn.LSTMCell` that holds
+# $W_{ih}$, $W_{hh}$ and the biases, so checkpoints do not change. The walk-through below
+# uses those modules directly and checks that `forward` gives the same numbers.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -508,8 +524,10 @@ display(Markdown(header + "\n".join(f"| {' | '.join(r)} |" for r in rows)))
 #   masked out of the loss ({eq}`eq-loss`), together with the doubly stochastic
 #   regulariser that spreads attention over the image.
 # - Speed comes from projecting the regions once per caption, applying the output layer
-#   once to all steps, and running only the captions still going (sort and shrink);
-#   `step` decodes one word with the same pieces.
+#   once to all steps, and running only the captions still going (sort and shrink). The
+#   loop's own products are arranged too: one product for everything $h_{t-1}$ feeds, the
+#   word's share of the input for all steps at once, and one weight-gradient product per
+#   loop. `step` decodes one word with the same pieces.
 # - `Captioner` saves configuration, vocabulary and weights as plain data and loads them
 #   with `weights_only=True`.
 
@@ -530,14 +548,15 @@ import torch.nn.functional as F
 from caption_lib import checks
 
 # %% [markdown]
-# **Exercise 1 (task).** The decoder calls `nn.LSTMCell`; here you write what it
-# computes. Implement `lstm_step(x, h, c, w_ih, w_hh, b_ih, b_hh)` for a batch: input
+# **Exercise 1 (task).** The decoder keeps its LSTM weights in an `nn.LSTMCell`
+# (`decoder.lstm`); here you write what that cell computes. Implement `lstm_step(x, h, c, w_ih, w_hh, b_ih, b_hh)` for a batch: input
 # `x (B, D)`, state `h, c (B, H)`, weights `w_ih (4H, D)`, `w_hh (4H, H)` and biases
 # `b_ih, b_hh (4H,)` laid out as in `nn.LSTMCell` — the rows of each are four blocks of
 # $H$, for the input gate $i$, the forget gate $f$, the candidate $g$ and the output gate
 # $o$, **in that order** (not the order of {eq}`eq-lstm-gates`). Return the new state
 # `(h, c)` of {eq}`eq-lstm-cell` and {eq}`eq-lstm-hidden`, using only matrix products and
-# elementwise functions (no `nn.LSTMCell`, no `torch.lstm_cell`). The test compares your
+# elementwise functions (no `nn.LSTMCell`, no `torch.lstm_cell`, not the library's own
+# `caption_lib.recurrent.lstm_cell`). The test compares your
 # values and gradients with `nn.LSTMCell` and runs `torch.autograd.gradcheck`, which
 # compares your gradients with finite differences. Then: what do the forget gate's values
 # do to the gradient that flows from $c_t$ back to $c_{t-1}$?

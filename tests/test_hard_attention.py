@@ -245,8 +245,10 @@ def test_test_time_contexts():
         assert torch.allclose(expected, soft.step(tokens, state, features)[0])
         hard.test_context = "argmax"
         argmax_logits, _, alpha = hard.step(tokens, state, features)
-        embedded = hard.embedding(tokens)
-        h = hard.update(embedded, state, pick(features, alpha.argmax(dim=1)))[0]
+        loop = hard.prepare()
+        _, gate, from_h = hard.read(loop, state[0])
+        h = hard.write(loop, hard.input_gates(loop, hard.embedding(tokens)), from_h, gate,
+                       pick(features, alpha.argmax(dim=1)), state[1])[0]
         assert torch.allclose(argmax_logits, hard.fc(h))
         hard.test_context = "sample"
         draws = {tuple(hard.step(tokens, state, features)[0].argmax(1).tolist())

@@ -1,0 +1,134 @@
+"""A weight used at every step of a loop, with its gradient computed in one matrix product.
+
+The decoder multiplies the same weight W (N, K) by a new input x_t (b_t, K) at every step
+t of its loop. Autograd's ordinary backward then computes, for every step, a weight
+gradient dW_t = g_t^T x_t (g_t = dLoss/dy_t, (b_t, N)) and adds it to W.grad: T matrix
+products with an inner size of only b_t (the batch, 32) and T read-modify-writes of the
+whole (N, K) gradient. Both are memory-bound on a CPU; at the book's sizes they were about
+a fifth of a decoder training step (`benchmarks/bench_decoder.py`).
+
+`StepWeight` computes the same sum once, as one product over all steps:
+
+    dW = sum_t g_t^T x_t = [g_1; ...; g_T]^T [x_1; ...; x_T]      (N, sum_t b_t) x (sum_t b_t, K)
+
+How: every step's product is an autograd Function (`_StepProduct`) whose backward returns
+the input gradient g_t W at once and only *records* (x_t, g_t). The weight reaches the
+steps through another Function (`_Collect`) that autograd runs after all of them (it
+comes before them in the forward pass); its backward stacks what was recorded and returns
+dW to W as an ordinary gradient, so `loss.backward()`, gradient accumulation and
+data-parallel hooks see nothing unusual. Under autocast the weight is cast once per loop
+(not once per step) to the autocast dtype; gradients come back in W's dtype.
+
+Shapes: W (N, K); x_t (b_t, K); y_t = x_t W^T (b_t, N).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class _Collect(torch.autograd.Function):
+    """weight -> the weight in the compute dtype; backward: sum_t g_t^T x_t in one product."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, dtype: torch.dtype, records: list) -> torch.Tensor:
+        ctx.records, ctx.weight_dtype = records, weight.dtype
+        ctx.set_materialize_grads(False)  # the steps return no weight gradient: None, not 0
+        return weight.to(dtype) if dtype != weight.dtype else weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor | None):
+        records = ctx.records  # filled by the steps' backward, which autograd ran first
+        if not records:
+            return grad, None, None
+        inputs = torch.cat([x for x, _ in records])  # (sum b_t, K)
+        outputs = torch.cat([g for _, g in records])  # (sum b_t, N)
+        records.clear()
+        dweight = (outputs.t() @ inputs).to(ctx.weight_dtype)  # (N, K), one product
+        return (dweight if grad is None else dweight + grad.to(ctx.weight_dtype)), None, None
+
+
+class _StepProduct(torch.autograd.Function):
+    """y = x W^T for one step; backward: the input gradient now, the weight's recorded."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, records: list) -> torch.Tensor:
+        x = x.to(weight.dtype)  # (b, K)
+        ctx.save_for_backward(x, weight)
+        ctx.records = records
+        return x @ weight.t()  # (b, N)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors  # (b, K), (N, K)
+        grad = grad.to(weight.dtype)  # (b, N)
+        ctx.records.append((x, grad))
+        return grad @ weight, None, None  # (b, K); the weight's part goes to _Collect
+
+
+class StepWeight:
+    """`weight` (N, K) prepared for the steps of one loop: `self(x)` is x W^T (b, N).
+
+    Make one per forward pass (not per step): the gradient of W is the one product over
+    all the steps this object served. Without gradient (evaluation, `torch.no_grad`) it is
+    a plain product. Under autocast the product runs in the autocast dtype, like
+    `nn.Linear`'s.
+    """
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        device = weight.device.type
+        dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+                 else weight.dtype)
+        self.tracked = torch.is_grad_enabled() and weight.requires_grad
+        self.records: list = []
+        if self.tracked:
+            self.weight = _Collect.apply(weight, dtype, self.records)  # (N, K)
+        else:
+            self.weight = weight.to(dtype)  # (N, K)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tracked and torch.is_grad_enabled():
+            with torch.autocast(x.device.type, enabled=False):  # dtype chosen above
+                return _StepProduct.apply(x, self.weight, self.records)  # (b, N)
+        return x.to(self.weight.dtype) @ self.weight.t()  # (b, N)
+
+
+class _SplitColumns(torch.autograd.Function):
+    """(N, K) -> its columns [:, :at] and [:, at:]; backward: the two gradients side by side
+    in one tensor (autograd's slicing would zero-fill a full (N, K) gradient per slice and
+    then add the two)."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, at: int):
+        ctx.at, ctx.shape = at, weight.shape
+        ctx.set_materialize_grads(False)
+        return weight[:, :at], weight[:, at:]  # (N, at), (N, K - at)
+
+    @staticmethod
+    def backward(ctx, left: torch.Tensor | None, right: torch.Tensor | None):
+        if left is None and right is None:
+            return None, None
+        like = left if left is not None else right
+        n, k = ctx.shape
+        left = left if left is not None else like.new_zeros(n, ctx.at)  # (N, at)
+        right = right if right is not None else like.new_zeros(n, k - ctx.at)  # (N, K - at)
+        return torch.cat([left, right], dim=1), None  # (N, K)
+
+
+def split_columns(weight: torch.Tensor, at: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight[:, :at] and weight[:, at:], (N, K) -> (N, at), (N, K - at), whose gradients
+    are written once into the (N, K) gradient instead of once per part."""
+    return _SplitColumns.apply(weight, at)
+
+
+def lstm_cell(gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LSTM update from its pre-activations, in `nn.LSTMCell`'s layout.
+
+    gates (B, 4H) = W_ih x + b_ih + W_hh h + b_hh, four blocks of H for the input gate i,
+    the forget gate f, the candidate g and the output gate o (in that order); c (B, H).
+    Returns (h, c), each (B, H): c' = sigma(f) c + sigma(i) tanh(g), h' = sigma(o) tanh(c').
+    """
+    i, f, g, o = gates.chunk(4, dim=1)  # (B, H) each
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)  # (B, H)
+    h = torch.sigmoid(o) * torch.tanh(c)  # (B, H)
+    return h, c

@@ -1,0 +1,146 @@
+"""caption_lib.recurrent: one weight-gradient product for a loop, and the LSTM update;
+the decoder built on them against the plain per-step formulation (nn.LSTMCell)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from caption_lib.decoder import DecoderWithAttention, caption_loss
+from caption_lib.recurrent import StepWeight, lstm_cell
+
+
+def _loop(weight: torch.Tensor, xs: list[torch.Tensor], shared: bool) -> torch.Tensor:
+    """A toy recurrence y_t = tanh(x_t W^T + y_{t-1}[:b]) over a shrinking batch."""
+    step = StepWeight(weight) if shared else (lambda x: x @ weight.t())
+    y = torch.zeros(xs[0].size(0), weight.size(0), dtype=weight.dtype)
+    total = 0.0
+    for x in xs:
+        y = torch.tanh(step(x) + y[:x.size(0)])  # (b, N)
+        total = total + (y ** 2).sum()
+    return total
+
+
+def _inputs(dtype=torch.float64) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(6, 4, generator=gen, dtype=dtype, requires_grad=True)
+    xs = [torch.randn(b, 4, generator=gen, dtype=dtype, requires_grad=True) for b in (5, 5, 3, 1)]
+    return weight, xs
+
+
+def test_step_weight_gradients_equal_autograds():
+    weight, xs = _inputs()
+    grads = []
+    for shared in (False, True):
+        weight.grad = None
+        for x in xs:
+            x.grad = None
+        _loop(weight, xs, shared).backward()
+        grads.append([weight.grad.clone()] + [x.grad.clone() for x in xs])
+    for plain, one_product in zip(*grads):
+        torch.testing.assert_close(one_product, plain)
+
+
+def test_step_weight_passes_gradcheck_and_second_backward():
+    weight, xs = _inputs()
+    assert torch.autograd.gradcheck(lambda w, *x: _loop(w, list(x), True), (weight, *xs))
+    loss = _loop(weight, xs, True)
+    first = torch.autograd.grad(loss, weight, retain_graph=True)[0]
+    second = torch.autograd.grad(loss, weight)[0]  # the records are not used up
+    torch.testing.assert_close(first, second)
+
+
+def test_step_weight_accumulates_like_a_parameter():
+    weight, xs = _inputs()
+    _loop(weight, xs, True).backward()
+    once = weight.grad.clone()
+    _loop(weight, xs, True).backward()  # a second pass adds to .grad
+    torch.testing.assert_close(weight.grad, 2 * once)
+
+
+def test_step_weight_without_gradient_and_under_autocast():
+    weight, xs = _inputs(torch.float32)
+    with torch.no_grad():
+        plain = StepWeight(weight)
+        assert not plain.tracked
+        torch.testing.assert_close(plain(xs[0]), xs[0] @ weight.t())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        step = StepWeight(weight)
+        y = step(xs[0])
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert weight.grad.dtype == torch.float32 and xs[0].grad.dtype == torch.float32
+    torch.testing.assert_close(weight.grad, torch.ones(6, 5) @ xs[0].detach(), atol=0.1, rtol=0.05)
+
+
+def test_lstm_cell_equals_nn_lstmcell():
+    torch.manual_seed(0)
+    cell = nn.LSTMCell(3, 4)
+    x, h, c = torch.randn(2, 3), torch.randn(2, 4), torch.randn(2, 4)
+    gates = x @ cell.weight_ih.t() + cell.bias_ih + h @ cell.weight_hh.t() + cell.bias_hh
+    for mine, theirs in zip(lstm_cell(gates, c), cell(x, (h, c))):
+        torch.testing.assert_close(mine, theirs)
+
+
+def _per_step_reference(dec: DecoderWithAttention, features, captions, lengths):
+    """The decoder's maths written plainly, one nn.LSTMCell call per step, whole batch."""
+    T = captions.size(1) - 1
+    embedded = dec.embedding(captions[:, :T])  # (B, T, D)
+    h, c = dec.init_state(features)
+    projected = dec.project(features)
+    hiddens, alphas = [], []
+    for t in range(T):
+        if dec.attention is not None:
+            context, alpha = dec.attention(features, h, projected=projected)  # (B, E), (B, P)
+        else:
+            context, alpha = features.mean(dim=1), torch.full(features.shape[:2], 1 / 9)
+        gate = torch.sigmoid(dec.f_beta(h))  # (B, E)
+        h, c = dec.lstm(torch.cat([embedded[:, t], gate * context], dim=1), (h, c))
+        hiddens.append(h)
+        alphas.append(alpha)
+    real = (torch.arange(T).unsqueeze(0) < (lengths - 1).unsqueeze(1)).float()  # (B, T)
+    alphas = torch.stack(alphas, dim=1) * real.unsqueeze(2)  # (B, T, P)
+    return dec.fc(torch.stack(hiddens, dim=1)), alphas
+
+
+@pytest.mark.parametrize("use_attention", [True, False])
+def test_decoder_values_and_gradients_equal_the_per_step_formulation(use_attention):
+    torch.manual_seed(1)
+    dec = DecoderWithAttention(11, encoder_dim=8, embed_dim=5, decoder_dim=6,
+                               attention_dim=7, dropout=0.0, use_attention=use_attention)
+    features = torch.randn(4, 9, 8)
+    lengths = torch.tensor([6, 3, 5, 6])
+    captions = torch.randint(1, 11, (4, 6)) * (torch.arange(6) < lengths.unsqueeze(1))
+    grads = []
+    for forward in (dec, lambda *a: _per_step_reference(dec, *a)):
+        dec.zero_grad(set_to_none=True)
+        logits, alphas = forward(features, captions, lengths)
+        loss, _ = caption_loss(logits, captions, lengths, alphas, alpha_c=1.0)
+        loss.backward()
+        grads.append({k: p.grad.clone() for k, p in dec.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-4,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_decoding_follows_the_weights_after_an_update():
+    """`step` keeps the arranged weights between decoding steps; an optimiser step or a
+    loaded state must not leave it with the old ones."""
+    torch.manual_seed(2)
+    dec = DecoderWithAttention(11, encoder_dim=8, embed_dim=5, decoder_dim=6,
+                               attention_dim=7, dropout=0.0).eval()
+    other = DecoderWithAttention(11, encoder_dim=8, embed_dim=5, decoder_dim=6,
+                                 attention_dim=7, dropout=0.0).eval()
+    features, tokens = torch.randn(3, 9, 8), torch.tensor([1, 2, 3])
+    with torch.no_grad():
+        state = dec.init_state(features)
+        before = dec.step(tokens, state, features)[0]
+        dec.f_beta.weight.add_(1.0)  # in place, as an optimiser does
+        after = dec.step(tokens, state, features)[0]
+        dec.load_state_dict(other.state_dict())
+        loaded = dec.step(tokens, state, features)[0]
+        want = other.step(tokens, state, features)[0]
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(loaded, want)
