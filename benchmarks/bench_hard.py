@@ -31,7 +31,7 @@ from caption_lib.train import recipe
 from caption_lib.vocab import Vocabulary
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _gemm import cpu  # benchmarks/ is a folder of scripts, not a package
+from _gemm import cpu as cpu_info  # benchmarks/ is a folder of scripts, not a package
 
 B, P, E, V = 64, 49, 2048, 3000
 
@@ -103,7 +103,7 @@ def main() -> dict:
                   "tokens": [int(lengths.min()), int(lengths.max())],
                   "embed_dim": 512, "decoder_dim": 512, "attention_dim": 512},
         "device": str(device), "threads": torch.get_num_threads(), "repeats": args.repeats,
-        "torch": torch.__version__, "machine": platform.machine(), "cpu": cpu(),
+        "torch": torch.__version__, "machine": platform.machine(), "cpu": cpu_info(),
         "ms_per_step_median": {name: round(1000 * s, 1) for name, s in median.items()},
         "seconds_all": {name: [round(s, 3) for s in t] for name, t in times.items()},
         "ratio_hard_over_soft": round(median["hard"] / median["soft"], 2),
