@@ -576,20 +576,29 @@ def ensure_trained(data_dir: str | Path, model_config: CaptionerConfig, config: 
                  device=device, resume=True, progress=progress, log=log)
 
 
+SAME_FEATURES_DECODERS = {"soft": {"attention": "soft"}, "hard": {"attention": "hard"},
+                          "none": {"attention": "soft", "use_attention": False}}
+
+
 def same_features_runs(run_dir: str | Path, model_config: CaptionerConfig, config: TrainConfig,
-                       epochs: int) -> dict[str, tuple[CaptionerConfig, TrainConfig]]:
-    """Soft and hard attention decoders on the frozen encoder of the finished run in
-    `run_dir` (trained with `model_config`, `config`): identical features, so that only
-    the attention mechanism differs and only the decoder trains (the Hard attention
-    chapter's comparison). A fine-tuned encoder is named by its checkpoint
-    (`encoder_weights` = the absolute path of `best.pt`); an encoder that was frozen stays
-    what it was. Returns {"soft": configs, "hard": configs}, `epochs` epochs each."""
+                       epochs: int, decoders: tuple[str, ...] = ("soft", "hard"),
+                       ) -> dict[str, tuple[CaptionerConfig, TrainConfig]]:
+    """Decoders on the frozen encoder of the finished run in `run_dir` (trained with
+    `model_config`, `config`): identical features, so that only the decoder differs and
+    only the decoder trains. `decoders` names them: "soft" and "hard" attention (the Hard
+    attention chapter), "none" (the mean feature, no attention: chapter 5). A fine-tuned
+    encoder is named by its checkpoint (`encoder_weights` = the absolute path of
+    `best.pt`); an encoder that was frozen stays what it was. Returns {name: configs},
+    `epochs` epochs each; the same name gives the same run folder in every chapter."""
+    unknown = [d for d in decoders if d not in SAME_FEATURES_DECODERS]
+    if unknown:
+        raise ValueError(f"decoders: {unknown} not in {sorted(SAME_FEATURES_DECODERS)}")
     best = (Path(run_dir) / "best.pt").resolve()
     tuned = bool(read_checkpoint(best)["encoder_trainable"])
     base = replace(model_config, encoder_weights=str(best) if tuned else model_config.encoder_weights,
                    fine_tune=False)
     budget = replace(config, epochs=epochs)
-    return {attention: (replace(base, attention=attention), budget) for attention in ("soft", "hard")}
+    return {name: (replace(base, **SAME_FEATURES_DECODERS[name]), budget) for name in decoders}
 
 
 RECIPE_ENV = "CAPTION_LIB_RECIPE_OVERRIDES"

@@ -226,7 +226,7 @@ else:
 
 # %% [markdown]
 # Shrinking saves a little over masking on these lengths, more when lengths vary more;
-# the large factor comes from the two reorderings. What remains is mostly the LSTM's own
+# the large factor comes from the arrangements above. What remains is mostly the LSTM's own
 # matrix products, which no reordering removes.
 #
 # ## One training step, shape by shape

@@ -18,8 +18,10 @@ CHAPTER = ROOT / "notebooks" / "05_training.py"
 
 
 def _chapter_runs() -> list[tuple]:
-    """(model config, training config) of every `ensure_trained` call of chapter 5, from
-    its own code: the main run's configs, and its `variants` dict evaluated as written."""
+    """(model config, training config) of chapter 5's `ensure_trained` calls that need no
+    earlier run, from its own code: the main run's configs, and its `variants` dict as
+    first written (the decoders on the main run's encoder are added to it afterwards:
+    `test_the_runs_on_the_default_runs_encoder_are_trained_too`)."""
     source = CHAPTER.read_text()
     assert re.search(r"^DATASET = \"shapes\"", source, re.MULTILINE)
     assert re.search(r"^model_config, config = recipe\(DATASET\)$", source, re.MULTILINE)
@@ -48,7 +50,7 @@ def test_the_tool_trains_the_run_folders_the_chapter_loads(tmp_path, monkeypatch
     monkeypatch.setenv("CAPTION_LIB_HOME", str(tmp_path))
     tool = load_tool("book_runs")
     chapter = _folders(_chapter_runs())
-    assert len(chapter) == 3 and _folders(tool.book_runs().values()) == chapter
+    assert len(chapter) == 2 and _folders(tool.book_runs().values()) == chapter
     # the default run is today's recipe, its folder the name pinned in test_layout
     assert run_dir_for("/data/shapes", *tool.book_runs()[next(iter(tool.book_runs()))]).name \
         == "shapes-6499d7d982"
@@ -82,11 +84,11 @@ def test_complete_runs_are_found_not_trained(tmp_path, monkeypatch, capsys):
     done = run_dir_for(data_dir, *runs[0])
     done.mkdir(parents=True)
     _fake_run(done, runs[0][1].epochs, [{"val_bleu4": 1.0}] * runs[0][1].epochs)
-    half = run_dir_for(data_dir, *runs[2])  # interrupted after 1 epoch: resumed by training
+    half = run_dir_for(data_dir, *runs[1])  # interrupted after 1 epoch: resumed by training
     half.mkdir(parents=True)
     _fake_run(half, 1, [{"val_bleu4": 1.0}])
-    assert tool.main([]) == 0
-    assert trained == [run_dir_for(data_dir, *r).name for r in runs[1:]]
+    assert tool.main([]) == 0  # the default run has no best.pt: nothing depends on it yet
+    assert trained == [half.name]
     assert f"{done.name} (complete, {runs[0][1].epochs} epochs)" in capsys.readouterr().out
     trained.clear()
     assert tool.main(["--list"]) == 0 and trained == []
@@ -110,22 +112,48 @@ def test_make_book_and_make_test_train_the_runs_first():
         assert re.search(rf"^{target}: .*\bruns\b", makefile, flags=re.MULTILINE), target
 
 
-def test_the_hard_attention_chapter_runs_are_trained_too(tmp_path, monkeypatch):
-    """Chapter 7 builds its two runs with `same_features_runs` and EPOCHS; the tool trains
-    the same folders once the default run has a checkpoint."""
-    source = (ROOT / "notebooks" / "07_hard_attention.py").read_text()
-    (epochs,) = re.findall(r"^EPOCHS = (\d+)", source, flags=re.MULTILINE)
-    assert re.search(r"same_features_runs\(chapter5\.out_dir, model_config, config,\s+EPOCHS\)",
-                     source)
+def test_the_runs_on_the_default_runs_encoder_are_trained_too(tmp_path, monkeypatch):
+    """Chapter 5's attention / no-attention pair and chapter 7's soft / hard pair are built
+    with `same_features_runs` and the chapters' epochs; the tool trains the same folders
+    (the soft decoder once) as soon as the default run has a checkpoint."""
     tool = load_tool("book_runs")
-    assert tool.HARD_EPOCHS == int(epochs)
+    chapters = {5: ("COMPARE_EPOCHS", r"same_features_runs\(result\.out_dir, model_config, "
+                    r"config, COMPARE_EPOCHS,\s+decoders=\(\"soft\", \"none\"\)\)",
+                    tool.COMPARE_EPOCHS),
+                7: ("EPOCHS", r"same_features_runs\(chapter5\.out_dir, model_config, config,"
+                    r"\s+EPOCHS\)", tool.HARD_EPOCHS)}
+    for number, (name, call, epochs) in chapters.items():
+        (path,) = (ROOT / "notebooks").glob(f"0{number}_*.py")
+        source = path.read_text()
+        assert re.findall(rf"^{name} = (\d+)", source, flags=re.MULTILINE) == [str(epochs)]
+        assert re.search(call, source), path.name
     monkeypatch.setenv("CAPTION_LIB_HOME", str(tmp_path))
     data_dir = tmp_path / "shapes"
-    assert tool.hard_attention_runs(data_dir) == {}  # no default run yet: nothing to train
+    assert tool.same_features_book_runs(data_dir) == {}  # no default run yet: nothing to train
     default = run_dir_for(data_dir, *recipe("shapes"))
     default.mkdir(parents=True)
     _fake_run(default, 1, [])
     (default / "last.pt").rename(default / "best.pt")
-    runs = tool.hard_attention_runs(data_dir)
-    assert [m.attention for m, _ in runs.values()] == ["soft", "hard"]
-    assert all(c.epochs == int(epochs) for _, c in runs.values())
+    runs = tool.same_features_book_runs(data_dir)
+    assert [(m.attention, m.use_attention) for m, _ in runs.values()] == [
+        ("soft", True), ("soft", False), ("hard", True)]
+    assert [c.epochs for _, c in runs.values()] == [tool.COMPARE_EPOCHS] * 2 + [tool.HARD_EPOCHS]
+    assert len({run_dir_for(data_dir, *r) for r in runs.values()}) == 3
+
+
+def test_same_features_runs_names_its_decoders(tmp_path):
+    """"none" is the mean-feature decoder; every decoder gets the epochs asked for and a
+    frozen encoder; an unknown decoder name is refused with the names it knows."""
+    import pytest
+
+    from caption_lib.train import same_features_runs
+
+    model_config, config = recipe("shapes")
+    _fake_run(tmp_path, 1, [])
+    (tmp_path / "last.pt").rename(tmp_path / "best.pt")
+    runs = same_features_runs(tmp_path, model_config, config, 3, decoders=("none", "soft"))
+    assert list(runs) == ["none", "soft"]
+    assert [m.use_attention for m, _ in runs.values()] == [False, True]
+    assert all(not m.fine_tune and c.epochs == 3 for m, c in runs.values())
+    with pytest.raises(ValueError, match="medium.*'hard', 'none', 'soft'"):
+        same_features_runs(tmp_path, model_config, config, 3, decoders=("medium",))

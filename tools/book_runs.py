@@ -2,7 +2,7 @@
 
 `make runs` (a prerequisite of `make book` and `make test`) runs this script: it builds
 the shapes data set of the workspace (`ensure_shapes`) and trains, with their progress
-bars, the runs chapter 5 asks for (`ensure_trained` of the same configs, so the same
+bars, the runs chapters 5 and 7 ask for (`ensure_trained` of the same configs, so the same
 run folders: `train.run_dir_for` hashes data path and settings). The chapters then find
 the finished runs and load them instead of training for minutes behind a silent
 "Executing notebook". Runs that are already complete are only reported (a few seconds);
@@ -25,36 +25,43 @@ from caption_lib.model import CaptionerConfig, read_checkpoint
 from caption_lib.train import TrainConfig, ensure_trained, recipe, run_dir_for, same_features_runs
 
 HARD_EPOCHS = 2  # notebooks/07_hard_attention.py's EPOCHS (tests/test_book_runs.py checks it)
+COMPARE_EPOCHS = 2  # notebooks/05_training.py's COMPARE_EPOCHS (checked there too)
 
 
 def book_runs(dataset: str = "shapes") -> dict[str, tuple[CaptionerConfig, TrainConfig]]:
-    """label -> (model config, training config) of every run notebooks/05_training.py
-    trains (chapter 6 and the results page load its default run). Keep in step with the
-    chapter: tests/test_book_runs.py compares the run folders with the chapter's code.
-    The Hard attention chapter's two runs need the default run's checkpoint: see
-    `hard_attention_runs`."""
+    """label -> (model config, training config) of the runs notebooks/05_training.py
+    trains from the data alone (chapter 6 and the results page load its default run).
+    Keep in step with the chapter: tests/test_book_runs.py compares the run folders with
+    the chapter's code. The decoders trained on the default run's encoder need its
+    checkpoint: see `same_features_book_runs`."""
     model_config, config = recipe(dataset)
     return {
         "default run (chapter 5, 6, results)": (model_config, config),
         "frozen encoder, attention (chapter 5)": (
             dataclasses.replace(model_config, fine_tune=False),
             dataclasses.replace(config, epochs=2)),
-        "same encoder, no attention (chapter 5)": (
-            dataclasses.replace(model_config, use_attention=False), config),
     }
 
 
-def hard_attention_runs(data_dir: Path, dataset: str = "shapes"
-                        ) -> dict[str, tuple[CaptionerConfig, TrainConfig]]:
-    """The soft and hard decoders notebooks/07_hard_attention.py trains on the default
-    run's frozen encoder ({} while that run has no best.pt yet)."""
+def same_features_book_runs(data_dir: Path, dataset: str = "shapes"
+                            ) -> dict[str, tuple[CaptionerConfig, TrainConfig]]:
+    """The decoders the chapters train on the default run's frozen encoder: chapter 5's
+    attention / no-attention pair and chapter 7's soft / hard pair (the soft decoder is
+    one run for both chapters when their epochs agree). {} while the default run has no
+    best.pt yet."""
     model_config, config = recipe(dataset)
     default = run_dir_for(data_dir, model_config, config)
     if not (default / "best.pt").is_file():
         return {}
-    runs = same_features_runs(default, model_config, config, HARD_EPOCHS)
-    return {f"{name} attention on the default run's encoder (chapter 7)": configs
-            for name, configs in runs.items()}
+    runs = {}
+    for chapter, epochs, decoders in ((5, COMPARE_EPOCHS, ("soft", "none")),
+                                      (7, HARD_EPOCHS, ("soft", "hard"))):
+        pairs = same_features_runs(default, model_config, config, epochs, decoders=decoders)
+        for name, configs in pairs.items():
+            folder = run_dir_for(data_dir, *configs)
+            if all(run_dir_for(data_dir, *known) != folder for known in runs.values()):
+                runs[f"{name} decoder on the default run's encoder (chapter {chapter})"] = configs
+    return runs
 
 
 def finished(out_dir: Path, config: TrainConfig) -> int | None:
@@ -83,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = ensure_shapes()
     for label, (model_config, config) in book_runs().items():
         _train_or_report(label, data_dir, model_config, config, args.list)
-    for label, (model_config, config) in hard_attention_runs(data_dir).items():
+    for label, (model_config, config) in same_features_book_runs(data_dir).items():
         _train_or_report(label, data_dir, model_config, config, args.list)
     print(f"== runs ready in {time.perf_counter() - start:.0f} s", flush=True)
     return 0
