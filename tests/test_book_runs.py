@@ -117,11 +117,11 @@ def test_the_runs_on_the_default_runs_encoder_are_trained_too(tmp_path, monkeypa
     with `same_features_runs` and the chapters' epochs; the tool trains the same folders
     (the soft decoder once) as soon as the default run has a checkpoint."""
     tool = load_tool("book_runs")
-    chapters = {5: ("COMPARE_EPOCHS", r"same_features_runs\(result\.out_dir, model_config, "
-                    r"config, COMPARE_EPOCHS,\s+decoders=\(\"soft\", \"none\"\)\)",
-                    tool.COMPARE_EPOCHS),
-                7: ("EPOCHS", r"same_features_runs\(chapter5\.out_dir, model_config, config,"
-                    r"\s+EPOCHS\)", tool.HARD_EPOCHS)}
+    chapter5_call = (r"same_features_runs\(result\.out_dir, model_config, config, "
+                     r"COMPARE_EPOCHS,\s+decoders=\(\"soft\", \"none\"\)\)")
+    chapter7_call = r"same_features_runs\(chapter5\.out_dir, model_config, config,\s+EPOCHS\)"
+    chapters = {5: ("COMPARE_EPOCHS", chapter5_call, tool.COMPARE_EPOCHS),
+                7: ("EPOCHS", chapter7_call, tool.HARD_EPOCHS)}
     for number, (name, call, epochs) in chapters.items():
         (path,) = (ROOT / "notebooks").glob(f"0{number}_*.py")
         source = path.read_text()
