@@ -253,7 +253,8 @@ class DecoderWithAttention(nn.Module):
     # -- decoding: one word at a time ---------------------------------------------------
 
     def step(self, tokens: torch.Tensor, state: State, features: torch.Tensor,
-             projected: torch.Tensor | None = None) -> tuple[torch.Tensor, State, torch.Tensor]:
+             projected: torch.Tensor | None = None, loop: LoopWeights | None = None,
+             ) -> tuple[torch.Tensor, State, torch.Tensor]:
         """One decoding step: previous words `tokens` (B,) -> next-word logits.
 
         Args:
@@ -261,6 +262,7 @@ class DecoderWithAttention(nn.Module):
             state: (h, c), each (B, H): `init_state(features)` at the first step.
             features: (B, P, E).
             projected: `project(features)`, computed once per sequence (None: recomputed).
+            loop: `prepare()`, made once per search (None: made here, at every step).
 
         Returns:
             logits (B, V), the new state (h, c), alpha (B, P). In eval mode a loop of `step`
@@ -268,23 +270,11 @@ class DecoderWithAttention(nn.Module):
         """
         if projected is None:
             projected = self.project(features)  # (B, P, A) or None
-        loop = self._decoding_weights()
+        loop = loop if loop is not None else self.prepare()
         word_gates = self.input_gates(loop, self.embedding(tokens))  # (B, 4H)
         state, alpha = self._cell(loop, word_gates, state, features, projected)
         logits = self.fc(self.dropout(state[0]))  # (B, V)
         return logits, state, alpha
-
-    def _decoding_weights(self) -> LoopWeights:
-        """`prepare()`, kept between the steps of a search while no parameter changes and
-        no gradient is wanted (decoding), so that the stacking is not redone each step."""
-        if torch.is_grad_enabled():
-            return self.prepare()
-        key = (tuple((p.data_ptr(), p._version) for p in self.parameters()),
-               torch.is_autocast_enabled(self.fc.weight.device.type))
-        cached = getattr(self, "_cached_loop", None)
-        if cached is None or cached[0] != key:
-            cached = self._cached_loop = (key, self.prepare())
-        return cached[1]
 
 
 @dataclass

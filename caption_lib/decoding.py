@@ -126,6 +126,12 @@ class _eval_mode:
         self.module.train(self.was_training)
 
 
+def _step_options(decoder: nn.Module) -> dict:
+    """Keyword arguments for every `step` of one search: the decoder's arranged weights
+    (`DecoderWithAttention.prepare`), made once per search instead of once per step."""
+    return {"loop": decoder.prepare()} if hasattr(decoder, "prepare") else {}
+
+
 def _check_features(features: torch.Tensor, max_len: int) -> None:
     if features.dim() != 3:
         raise ValueError(f"features must be (B, P, E), got {tuple(features.shape)}")
@@ -158,6 +164,7 @@ def greedy_decode(
     device = features.device
     with _eval_mode(decoder):
         projected = _project(decoder, features)  # (B, P, A) or None
+        options = _step_options(decoder)
         state = decoder.init_state(features)  # (B, H), (B, H)
         tokens = torch.full((B,), start_id, dtype=torch.long, device=device)  # (B,)
         scores = torch.zeros(B, device=device)  # (B,)
@@ -165,7 +172,7 @@ def greedy_decode(
         lengths = torch.full((B,), max_len, dtype=torch.long, device=device)  # (B,)
         words, alphas = [], []
         for t in range(max_len):
-            logits, state, alpha = decoder.step(tokens, state, features, projected)
+            logits, state, alpha = decoder.step(tokens, state, features, projected, **options)
             logp = F.log_softmax(logits.float(), dim=-1)  # (B, V)
             best, tokens = logp.max(dim=-1)  # (B,), (B,)
             scores += torch.where(done, torch.zeros_like(best), best)  # (B,)
@@ -236,7 +243,7 @@ def beam_search(
         beams = _Beams.start(decoder, features, start_id, beam_size, alpha_len)
         for t in range(max_len):
             logits, state, alpha = decoder.step(beams.tokens, beams.state, beams.features,
-                                                beams.projected)  # (B*k, V), ..., (B*k, P)
+                                                beams.projected, **beams.options)  # (B*k, V), ...
             if not beams.extend(logits, state, alpha, end_id, t):
                 break
         beams.fall_back()
@@ -268,6 +275,7 @@ class _Beams:
     alpha_len: float  # length-normalisation exponent (0: plain sums)
     features: torch.Tensor  # (B*k, P, E) each image's features, repeated per beam
     projected: torch.Tensor | None  # (B*k, P, A) W_a a, computed once per image
+    options: dict  # `step`'s keyword arguments for this search (`_step_options`)
     state: State  # (h, c), each (B*k, H)
     tokens: torch.Tensor  # (B*k,) the last word of each beam
     scores: torch.Tensor  # (B, k) sum of log-probs of each beam
@@ -291,6 +299,7 @@ class _Beams:
         return cls(
             k=k, alpha_len=alpha_len, features=features.repeat_interleave(k, dim=0),
             projected=projected.repeat_interleave(k, dim=0) if projected is not None else None,
+            options=_step_options(decoder),
             state=(h.repeat_interleave(k, dim=0), c.repeat_interleave(k, dim=0)),
             tokens=torch.full((B * k,), start_id, dtype=torch.long, device=device),
             scores=scores, history=torch.empty(B * k, 0, dtype=torch.long, device=device),

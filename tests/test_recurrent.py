@@ -126,21 +126,28 @@ def test_decoder_values_and_gradients_equal_the_per_step_formulation(use_attenti
 
 
 def test_decoding_follows_the_weights_after_an_update():
-    """`step` keeps the arranged weights between decoding steps; an optimiser step or a
-    loaded state must not leave it with the old ones."""
+    """Decoding must use the current weights after the trainer's (fused) Adam step, which
+    changes the parameters in place without bumping their version counters (a cache keyed
+    on versions once kept a search on the old weights: validation scores froze)."""
+    import copy
+
+    from caption_lib.decoding import beam_search, greedy_decode
+    from caption_lib.train import adam
+
     torch.manual_seed(2)
     dec = DecoderWithAttention(11, encoder_dim=8, embed_dim=5, decoder_dim=6,
-                               attention_dim=7, dropout=0.0).eval()
-    other = DecoderWithAttention(11, encoder_dim=8, embed_dim=5, decoder_dim=6,
-                                 attention_dim=7, dropout=0.0).eval()
-    features, tokens = torch.randn(3, 9, 8), torch.tensor([1, 2, 3])
-    with torch.no_grad():
-        state = dec.init_state(features)
-        before = dec.step(tokens, state, features)[0]
-        dec.f_beta.weight.add_(1.0)  # in place, as an optimiser does
-        after = dec.step(tokens, state, features)[0]
-        dec.load_state_dict(other.state_dict())
-        loaded = dec.step(tokens, state, features)[0]
-        want = other.step(tokens, state, features)[0]
-    assert not torch.allclose(before, after)
-    torch.testing.assert_close(loaded, want)
+                               attention_dim=7, dropout=0.0)
+    features = torch.randn(3, 9, 8)
+    captions, lengths = torch.randint(1, 11, (3, 5)), torch.tensor([5, 4, 5])
+    optimizer = adam(dec.parameters())
+    before = greedy_decode(dec, features, 1, 2, max_len=6).scores
+    for _ in range(3):
+        optimizer.zero_grad()
+        caption_loss(*dec(features, captions, lengths)[:1], captions, lengths,
+                     dec(features, captions, lengths)[1])[0].backward()
+        optimizer.step()
+    fresh = copy.deepcopy(dec)  # the same weights, nothing kept from earlier searches
+    for search in (lambda d: greedy_decode(d, features, 1, 2, max_len=6),
+                   lambda d: beam_search(d, features, 1, 2, beam_size=2, max_len=6)):
+        torch.testing.assert_close(search(dec).scores, search(fresh).scores)
+    assert not torch.allclose(before, greedy_decode(dec, features, 1, 2, max_len=6).scores)

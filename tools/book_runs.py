@@ -60,7 +60,8 @@ def same_features_book_runs(data_dir: Path, dataset: str = "shapes"
         for name, configs in pairs.items():
             folder = run_dir_for(data_dir, *configs)
             if all(run_dir_for(data_dir, *known) != folder for known in runs.values()):
-                runs[f"{name} decoder on the default run's encoder (chapter {chapter})"] = configs
+                what = {"none": "no-attention"}.get(name, f"{name} attention")
+                runs[f"{what} decoder on the default run's encoder (chapter {chapter})"] = configs
     return runs
 
 
