@@ -304,7 +304,7 @@ for item in test.captions[:5]:
 #   that the one difference between them is attention. The no-attention decoder sees the
 #   *mean* of the 49 region features at every step instead of an attention-weighted one.
 #   Both train `COMPARE_EPOCHS` epochs, decoder only, from the same seed. The Hard
-#   attention chapter starts from the same attention decoder (the same run folder).
+#   attention chapter's soft decoder is this same attention run (the same run folder).
 #
 # Why not two whole runs, each fine-tuning its own encoder? That comparison mixes two
 # effects, attention and how well each decoder shapes its encoder. It also costs as much

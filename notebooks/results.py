@@ -279,10 +279,11 @@ def shown(value, unit: str) -> str:
     return f"{100 * value:.0f} %" if unit == "%" else f"{value:g}{unit}"
 
 
+records = {name: json.loads((folder / name).read_text()) if (folder / name).is_file() else {}
+           for name in {goal[0] for goal in GOALS}}  # file name -> its record ({} if absent)
 goal_rows, short = [], []
 for name, keys, what, unit, goal_keys in GOALS:
-    path = folder / name
-    record = json.loads(path.read_text()) if path.is_file() else {}
+    record = records[name]
     value, goal = lookup(record, keys), lookup(record, goal_keys)
     reached = "n/a" if value is None or goal is None else ("yes" if value >= goal else "no")
     goal_rows.append([what, shown(value, unit), shown(goal, unit), reached,
@@ -302,10 +303,10 @@ def needed_share(record: dict, gflop: float, baseline_seconds: float, factor: fl
     return "not recorded" if not peak else f"{100 * gflop * factor / baseline_seconds / peak:.0f} %"
 
 
-beam_record = json.loads((folder / "beam.json").read_text()) if (folder / "beam.json").is_file() else {}
-decoder_record = json.loads((folder / "decoder.json").read_text()) if (folder / "decoder.json").is_file() else {}
+beam_record, decoder_record = records["beam.json"], records["decoder.json"]
 if beam_record and decoder_record:
     batch = beam_record["sizes"]["images"]
+    rows_per_step = (decoder_record["sizes"]["batch"], batch * beam_record["sizes"]["beam_size"])
     tutorial_s = batch / beam_record["images_per_s"]["tutorial"]  # seconds per batch
     beam_gflop = beam_record["gflop_per_batch"]["batched"]
     step_gflop = decoder_record["gflop_per_step"]["variable/caption_lib"]
@@ -324,8 +325,8 @@ if beam_record and decoder_record:
         f"{needed_share(decoder_record, step_gflop, tutorial_step_s, 3)} of the peak for 3× the "
         f"tutorial-style step. A goal that needs more than the share its step reaches in the "
         f"table above is not met at this FLOP count. Raising the share means bigger products "
-        f"per step, and a step's products have only one batch of rows (32 captions, or 96 "
-        f"beams): the recurrence must finish step t before step t + 1 can start. "
+        f"per step, and a step's products have only one batch of rows ({rows_per_step[0]} "
+        f"captions, or {rows_per_step[1]} beams): the recurrence must finish step t before step t + 1 can start. "
         f"Measured on: {cpu.get('model', 'an unrecorded CPU')}"
         + (f" ({', '.join(cpu['flags'])})" if cpu.get("flags") else "") + "."))
 
