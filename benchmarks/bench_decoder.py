@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from caption_lib.decoder import DecoderWithAttention, caption_loss, step_mask
+from caption_lib.recurrent import StepInput
 from caption_lib.train import adam
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -94,10 +95,10 @@ def mask_forward(dec: DecoderWithAttention, features: torch.Tensor, captions: to
     loop = dec.prepare()
     word_gates = dec.input_gates(loop, dec.embedding(captions[:, :T]))  # (B, T, 4H)
     state = dec.init_state(features)  # (B, H), (B, H)
-    projected = dec.project(features)  # (B, P, A)
+    regions, keys = StepInput(features), StepInput(dec.project(features))  # (B, P, E), (B, P, A)
     hiddens, alphas = [], []
     for t in range(T):
-        state, alpha = dec._cell(loop, word_gates[:, t], state, features, projected)
+        state, alpha = dec._cell(loop, word_gates[:, t], state, regions, keys)
         hiddens.append(state[0])  # (B, H)
         alphas.append(alpha)  # (B, P)
     logits = dec.fc(dec.dropout(torch.stack(hiddens, dim=1)))  # (B, T, V)

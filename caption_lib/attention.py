@@ -70,10 +70,16 @@ class Attention(nn.Module):
         """`forward` from the query W_h h_{t-1} (B, A) instead of h_{t-1}: the decoder
         computes the query in one product with its other uses of h_{t-1}. Other arguments
         and the result as for `forward` (`projected` is required)."""
+        alpha = self.weights(query, projected, mask)  # (B, P)
+        context = torch.bmm(alpha.unsqueeze(1), features).squeeze(1)  # (B, E)
+        return context, alpha
+
+    def weights(self, query: torch.Tensor, projected: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """alpha (B, P) alone, from the query W_h h_{t-1} (B, A) and `projected` (B, P, A);
+        the decoder's training loop makes the context itself (`recurrent.StepInput.mix`)."""
         query = query.unsqueeze(1)  # (B, 1, A)
         scores = self.full_att((projected + query).tanh_()).squeeze(2)  # (B, P), tanh in place
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))  # (B, P)
-        alpha = torch.softmax(scores, dim=1)  # (B, P)
-        context = torch.bmm(alpha.unsqueeze(1), features).squeeze(1)  # (B, E)
-        return context, alpha
+        return torch.softmax(scores, dim=1)  # (B, P)

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from caption_lib.attention import Attention
-from caption_lib.recurrent import StepWeight, lstm_cell, split_columns
+from caption_lib.recurrent import StepInput, StepWeight, lstm_cell, split_columns
 
 State = tuple[torch.Tensor, torch.Tensor]
 
@@ -171,8 +171,10 @@ class DecoderWithAttention(nn.Module):
         (b, A; None without attention), the gate beta_t (b, E) and W_hh h (b, 4H)."""
         out = loop.from_h(h) + loop.h_bias  # (b, A + E + 4H)
         a, e = loop.query_dim, self.encoder_dim
-        query = out[:, :a] if a else None  # (b, A)
-        return query, torch.sigmoid(out[:, a:a + e]), out[:, a + e:]  # (b, E), (b, 4H)
+        # one split, whose backward writes the three gradients side by side (three slices
+        # would each zero-fill a (b, A + E + 4H) gradient)
+        query, gate, from_h = out.split([a, e, out.size(1) - a - e], dim=1)  # (b, A), (b, E), (b, 4H)
+        return (query if a else None), torch.sigmoid(gate), from_h
 
     def write(self, loop: LoopWeights, word_gates: torch.Tensor, from_h: torch.Tensor,
               gate: torch.Tensor, context: torch.Tensor, c: torch.Tensor) -> State:
@@ -185,20 +187,23 @@ class DecoderWithAttention(nn.Module):
         gates = word_gates + from_h + loop.from_context(gate * context)  # (b, 4H)
         return lstm_cell(gates, c)  # (b, H), (b, H)
 
-    def _attend(self, features: torch.Tensor, query: torch.Tensor | None,
-                projected: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _attend(self, regions: StepInput, query: torch.Tensor | None,
+                keys: StepInput | None, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Context z_t (b, E) and alpha (b, P) for the first `rows` of the batch."""
         if self.attention is None:
-            B, P, _ = features.shape
-            context = features.mean(dim=1)  # (B, E)
-            alpha = features.new_full((B, P), 1.0 / P)  # (B, P)
-            return context, alpha
-        return self.attention.weigh(features, query, projected)  # (B, E), (B, P)
+            features = regions.prefix(rows)  # (b, P, E)
+            alpha = features.new_full(features.shape[:2], 1.0 / features.size(1))  # (b, P)
+            return features.mean(dim=1), alpha  # (b, E), (b, P)
+        alpha = self.attention.weights(query, keys.prefix(rows))  # (b, P)
+        return regions.mix(alpha), alpha  # (b, E), (b, P)
 
     def _cell(self, loop: LoopWeights, word_gates: torch.Tensor, state: State,
-              features: torch.Tensor, projected: torch.Tensor | None) -> tuple[State, torch.Tensor]:
-        """One step of the loop: (h, c), alpha from the word's pre-activations (b, 4H)."""
+              regions: StepInput, keys: StepInput | None) -> tuple[State, torch.Tensor]:
+        """One step of the loop for the b = len(state[0]) first captions: (h, c), alpha
+        from the word's pre-activations (b, 4H); `regions`, `keys`: the features (B, P, E)
+        and their projection (B, P, A) of the whole (sorted) batch."""
         query, gate, from_h = self.read(loop, state[0])  # (b, A), (b, E), (b, 4H)
-        context, alpha = self._attend(features, query, projected)  # (b, E), (b, P)
+        context, alpha = self._attend(regions, query, keys, state[0].size(0))  # (b, E), (b, P)
         return self.write(loop, word_gates, from_h, gate, context, state[1]), alpha
 
     # -- training: teacher forcing over the whole caption -------------------------------
@@ -225,7 +230,10 @@ class DecoderWithAttention(nn.Module):
         lengths = lengths.to(features.device)  # (B,)
         # longest first, so that the captions still running at step t are the first running[t]
         order = torch.argsort(lengths, descending=True, stable=True)  # (B,)
-        features, captions = features[order], captions[order]  # (B, P, E), (B, L)
+        # index_select, not features[order]: its backward is an index_add, about twice as
+        # fast on CPU as indexing's accumulating scatter of the (B, P, E) gradient
+        features = features.index_select(0, order)  # (B, P, E)
+        captions = captions[order]  # (B, L)
         running = step_mask(lengths[order], steps).sum(dim=0).tolist()  # T ints
         loop = self.prepare()
         # unbound once: indexing word_gates[:, t] at each step would cost a backward that
@@ -233,20 +241,22 @@ class DecoderWithAttention(nn.Module):
         word_gates = self.input_gates(loop, self.embedding(captions[:, :steps])).unbind(1)
         h, c = self.init_state(features)  # (B, H), (B, H)
         projected = self.project(features)  # (B, P, A) or None
+        # read through prefixes of the sorted batch; their gradients are made once, after
+        # the loop (a slice's backward would zero-fill the whole (B, P, E) at every step)
+        regions = StepInput(features)  # (B, P, E)
+        keys = StepInput(projected) if projected is not None else None  # (B, P, A)
         hiddens, alphas = [], []  # per step (b, H), (b, P)
         for t, b in enumerate(running):
             if b == 0:
                 break
-            # while every caption runs, no slice: a slice's backward pads its gradient to
-            # the full (B, P, E) at every step (a quarter of a fine-tuning step's decoder)
             (h, c), alpha = self._cell(loop, _prefix(word_gates[t], b), (h[:b], c[:b]),
-                                       _prefix(features, b),
-                                       None if projected is None else _prefix(projected, b))
+                                       regions, keys)
             hiddens.append(h)
             alphas.append(alpha)
         restore = torch.argsort(order)  # (B,) back to the caller's order
-        hidden = stack_steps(hiddens, features, B, steps, self.decoder_dim)[restore]  # (B, T, H)
-        alphas = stack_steps(alphas, features, B, steps, P)[restore]  # (B, T, P), 0 when padded
+        hidden = stack_steps(hiddens, features, B, steps, self.decoder_dim
+                             ).index_select(0, restore)  # (B, T, H)
+        alphas = stack_steps(alphas, features, B, steps, P).index_select(0, restore)  # (B, T, P)
         logits = self.fc(self.dropout(hidden))  # (B, T, V), all steps in one matmul
         return logits, alphas
 
@@ -272,7 +282,8 @@ class DecoderWithAttention(nn.Module):
             projected = self.project(features)  # (B, P, A) or None
         loop = loop if loop is not None else self.prepare()
         word_gates = self.input_gates(loop, self.embedding(tokens))  # (B, 4H)
-        state, alpha = self._cell(loop, word_gates, state, features, projected)
+        keys = StepInput(projected) if projected is not None else None  # (B, P, A)
+        state, alpha = self._cell(loop, word_gates, state, StepInput(features), keys)
         logits = self.fc(self.dropout(state[0]))  # (B, V)
         return logits, state, alpha
 

@@ -54,6 +54,7 @@ import torch
 
 from caption_lib import distributed
 from caption_lib.decoder import DecoderWithAttention, caption_loss, loss_terms, step_mask
+from caption_lib.recurrent import StepInput
 
 TEST_CONTEXTS = ("expected", "argmax", "sample")
 _TINY = 1e-30  # log(0) guard: alpha of a drawn region is > 0, but may underflow
@@ -101,11 +102,12 @@ class HardAttentionDecoder(DecoderWithAttention):
         # b: moving average of log p(y | s~, a), part of the state so that resume is exact
         self.register_buffer("baseline", torch.zeros(()))
 
-    def _attend(self, features: torch.Tensor, query: torch.Tensor | None,
-                projected: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        context, alpha = super()._attend(features, query, projected)  # (B, E), (B, P)
+    def _attend(self, regions: StepInput, query: torch.Tensor | None,
+                keys: StepInput | None, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        context, alpha = super()._attend(regions, query, keys, rows)  # (B, E), (B, P)
         if self.training or self.test_context == "expected":
             return context, alpha
+        features = regions.prefix(rows)  # (B, P, E)
         if self.test_context == "argmax":
             where = alpha.argmax(dim=1)  # (B,)
         else:  # "sample"

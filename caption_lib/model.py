@@ -250,7 +250,7 @@ class Captioner(nn.Module):
         encoder stage runs once per image and its captions share the result."""
         features = self.encode_cached(cached, precision)  # (B, P, E)
         if owner is not None:
-            features = features[owner.to(features.device)]  # (N, P, E)
+            features = features.index_select(0, owner.to(features.device))  # (N, P, E)
         return self.loss(features, captions.to(features.device), lengths.to(features.device),
                          weights=weights)
 

@@ -20,6 +20,13 @@ data-parallel hooks see nothing unusual. Under autocast the weight is cast once 
 (not once per step) to the autocast dtype; gradients come back in W's dtype.
 
 Shapes: W (N, K); x_t (b_t, K); y_t = x_t W^T (b_t, N).
+
+`StepInput` does the same for an input every step reads as a prefix x[:b_t] of its rows
+(the region features and their projection W_a a, while the batch shrinks): autograd's
+slice backward would zero-fill a gradient of the whole x at every step and add it to the
+total; here each step adds its rows into one buffer in place. The context
+z_t = sum_i alpha_ti a_i is such a read too; its gradient for the features,
+sum_t alpha_t g_t^T per caption, becomes one batched product after the loop.
 """
 
 from __future__ import annotations
@@ -91,6 +98,98 @@ class StepWeight:
             with torch.autocast(x.device.type, enabled=False):  # dtype chosen above
                 return _StepProduct.apply(x, self.weight, self.records)  # (b, N)
         return x.to(self.weight.dtype) @ self.weight.t()  # (b, N)
+
+
+class _Shared(torch.autograd.Function):
+    """x -> x (a view); backward: the sum of what the steps recorded (`_Prefix`, `_Mix`)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, records: dict) -> torch.Tensor:
+        ctx.records, ctx.rows = records, x.size(0)
+        ctx.set_materialize_grads(False)  # the steps return no gradient for x: None, not 0
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor | None):
+        total = ctx.records.pop("prefix", None)  # (B, ...), filled by the steps, run first
+        mixes = ctx.records.pop("mix", [])  # [(alpha_t (b_t, P), g_t (b_t, E))]
+        if mixes:  # recorded last step first; rows b_t <= B
+            (alpha, g), steps = mixes[0], len(mixes)
+            weights = alpha.new_zeros(ctx.rows, steps, alpha.size(1))  # (B, T, P)
+            outer = g.new_zeros(ctx.rows, steps, g.size(1))  # (B, T, E), zeros once ended
+            for t, (alpha, g) in enumerate(mixes):
+                weights[:alpha.size(0), t], outer[:g.size(0), t] = alpha, g
+            mixed = torch.bmm(weights.transpose(1, 2), outer)  # (B, P, E): sum_t alpha_t g_t^T
+            total = mixed if total is None else total + mixed
+        if total is None:
+            return grad, None
+        return (total if grad is None else total + grad), None
+
+
+class _Prefix(torch.autograd.Function):
+    """x -> x[:rows] (a view); backward: adds the gradient into rows [:rows] of a buffer."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, rows: int, records: dict) -> torch.Tensor:
+        ctx.rows, ctx.shape, ctx.records = rows, x.shape, records
+        return x[:rows]  # (rows, ...)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        if "prefix" not in ctx.records:
+            ctx.records["prefix"] = grad.new_zeros(ctx.shape)  # (B, ...), once per backward
+        ctx.records["prefix"][:ctx.rows] += grad
+        return None, None, None  # x's gradient goes to _Shared
+
+
+class _Mix(torch.autograd.Function):
+    """alpha (b, P), x (B, P, E) -> sum_i alpha_i x[:b, i] (b, E); backward: alpha's
+    gradient now, x's recorded as (alpha, g) and made in one batched product (`_Shared`)."""
+
+    @staticmethod
+    def forward(ctx, alpha: torch.Tensor, x: torch.Tensor, records: dict) -> torch.Tensor:
+        device = x.device.type
+        ctx.cast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        ctx.save_for_backward(alpha, x)
+        ctx.records = records
+        return torch.bmm(alpha.unsqueeze(1), x[:alpha.size(0)]).squeeze(1)  # (b, E)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        alpha, x = ctx.saved_tensors  # (b, P), (B, P, E)
+        rows = x[:alpha.size(0)]  # (b, P, E)
+        dtype = ctx.cast or rows.dtype  # under autocast, as the forward's product ran
+        ctx.records.setdefault("mix", []).append((alpha.to(x.dtype), grad.to(x.dtype)))
+        dalpha = torch.bmm(rows.to(dtype), grad.to(dtype).unsqueeze(2)).squeeze(2)  # (b, P)
+        return dalpha.to(alpha.dtype), None, None
+
+
+class StepInput:
+    """`x` (B, ...) read by the steps of one loop through prefixes of its rows (the
+    batch sorted longest first, shrinking): `self.prefix(b)` is x[:b], and for regions
+    x (B, P, E) `self.mix(alpha)` is the context sum_i alpha_i x[:b, i] (alpha (b, P)).
+    Make one per forward pass. x's gradient is made once, after the steps: the prefixes'
+    gradients added in place into one buffer, the mixes' in one batched product (autograd
+    would zero-fill and add a whole (B, ...) gradient at every step). Without gradient,
+    plain slices and products."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.tracked = torch.is_grad_enabled() and x.requires_grad
+        self.records: dict = {}
+        self.x = _Shared.apply(x, self.records) if self.tracked else x  # (B, ...)
+
+    def _tracking(self) -> bool:
+        return self.tracked and torch.is_grad_enabled()
+
+    def prefix(self, rows: int) -> torch.Tensor:
+        if self._tracking():
+            return _Prefix.apply(self.x, rows, self.records)  # (rows, ...)
+        return self.x if rows == self.x.size(0) else self.x[:rows]  # (rows, ...)
+
+    def mix(self, alpha: torch.Tensor) -> torch.Tensor:
+        if self._tracking():
+            return _Mix.apply(alpha, self.x, self.records)  # (b, E)
+        return torch.bmm(alpha.unsqueeze(1), self.prefix(alpha.size(0))).squeeze(1)  # (b, E)
 
 
 class _SplitColumns(torch.autograd.Function):

@@ -190,7 +190,7 @@ for t in range(5):
 # loop instead of once per step. The benchmark also times the tutorial's formulation
 # (projection and output layer inside the loop, written out in the benchmark, not copied).
 #
-# Three more arrangements make the loop itself cheaper without changing its maths
+# Four more arrangements make the loop itself cheaper without changing its maths
 # (`DecoderWithAttention.prepare` and `caption_lib.recurrent`):
 #
 # - $h_{t-1}$ enters three products: the attention's query $W_h h_{t-1}$, the gate
@@ -201,6 +201,12 @@ for t in range(5):
 # - A weight used at every step gets its gradient from one matrix product over all steps.
 #   Autograd would otherwise compute one small product per step and add it to the
 #   gradient each time.
+# - When the encoder is fine-tuned, the region features need a gradient too. Every step
+#   reads them as the first $b_t$ rows of the sorted batch, and the context
+#   $\hat z_t = \sum_i \alpha_{ti} a_i$ sends a gradient $\alpha_t g_t^\top$ to them.
+#   Those gradients are summed once, after the loop, in one batched product per caption
+#   ($\sum_t \alpha_t g_t^\top$). Autograd would write a zero-padded gradient of all the
+#   features at every step and add it to the total.
 #
 # The weights stay in the modules listed above. `lstm` is an `nn.LSTMCell` that holds
 # $W_{ih}$, $W_{hh}$ and the biases, so checkpoints do not change. The walk-through below
@@ -526,8 +532,9 @@ display(Markdown(header + "\n".join(f"| {' | '.join(r)} |" for r in rows)))
 # - Speed comes from projecting the regions once per caption, applying the output layer
 #   once to all steps, and running only the captions still going (sort and shrink). The
 #   loop's own products are arranged too: one product for everything $h_{t-1}$ feeds, the
-#   word's share of the input for all steps at once, and one weight-gradient product per
-#   loop. `step` decodes one word with the same pieces.
+#   word's share of the input for all steps at once, one weight-gradient product per
+#   loop, and the features' gradient made once after the loop. `step` decodes one word
+#   with the same pieces.
 # - `Captioner` saves configuration, vocabulary and weights as plain data and loads them
 #   with `weights_only=True`.
 

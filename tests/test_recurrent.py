@@ -1,5 +1,5 @@
-"""caption_lib.recurrent: one weight-gradient product for a loop, and the LSTM update;
-the decoder built on them against the plain per-step formulation (nn.LSTMCell)."""
+"""caption_lib.recurrent: one weight-gradient product for a loop, inputs read as prefixes
+of a shrinking batch, and the LSTM update; the decoder built on them against the plain per-step formulation (nn.LSTMCell)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from caption_lib.decoder import DecoderWithAttention, caption_loss
-from caption_lib.recurrent import StepWeight, lstm_cell
+from caption_lib.recurrent import StepInput, StepWeight, lstm_cell
 
 
 def _loop(weight: torch.Tensor, xs: list[torch.Tensor], shared: bool) -> torch.Tensor:
@@ -74,6 +74,62 @@ def test_step_weight_without_gradient_and_under_autocast():
     torch.testing.assert_close(weight.grad, torch.ones(6, 5) @ xs[0].detach(), atol=0.1, rtol=0.05)
 
 
+def _regions_loop(x: torch.Tensor, scores: list[torch.Tensor], shared: bool) -> torch.Tensor:
+    """Steps that read x (B, P, E) as prefixes of a shrinking batch: a context
+    sum_i alpha_i x[:b, i] and the prefix itself; x is also used outside the loop, directly
+    and through the StepInput."""
+    reads = StepInput(x) if shared else None
+    total = x.sum()
+    for score in scores:  # (b, P) each
+        b, alpha = score.size(0), torch.softmax(score, dim=1)  # (b, P)
+        if shared:
+            context, rows = reads.mix(alpha), reads.prefix(b)  # (b, E), (b, P, E)
+        else:
+            context, rows = torch.bmm(alpha.unsqueeze(1), x[:b]).squeeze(1), x[:b]
+        total = total + (context ** 2).sum() + rows.tanh().sum()
+    whole = reads.x if shared else x  # (B, P, E) read whole, through StepInput too
+    return total + (whole ** 3).mean()
+
+
+def _region_inputs(dtype=torch.float64) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, 4, generator=gen, dtype=dtype, requires_grad=True)  # (B, P, E)
+    scores = [torch.randn(b, 3, generator=gen, dtype=dtype, requires_grad=True)
+              for b in (5, 4, 4, 2, 1)]  # (b_t, P)
+    return x, scores
+
+
+def test_step_input_gradients_equal_autograds_and_pass_gradcheck():
+    x, scores = _region_inputs()
+    grads = []
+    for shared in (False, True):
+        for t in [x, *scores]:
+            t.grad = None
+        _regions_loop(x, scores, shared).backward()
+        grads.append([t.grad.clone() for t in [x, *scores]])
+    for plain, once in zip(*grads):
+        torch.testing.assert_close(once, plain)
+    assert torch.autograd.gradcheck(lambda x, *s: _regions_loop(x, list(s), True), (x, *scores))
+    loss = _regions_loop(x, scores, True)
+    first = torch.autograd.grad(loss, x, retain_graph=True)[0]
+    torch.testing.assert_close(torch.autograd.grad(loss, x)[0], first)  # records refilled
+
+
+def test_step_input_without_gradient_and_under_autocast():
+    x, scores = _region_inputs(torch.float32)
+    with torch.no_grad():
+        reads = StepInput(x)
+        assert not reads.tracked and reads.prefix(5) is x
+        torch.testing.assert_close(reads.mix(torch.softmax(scores[1], 1)),
+                                   torch.bmm(torch.softmax(scores[1], 1)[:, None], x[:4])[:, 0])
+    plain = torch.autograd.grad(_regions_loop(x, scores, False), x)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = _regions_loop(x, scores, True)
+    mine = torch.autograd.grad(loss, x)[0]
+    assert mine.dtype == torch.float32
+    torch.testing.assert_close(mine, plain, atol=0.1, rtol=0.05)
+
+
 def test_lstm_cell_equals_nn_lstmcell():
     torch.manual_seed(0)
     cell = nn.LSTMCell(3, 4)
@@ -109,16 +165,18 @@ def test_decoder_values_and_gradients_equal_the_per_step_formulation(use_attenti
     torch.manual_seed(1)
     dec = DecoderWithAttention(11, encoder_dim=8, embed_dim=5, decoder_dim=6,
                                attention_dim=7, dropout=0.0, use_attention=use_attention)
-    features = torch.randn(4, 9, 8)
+    features = torch.randn(4, 9, 8, requires_grad=True)  # as when the encoder is tuned
     lengths = torch.tensor([6, 3, 5, 6])
     captions = torch.randint(1, 11, (4, 6)) * (torch.arange(6) < lengths.unsqueeze(1))
     grads = []
     for forward in (dec, lambda *a: _per_step_reference(dec, *a)):
         dec.zero_grad(set_to_none=True)
+        features.grad = None
         logits, alphas = forward(features, captions, lengths)
         loss, _ = caption_loss(logits, captions, lengths, alphas, alpha_c=1.0)
         loss.backward()
         grads.append({k: p.grad.clone() for k, p in dec.named_parameters() if p.grad is not None})
+        grads[-1]["features"] = features.grad.clone()
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-4,
