@@ -21,6 +21,7 @@ measures the training step of the variants side by side in one process (interlea
 wall and CPU time, ratios that stay meaningful on a shared machine.
 
     python benchmarks/recipe_experiments.py layer4.1 layer4.2 [--epochs 10] [--threads 2]
+    python benchmarks/recipe_experiments.py today --epochs 9 --extend   # continue a curve
     python benchmarks/recipe_experiments.py --step-ratio today layer4.1 layer4.2
     python benchmarks/recipe_experiments.py --list
 """
@@ -62,6 +63,8 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "layer4.1-lr2x": ({"fine_tune": "layer4.1"}, {"lr": 8e-4, "encoder_lr": 4e-4}),
     "layer4.2-caps2": ({"fine_tune": "layer4.2"}, {"captions_per_image": 2}),
     "layer4.1-caps2": ({"fine_tune": "layer4.1"}, {"captions_per_image": 2}),
+    "caps2": ({}, {"captions_per_image": 2}),
+    "caps-all": ({}, {"captions_per_image": 0}),  # every reference in every epoch
     "layer4.1-bn": ({"fine_tune": "layer4.1"}, {}),
     "layer4.2-bn": ({"fine_tune": "layer4.2"}, {}),
     "layer4.1-uncalibrated": ({"fine_tune": "layer4.1"}, {}),
@@ -195,11 +198,16 @@ def derive_cache(cls: type[EncoderCNN], model_config, records: list) -> None:
         os.replace(tmp, folder)
 
 
-def run_variant(name: str, epochs: int, data: Path) -> dict:
-    """Train `name` for `epochs`, evaluating after each; returns (and writes) its curve."""
+def run_variant(name: str, epochs: int, data: Path, extend: bool = False) -> dict:
+    """Train `name` for `epochs`, evaluating after each; returns (and writes) its curve.
+    `extend`: continue the curve already written, from its run folder, up to `epochs`."""
     model_config, config = configs(name, epochs)
     out = workspace_dir() / "runs" / f"recipe-exp-{name}"
-    shutil.rmtree(out, ignore_errors=True)
+    path = RESULTS / f"recipe_{name}.json"
+    if extend and not ((out / "last.pt").is_file() and path.is_file()):
+        raise SystemExit(f"--extend {name}: no curve to continue ({path} and {out / 'last.pt'})")
+    if not extend:
+        shutil.rmtree(out, ignore_errors=True)
     records = load_dataset(data)
     encoder_cls = EncoderCNN
     if name in FROZEN_BN:  # the experiment's encoder replaces the library's in this process
@@ -225,8 +233,11 @@ def run_variant(name: str, epochs: int, data: Path) -> dict:
                             if name in UNCALIBRATED else
                             f"calibrated on bn_images={config.bn_images} training images"),
               "epochs": []}
-    path = RESULTS / f"recipe_{name}.json"
-    for epoch in range(1, epochs + 1):
+    if extend:  # the same run, trained on by the trainer's exact resume
+        previous = json.loads(path.read_text())
+        result["epochs"], result["cache"] = previous["epochs"], previous["cache"]
+        result["command"] = previous["command"] + " ; " + result["command"]
+    for epoch in range(len(result["epochs"]) + 1, epochs + 1):
         config.epochs = epoch
         cpu = time.process_time()
         run = train(data, out, model_config, config, device="cpu", resume=True, progress=False,
@@ -313,6 +324,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2,
                         help="torch threads (on a shared machine 1 per process wastes less)")
     parser.add_argument("--list", action="store_true", help="print the variants and exit")
+    parser.add_argument("--extend", action="store_true",
+                        help="continue each variant's written curve up to --epochs")
     args = parser.parse_args()
     unknown = [v for v in args.variants if v not in VARIANTS]
     if args.list or unknown or not args.variants:
@@ -327,7 +340,7 @@ def main() -> None:
         return
     data = ensure_shapes()
     for name in args.variants:
-        run_variant(name, args.epochs, data)
+        run_variant(name, args.epochs, data, extend=args.extend)
 
 
 if __name__ == "__main__":
