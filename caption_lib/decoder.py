@@ -30,7 +30,9 @@ Speed: W_a a is projected once per sequence, and the output layer (H -> V, the b
 matrix) is applied to all hidden states at once after the loop. Inside the loop
 (`prepare`): the three products of h_{t-1} (attention query, gate, W_hh h) are one
 product; the word's share of the LSTM input is computed for all steps at once; and the
-per-step weights get their gradients from one product per loop (`caption_lib.recurrent`).
+per-step weights get their gradients from one product per loop (`caption_lib.recurrent`);
+when the features need a gradient (a fine-tuned encoder), the steps' reads of them are
+summed once, after the loop (`recurrent.StepInput`).
 The parameters are still those of `nn.Linear`/`nn.LSTMCell` modules: checkpoints and the
 maths are unchanged (tests/test_recurrent.py compares values and gradients with the plain
 per-step formulation).

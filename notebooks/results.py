@@ -186,6 +186,7 @@ NAMES = {  # a benchmark key -> what it compares
     "ratio_hard_over_soft": "hard-attention step time over soft (wall clock; above 1: hard is slower)",
     "ratio_all_sampled_over_soft": "hard attention, every caption sampled, over soft (wall clock)",
     "cpu_ratio_hard_over_soft": "hard-attention step over soft, in CPU time",
+    "speedup_compiled_over_eager": "fine-tuned layer4 forward + backward, torch.compile (inductor) vs eager",
     "speedup_over_first.today": "today's recipe step (the reference)",
     "speedup_over_first.layer4.1": "step fine-tuning layer4's last two blocks vs today's whole layer4",
     "speedup_over_first.layer4.2": "step fine-tuning layer4's last block vs today's whole layer4",
@@ -202,6 +203,10 @@ def reading(record: dict, found: dict[str, float]) -> str:
             return "Two processes train faster than one here: the work they share outweighs the all-reduce."
         return ("Two processes are slower than one here: on a 2-core machine a second process "
                 "gains no compute and adds an all-reduce of every gradient at every step.")
+    if len(found) == 1:
+        (name, value), = found.items()
+        return (f"One ratio: {NAMES.get(name, name)}, {value:g}×"
+                + (" (below 1: slower)." if value < 1 else "."))
     best_name, best = max(found.items(), key=lambda kv: kv[1])
     below = [n for n, v in found.items() if v < 1]
     text = f"The largest factor is {NAMES.get(best_name, best_name)}: {best:g}×."
@@ -379,6 +384,50 @@ for path in experiments:
     display(table(["epoch", "val semantic F1", "val grounding (mass)", "seconds",
                    "CPU seconds"], curve_rows(record)))
     display(Markdown(curve_reading(record)))
+
+# %% [markdown]
+# The variants differ in what an epoch costs, so the fair comparison is at equal CPU time.
+# The table below gives, for a few CPU budgets, the validation F1 of each variant's last
+# epoch that ended within the budget (curves with CPU seconds recorded; blank where the
+# curve had not reached the budget or stopped before it).
+
+# %% tags=["hide-input"]
+# NBVAL_IGNORE_OUTPUT
+def f1_within(record: dict, budget: float) -> str:
+    """F1 after the last epoch whose cumulative CPU seconds are within `budget` ("" if the
+    curve ends before the budget is spent or has no CPU seconds)."""
+    spent, value = 0.0, ""
+    for e in record["epochs"]:
+        if "cpu_seconds" not in e:
+            return ""
+        spent += e["cpu_seconds"]
+        if spent > budget:
+            return value
+        value = f"{e.get('val_semantic_f1_all', e.get('val_semantic_f1')):.3f}"
+    return ""  # the curve stopped before the budget was spent
+
+
+def budget_reading(timed: list, budgets: list) -> str:
+    """Which variant leads at each budget, and by how much over the next one."""
+    parts = []
+    for b in budgets:
+        scores = sorted(((float(v), n) for n, r in timed if (v := f1_within(r, b))), reverse=True)
+        if len(scores) >= 2:
+            parts.append(f"within {b} CPU s, `{scores[0][1]}` leads with {scores[0][0]:.3f}, "
+                         f"{scores[0][0] - scores[1][0]:+.3f} over `{scores[1][1]}`")
+    if not parts:
+        return "Too few curves with CPU seconds to compare."
+    return ("At equal CPU time: " + "; ".join(parts) + ". Each curve is one run from one "
+            "seed, so a small lead is not evidence that one variant learns faster.")
+
+
+budgets = [300, 600, 900, 1200]
+timed = [(p.name, json.loads(p.read_text())) for p in experiments]
+timed = [(n, r) for n, r in timed if r.get("epochs") and "cpu_seconds" in r["epochs"][0]]
+if timed:
+    display(table(["variant"] + [f"F1 within {b} CPU s" for b in budgets],
+                  [[f"`{n}`"] + [f1_within(r, b) for b in budgets] for n, r in timed]))
+    display(Markdown(budget_reading(timed, budgets)))
 
 # %% [markdown]
 # ## Sizes of this build's workspace (for the Running-on-Colab page)
