@@ -35,6 +35,8 @@ ROWS = [
      "batched beam search: share of the fp32 GEMM peak", "%"),
     ("train.json", ("speedup_bf16_over_fp32",),
      "recipe training step, bf16 autocast vs fp32", "x"),
+    ("compile_cpu.json", ("speedup_compiled_over_eager",),
+     "fine-tuned layer4 step, torch.compile vs eager", "x"),
 ]
 
 
