@@ -20,7 +20,8 @@ After each epoch: validation loss (teacher forcing), validation BLEU-4 from gree
 decoding (`evaluate.score_split`: no teacher forcing, special tokens stripped), the
 learning rate schedule and early stopping (both count epochs without progress: neither a
 better BLEU-4 nor a lower loss), and two checkpoints written atomically: `last.pt` (to
-resume) and `best.pt` (best validation BLEU-4). Resuming
+resume) and `best.pt` (best validation BLEU-4; `best_by="loss"`: lowest validation loss,
+for validation sets too small for BLEU-4 to be steady). Resuming
 restores model, optimiser, schedule, history and the random number generators (CPU and
 CUDA), so the run continues exactly as if it had not stopped (same machine and device).
 
@@ -103,6 +104,7 @@ class TrainConfig:
     precision: str = "auto"  # "auto" or "fp32" (see above)
     seed: int = 0
     restval: str = "train"  # COCO's Karpathy "restval" images: "train" (customary) or "drop"
+    best_by: str = "bleu4"  # best.pt: the best val "bleu4", or the lowest val "loss"
 
     RETIRED: ClassVar[dict] = {}  # removed fields -> their last default (none yet)
 
@@ -112,7 +114,7 @@ class TrainConfig:
     def check(self) -> None:
         """One `CaptionLibError` line for the first bad setting."""
         choices = {"schedule": ("plateau", "cosine"), "precision": ("auto", "fp32"),
-                   "restval": ("train", "drop")}
+                   "restval": ("train", "drop"), "best_by": ("bleu4", "loss")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise CaptionLibError(f"unknown {name} {getattr(self, name)!r} "
@@ -495,10 +497,18 @@ def _validate(model: Captioner, train_split: CachedSplit, val_split: CachedSplit
     return entry
 
 
+def is_best_epoch(history: list[dict], best_by: str = "bleu4") -> bool:
+    """Whether the last epoch of `history` is the best so far: the highest val BLEU-4
+    (ties: the later epoch) or, `best_by="loss"`, the lowest val loss."""
+    if best_by == "loss":
+        return history[-1]["val_loss"] <= min(h["val_loss"] for h in history)
+    return history[-1]["val_bleu4"] >= max(h["val_bleu4"] for h in history)
+
+
 def _checkpoint(model: Captioner, out_dir: Path, run: _Run, config: TrainConfig, epoch: int,
                 data_dir: str | Path) -> None:
-    """`last.pt` (and `best.pt` for the best val BLEU-4 so far), written by rank 0."""
-    is_best = run.history[-1]["val_bleu4"] >= max(h["val_bleu4"] for h in run.history)
+    """`last.pt` (and `best.pt` when `is_best`), written by rank 0."""
+    is_best = is_best_epoch(run.history, config.best_by)
     state = {"epoch": epoch, "optimizer": run.optimizer.state_dict(),
              "scheduler": run.scheduler.state_dict(), "history": json.dumps(run.history),
              "rng": rng_state(), "train_config": json.dumps(asdict(config)),
@@ -547,7 +557,7 @@ def _format(entry: dict) -> str:
 
 # settings hashed into run folders as they were when the folders were first named: a field
 # added later is left out at this default, a field removed is put back at its last value
-_HASH_ADDED = {"restval": "train"}
+_HASH_ADDED = {"restval": "train", "best_by": "bleu4"}
 _HASH_ADDED_MODEL = {"attention": "soft", "lambda_r": 1.0, "lambda_e": 0.01, "baseline_decay": 0.9,
                      "expected_prob": 0.5, "test_context": "expected"}
 _HASH_REMOVED_MODEL = {"max_len": 20}

@@ -151,3 +151,16 @@ def test_unknown_schedule_is_one_clear_error(tiny_shapes, tmp_path):
     with pytest.raises(CaptionLibError, match="unknown schedule 'linear'"):
         train(tiny_shapes, tmp_path / "c", model_config, config, progress=False,
               log=lambda *_: None)
+
+
+def test_best_epoch_by_bleu4_or_by_loss():
+    from caption_lib.train import TrainConfig, is_best_epoch
+
+    history = [{"val_bleu4": 0.0, "val_loss": 2.0}, {"val_bleu4": 58.0, "val_loss": 1.8},
+               {"val_bleu4": 0.0, "val_loss": 1.2}]  # a lucky BLEU-4, then a better model
+    assert is_best_epoch(history[:2]) and not is_best_epoch(history)
+    assert is_best_epoch(history, "loss") and not is_best_epoch(history[:1] + [
+        {"val_bleu4": 9.0, "val_loss": 2.1}], "loss")
+    assert is_best_epoch(history[:1] + [{"val_bleu4": 0.0, "val_loss": 3.0}])  # ties: later
+    with pytest.raises(CaptionLibError, match="best_by"):
+        TrainConfig(best_by="bleu")
