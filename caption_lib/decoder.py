@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from caption_lib.attention import Attention
-from caption_lib.recurrent import StepInput, StepWeight, lstm_cell, split_columns
+from caption_lib.recurrent import StepInput, StepWeight, first_rows, lstm_cell, split_columns
 
 State = tuple[torch.Tensor, torch.Tensor]
 
@@ -63,11 +63,6 @@ def step_mask(lengths: torch.Tensor, steps: int,
     lengths = lengths.to(device if device is not None else lengths.device)  # (B,)
     t = torch.arange(steps, device=lengths.device)  # (T,)
     return t.unsqueeze(0) < (lengths - 1).unsqueeze(1)  # (B, T)
-
-
-def _prefix(x: torch.Tensor, rows: int) -> torch.Tensor:
-    """x[:rows], or x itself when that is all of it."""
-    return x if rows == x.size(0) else x[:rows]
 
 
 def stack_steps(steps: list[torch.Tensor], like: torch.Tensor, batch: int, total: int,
@@ -251,7 +246,7 @@ class DecoderWithAttention(nn.Module):
         for t, b in enumerate(running):
             if b == 0:
                 break
-            (h, c), alpha = self._cell(loop, _prefix(word_gates[t], b), (h[:b], c[:b]),
+            (h, c), alpha = self._cell(loop, first_rows(word_gates[t], b), (h[:b], c[:b]),
                                        regions, keys)
             hiddens.append(h)
             alphas.append(alpha)

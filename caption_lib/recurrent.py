@@ -100,6 +100,11 @@ class StepWeight:
         return x.to(self.weight.dtype) @ self.weight.t()  # (b, N)
 
 
+def first_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """x[:rows], or x itself when that is all of it."""
+    return x if rows == x.size(0) else x[:rows]
+
+
 class _Shared(torch.autograd.Function):
     """x -> x (a view); backward: the sum of what the steps recorded (`_Prefix`, `_Mix`)."""
 
@@ -184,7 +189,7 @@ class StepInput:
     def prefix(self, rows: int) -> torch.Tensor:
         if self._tracking():
             return _Prefix.apply(self.x, rows, self.records)  # (rows, ...)
-        return self.x if rows == self.x.size(0) else self.x[:rows]  # (rows, ...)
+        return first_rows(self.x, rows)  # (rows, ...)
 
     def mix(self, alpha: torch.Tensor) -> torch.Tensor:
         if self._tracking():

@@ -374,12 +374,12 @@ def curve_reading(record: dict) -> str:
 
 
 experiments = sorted(folder.glob("recipe_*.json")) if folder.is_dir() else []
-for path in experiments:
-    record = json.loads(path.read_text())
+curves = {path.name: json.loads(path.read_text()) for path in experiments}  # read once
+for file_name, record in curves.items():
     if "epochs" not in record or not record["epochs"]:
         continue
     changes = {**record["settings"]["changes"]["model"], **record["settings"]["changes"]["train"]}
-    display(Markdown(f"**`{path.name}`**: changes {changes or 'none (the recipe as it is)'}"
+    display(Markdown(f"**`{file_name}`**: changes {changes or 'none (the recipe as it is)'}"
                      + (f"; {record['source']}" if "source" in record else "")))
     display(table(["epoch", "val semantic F1", "val grounding (mass)", "seconds",
                    "CPU seconds"], curve_rows(record)))
@@ -422,8 +422,7 @@ def budget_reading(timed: list, budgets: list) -> str:
 
 
 budgets = [300, 600, 900, 1200]
-timed = [(p.name, json.loads(p.read_text())) for p in experiments]
-timed = [(n, r) for n, r in timed if r.get("epochs") and "cpu_seconds" in r["epochs"][0]]
+timed = [(n, r) for n, r in curves.items() if r.get("epochs") and "cpu_seconds" in r["epochs"][0]]
 if timed:
     display(table(["variant"] + [f"F1 within {b} CPU s" for b in budgets],
                   [[f"`{n}`"] + [f1_within(r, b) for b in budgets] for n, r in timed]))
