@@ -49,7 +49,7 @@ runs: $(STAMP)
 
 test: $(STAMP) $(MATHJAX) runs
 	-@$(MAKE) --no-print-directory browser
-	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env --nbval-cell-timeout=1200 -p no:cacheprovider
+	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env --nbval-cell-timeout=1200 --durations=15 -p no:cacheprovider
 
 # the Colab path: every chapter with DATASET = "flickr8k" against a tiny local Flickr8k
 # mirror with planted weights, offline (tests/test_colab.py; also part of `make test`)

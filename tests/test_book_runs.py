@@ -8,11 +8,10 @@ import json
 import re
 from types import SimpleNamespace
 
-from conftest import ROOT, load_tool
-
 from caption_lib.model import Captioner, CaptionerConfig
 from caption_lib.train import recipe, run_dir_for
 from caption_lib.vocab import Vocabulary
+from conftest import ROOT, load_tool
 
 CHAPTER = ROOT / "notebooks" / "05_training.py"
 
@@ -89,7 +88,11 @@ def test_complete_runs_are_found_not_trained(tmp_path, monkeypatch, capsys):
     _fake_run(half, 1, [{"val_bleu4": 1.0}])
     assert tool.main([]) == 0  # the default run has no best.pt: nothing depends on it yet
     assert trained == [half.name]
-    assert f"{done.name} (complete, {runs[0][1].epochs} epochs)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"{done.name} (complete, {runs[0][1].epochs} epochs)" in out
+    shares = re.search(r"^== runs ready in \d+ s: (.*)$", out, flags=re.MULTILINE).group(1)
+    labels = ["shapes data set", *tool.book_runs()]  # each one's seconds: make test's shares
+    assert [re.sub(r" \d+ s$", "", part) for part in shares.split("; ")] == labels, shares
     trained.clear()
     assert tool.main(["--list"]) == 0 and trained == []
 

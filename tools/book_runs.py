@@ -89,11 +89,15 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     print("== shapes data set (generated once into the workspace)", flush=True)
     data_dir = ensure_shapes()
-    for label, (model_config, config) in book_runs().items():
-        _train_or_report(label, data_dir, model_config, config, args.list)
-    for label, (model_config, config) in same_features_book_runs(data_dir).items():
-        _train_or_report(label, data_dir, model_config, config, args.list)
-    print(f"== runs ready in {time.perf_counter() - start:.0f} s", flush=True)
+    shares = {"shapes data set": time.perf_counter() - start}
+    for runs in (book_runs, lambda: same_features_book_runs(data_dir)):
+        for label, (model_config, config) in runs().items():
+            began = time.perf_counter()
+            _train_or_report(label, data_dir, model_config, config, args.list)
+            shares[label] = time.perf_counter() - began
+    print(f"== runs ready in {time.perf_counter() - start:.0f} s: "
+          + "; ".join(f"{label} {seconds:.0f} s" for label, seconds in shares.items()),
+          flush=True)
     return 0
 
 
