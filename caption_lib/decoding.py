@@ -161,38 +161,78 @@ def greedy_decode(
     decoder = _unwrap(decoder)
     start_id, end_id = _special_ids(start_id, end_id)
     B = features.size(0)
-    device = features.device
     with _eval_mode(decoder):
         projected = _project(decoder, features)  # (B, P, A) or None
-        options = _step_options(decoder)
         state = decoder.init_state(features)  # (B, H), (B, H)
-        tokens = torch.full((B,), start_id, dtype=torch.long, device=device)  # (B,)
-        scores = torch.zeros(B, device=device)  # (B,)
-        done = torch.zeros(B, dtype=torch.bool, device=device)  # (B,)
-        lengths = torch.full((B,), max_len, dtype=torch.long, device=device)  # (B,)
-        words, alphas = [], []
-        for t in range(max_len):
-            logits, state, alpha = decoder.step(tokens, state, features, projected, **options)
-            logp = F.log_softmax(logits.float(), dim=-1)  # (B, V)
-            best, tokens = logp.max(dim=-1)  # (B,), (B,)
-            scores += torch.where(done, torch.zeros_like(best), best)  # (B,)
-            ended = tokens.eq(end_id) & ~done  # (B,)
-            lengths[ended] = t
-            done |= ended
-            words.append(tokens)
-            alphas.append(alpha.float())  # (B, P)
-            if bool(done.all()):
-                break
-        words_t = torch.stack(words, dim=1).cpu()  # (B, T)
-        alphas_t = torch.stack(alphas, dim=1).cpu()  # (B, T, P)
-    lengths_l = lengths.tolist()
-    return DecodeResult(
-        tokens=[words_t[b, :lengths_l[b]].tolist() for b in range(B)],
-        scores=scores.cpu(),
-        alphas=[alphas_t[b, :lengths_l[b]] for b in range(B)],
-        norm_scores=None,
-        finished=done.cpu(),
-    )
+        tokens = torch.full((B,), start_id, dtype=torch.long, device=features.device)  # (B,)
+        captions = _GreedyCaptions(B, max_len, end_id, features.device)
+        continue_greedy(decoder, features, projected, _step_options(decoder), captions,
+                        torch.arange(B, device=features.device), state, tokens, 0)
+    return captions.result()
+
+
+class _GreedyCaptions:
+    """The greedy captions of B images, written one step at a time.
+
+    Each image's caption may be at its own step: `take` gets rows of some images (their
+    next-word log-probs and attention) and the step t of each, picks the most likely word,
+    and adds its log-prob to the score until the caption has emitted <end>."""
+
+    def __init__(self, B: int, max_len: int, end_id: int, device: torch.device) -> None:
+        self.max_len, self.end_id = max_len, end_id
+        self.words = torch.zeros(B, max_len, dtype=torch.long, device=device)  # (B, T)
+        self.alphas: torch.Tensor | None = None  # (B, T, P), made at the first step
+        self.scores = torch.zeros(B, device=device)  # (B,) sum of log-probs
+        self.done = torch.zeros(B, dtype=torch.bool, device=device)  # (B,) emitted <end>
+        self.lengths = torch.full((B,), max_len, dtype=torch.long, device=device)  # (B,)
+
+    def take(self, images: torch.Tensor, logp: torch.Tensor, alpha: torch.Tensor,
+             t: torch.Tensor | int) -> torch.Tensor:
+        """Rows of `images` (R,) at steps `t` (R,): logp (R, V), alpha (R, P) -> words (R,)."""
+        if self.alphas is None:
+            self.alphas = alpha.new_zeros(self.words.size(0), self.max_len, alpha.size(-1),
+                                          dtype=torch.float32)  # (B, T, P)
+        best, tokens = logp.max(dim=-1)  # (R,), (R,)
+        live = ~self.done[images]  # (R,)
+        self.scores[images] += torch.where(live, best, torch.zeros_like(best))
+        self.words[images, t] = tokens
+        self.alphas[images, t] = alpha.float()
+        ended = tokens.eq(self.end_id) & live  # (R,)
+        t = torch.as_tensor(t, device=images.device).expand_as(images)  # (R,)
+        self.lengths[images[ended]] = t[ended]
+        self.done[images[ended]] = True
+        return tokens
+
+    def result(self) -> DecodeResult:
+        words, lengths = self.words.cpu(), self.lengths.tolist()
+        alphas = self.alphas.cpu() if self.alphas is not None else None  # (B, T, P)
+        return DecodeResult(
+            tokens=[words[b, :n].tolist() for b, n in enumerate(lengths)],
+            scores=self.scores.cpu(),
+            alphas=[alphas[b, :n] for b, n in enumerate(lengths)],
+            norm_scores=None,
+            finished=self.done.cpu(),
+        )
+
+
+def continue_greedy(decoder: nn.Module, features: torch.Tensor, projected: torch.Tensor | None,
+                    options: dict, captions: _GreedyCaptions, images: torch.Tensor,
+                    state: State, tokens: torch.Tensor, t: torch.Tensor | int) -> None:
+    """Greedy steps for the captions of `images` (R,) until each ends or has max_len
+    steps. Each row starts from its own state (R, H) x2, last word `tokens` (R,) and step
+    `t` (R,) or int; `features` (B, P, E) and `projected` (B, P, A) are per image. A row
+    leaves the batch when its caption is done."""
+    t = torch.as_tensor(t, device=images.device).expand_as(images).clone()  # (R,)
+    feats, proj = features[images], projected[images] if projected is not None else None
+    while images.numel():
+        logits, state, alpha = decoder.step(tokens, state, feats, proj, **options)  # (R, V)
+        tokens = captions.take(images, F.log_softmax(logits.float(), dim=-1), alpha, t)
+        t += 1
+        keep = ~captions.done[images] & (t < captions.max_len)  # (R,)
+        if not bool(keep.all()):
+            images, tokens, t = images[keep], tokens[keep], t[keep]
+            state, feats = (state[0][keep], state[1][keep]), feats[keep]
+            proj = proj[keep] if proj is not None else None
 
 
 def beam_search(
@@ -226,9 +266,10 @@ def beam_search(
             <end>; True means alpha = 1 (mean log-prob per word), a float sets alpha,
             False ranks by the plain sum.
         return_beams: also return every collected hypothesis per image (`.beams`).
-        keep_greedy: also rank the greedy caption (computed at about 1/k of the cost), so
-            that the result never ranks below a finished greedy caption; beam search
-            alone can lose it when its prefix falls out of the beam.
+        keep_greedy: also rank the greedy caption, so that the result never ranks below
+            a finished greedy caption; beam search alone can lose it when its prefix
+            falls out of the beam. It is read off the beams while its prefix is one of
+            them, and takes steps of its own only after that (`_GreedyInBeam`).
 
     Returns:
         `DecodeResult` with the best hypothesis of each image.
@@ -241,16 +282,23 @@ def beam_search(
     alpha_len = _length_alpha(length_norm)
     with _eval_mode(decoder):
         beams = _Beams.start(decoder, features, start_id, beam_size, alpha_len)
+        greedy = _GreedyInBeam(beams, max_len, end_id) if keep_greedy and beam_size > 1 else None
         for t in range(max_len):
-            logits, state, alpha = decoder.step(beams.tokens, beams.state, beams.features,
-                                                beams.projected, **beams.options)  # (B*k, V), ...
-            if not beams.extend(logits, state, alpha, end_id, t):
+            logits, state, alpha = beams.step(decoder, features, t)  # (B*k, V), ...
+            logp = F.log_softmax(logits.float(), dim=-1)  # (B*k, V)
+            if greedy is not None:
+                greedy.observe(logp, alpha, t)
+            going = beams.extend(logp, state, alpha, end_id, t)
+            if greedy is not None:
+                greedy.follow(beams, state, t)
+            if not going:
                 break
         beams.fall_back()
+        if greedy is not None:
+            greedy.finish(decoder, features, beams)
     finished = beams.finished
-    if keep_greedy and beam_size > 1:
-        greedy = greedy_decode(decoder, features, start_id, end_id, max_len)
-        _add_greedy(finished, greedy, beams.normalise)
+    if greedy is not None:
+        _add_greedy(finished, greedy.captions.result(), beams.normalise)
     for hyps in finished:
         hyps.sort(key=lambda hyp: hyp.norm_score, reverse=True)
     best = [hyps[0] for hyps in finished]
@@ -285,6 +333,7 @@ class _Beams:
     n_finished: torch.Tensor  # (B,) hypotheses set aside
     best_finished: torch.Tensor  # (B,) best finished sum log-prob
     finished: list[list[Hypothesis]]
+    src: torch.Tensor | None = None  # (B*k,) the rows the live beams continue (last step)
 
     @classmethod
     def start(cls, decoder: nn.Module, features: torch.Tensor, start_id: int, k: int,
@@ -309,32 +358,48 @@ class _Beams:
             best_finished=torch.full((B,), float("-inf"), device=device),
             finished=[[] for _ in range(B)])
 
+    def step(self, decoder: nn.Module, features: torch.Tensor, t: int) -> tuple:
+        """`decoder.step` of the B*k beams: (B*k, V) logits, state, (B*k, P) alpha. At the
+        first step an image's k beams are still identical: one row per image is computed
+        (`features` (B, P, E)) and repeated k times."""
+        if t > 0 or self.k == 1:
+            return decoder.step(self.tokens, self.state, self.features, self.projected,
+                                **self.options)
+        k = self.k
+        logits, state, alpha = decoder.step(
+            self.tokens[::k], (self.state[0][::k], self.state[1][::k]), features,
+            self.projected[::k] if self.projected is not None else None, **self.options)
+        return (logits.repeat_interleave(k, dim=0),  # (B*k, V)
+                tuple(x.repeat_interleave(k, dim=0) for x in state),  # (B*k, H) x2
+                alpha.repeat_interleave(k, dim=0))  # (B*k, P)
+
     def normalise(self, score: float, length: int) -> float:
         return score / (length ** self.alpha_len) if self.alpha_len else score
 
-    def extend(self, logits: torch.Tensor, state: State, alpha: torch.Tensor, end_id: int,
+    def extend(self, logp: torch.Tensor, state: State, alpha: torch.Tensor, end_id: int,
                t: int) -> bool:
-        """Step t: keep the 2k best extensions per image, set aside those that end, let
-        the k best others live on. Returns False when every image is done."""
+        """Step t: keep the 2k best extensions per image of the beams' next-word
+        log-probs `logp` (B*k, V), set aside those that end, let the k best others live
+        on (`src`: the rows they continue). Returns False when every image is done."""
         B, k = self.scores.shape
-        V = logits.size(-1)
+        V = logp.size(-1)
         n_cand = min(2 * k, k * V)
-        logp = F.log_softmax(logits.float(), dim=-1).view(B, k, V)  # (B, k, V)
-        cand = (self.scores.unsqueeze(2) + logp).view(B, k * V)  # (B, k*V)
+        cand = (self.scores.unsqueeze(2) + logp.view(B, k, V)).view(B, k * V)  # (B, k*V)
         top_scores, top_idx = cand.topk(n_cand, dim=1)  # (B, 2k), (B, 2k)
         top_beam = torch.div(top_idx, V, rounding_mode="floor")  # (B, 2k)
         top_word = top_idx % V  # (B, 2k)
         is_end = top_word.eq(end_id)  # (B, 2k)
         self.attn = torch.cat([self.attn, alpha.float().unsqueeze(1)], dim=1)  # (B*k, t+1, P)
-        rank = torch.arange(n_cand, device=logits.device).unsqueeze(0)  # (1, 2k)
+        rank = torch.arange(n_cand, device=logp.device).unsqueeze(0)  # (1, 2k)
         self._set_aside(top_scores, top_beam, is_end & (rank < k), t)
         # the k best candidates that do not end live on
         order = torch.where(is_end, rank + n_cand, rank)  # (B, 2k) push <end> back
         keep = order.argsort(dim=1)[:, :k]  # (B, k)
         self.scores = top_scores.gather(1, keep)  # (B, k)
         # no <end> in a row of 2k >= k+1 candidates when only k can end: keep is valid
-        offsets = (torch.arange(B, device=logits.device) * k).unsqueeze(1)  # (B, 1)
+        offsets = (torch.arange(B, device=logp.device) * k).unsqueeze(1)  # (B, 1)
         src = (offsets + top_beam.gather(1, keep)).view(-1)  # (B*k,) rows to continue
+        self.src = src
         self.tokens = top_word.gather(1, keep).view(-1)  # (B*k,)
         self.history = torch.cat([self.history[src], self.tokens.unsqueeze(1)], dim=1)
         self.attn = self.attn[src]  # (B*k, t+1, P)
@@ -377,9 +442,69 @@ class _Beams:
                                    alphas=self.attn[row, :steps].cpu(), finished=False))
 
 
+class _GreedyInBeam:
+    """The greedy caption of each image, read off the beams while it is one of them.
+
+    Greedy decoding's prefix starts as beam 0 of its image. As long as it is a live beam,
+    its next word is the argmax of that beam's row, which the search computed anyway; so
+    the greedy caption costs nothing. When its extension is not among the k kept beams (or
+    the search stops first), the prefix leaves with its state, and `finish` continues it
+    with greedy steps of its own (`continue_greedy`): in all, beam search with
+    `keep_greedy` costs less than beam search plus a separate `greedy_decode`, and returns
+    the same greedy caption."""
+
+    def __init__(self, beams: _Beams, max_len: int, end_id: int) -> None:
+        B, k = beams.scores.shape
+        device = beams.tokens.device
+        self.k = k
+        self.captions = _GreedyCaptions(B, max_len, end_id, device)
+        self.row = torch.arange(B, device=device) * k  # (B,) its beam row; -1: not followed
+        self.last = beams.tokens[self.row].clone()  # (B,) its last word
+        self.left: list[tuple[torch.Tensor, State, torch.Tensor, int]] = []
+
+    def observe(self, logp: torch.Tensor, alpha: torch.Tensor, t: int) -> None:
+        """Step t of the followed prefixes: logp (B*k, V), alpha (B*k, P) of the beams."""
+        images = (self.row >= 0).nonzero().squeeze(1)  # (R,)
+        if images.numel():
+            rows = self.row[images]  # (R,)
+            self.last[images] = self.captions.take(images, logp[rows], alpha[rows], t)
+
+    def follow(self, beams: _Beams, state: State, t: int) -> None:
+        """After `beams.extend`: find each followed prefix among the kept beams, or let
+        it leave with the state (B*k, H) x2 its row has after step t."""
+        B, k = beams.scores.shape
+        followed = (self.row >= 0) & ~self.captions.done  # (B,)
+        same = (beams.src.view(B, k) == self.row.unsqueeze(1)) \
+            & (beams.tokens.view(B, k) == self.last.unsqueeze(1))  # (B, k)
+        kept = same.any(dim=1) & followed  # (B,)
+        self._leave(followed & ~kept, state, self.row, t + 1)
+        new_row = torch.arange(B, device=same.device) * k + same.int().argmax(dim=1)  # (B,)
+        self.row = torch.where(kept, new_row, torch.full_like(new_row, -1))
+
+    def _leave(self, which: torch.Tensor, state: State, rows: torch.Tensor, t: int) -> None:
+        images = which.nonzero().squeeze(1)  # (R,)
+        if images.numel() and t < self.captions.max_len:
+            r = rows[images]  # (R,)
+            self.left.append((images, (state[0][r], state[1][r]), self.last[images], t))
+
+    def finish(self, decoder: nn.Module, features: torch.Tensor, beams: _Beams) -> None:
+        """Continue every greedy caption that has not ended: those that left the beams,
+        and those still followed when the search stopped. `features` (B, P, E)."""
+        self._leave(self.row >= 0, beams.state, self.row, beams.history.size(1))
+        if not self.left:
+            return
+        images = torch.cat([images for images, _, _, _ in self.left])  # (R,)
+        state = tuple(torch.cat([s[i] for _, s, _, _ in self.left]) for i in range(2))
+        tokens = torch.cat([tokens for _, _, tokens, _ in self.left])  # (R,)
+        t = torch.cat([torch.full_like(i, t) for i, _, _, t in self.left])  # (R,)
+        projected = beams.projected[::self.k] if beams.projected is not None else None
+        continue_greedy(decoder, features, projected, beams.options, self.captions, images,
+                        state, tokens, t)
+
+
 def _add_greedy(finished: list[list[Hypothesis]], greedy: DecodeResult, normalise) -> None:
     """The greedy caption competes too: beam search can lose it (its prefix may fall out
-    of the beam), and it costs about 1/k of the search; so beam >= greedy, always."""
+    of the beam); so beam >= greedy, always."""
     for b, hyps in enumerate(finished):
         tokens = greedy.tokens[b]
         done = bool(greedy.finished[b])

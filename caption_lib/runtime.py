@@ -84,6 +84,24 @@ def autocast(device: torch.device, precision: str = "auto", cpu: bool = True):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
+@contextmanager
+def flush_denormals(device: torch.device) -> Iterator[None]:
+    """On CPU: subnormal floats (below 1.2e-38 in fp32) are read and written as zero
+    inside the block (`torch.set_flush_denormal`, as TensorFlow does on CPU by default).
+
+    A decoder on saturated inputs (the frozen random encoder of chapter 5) gets gradients
+    and Adam moments that small, and x86 cores work on those many times slower: its
+    steps measured 0.58 s without this and 0.21 s with it (2 threads, 30 steps, the fresh
+    clone's cache). PyTorch has no getter for the flag: it is switched off again after
+    the block, its default. Elsewhere (CUDA, or CPUs without the flag) nothing changes."""
+    on = device.type == "cpu" and torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if on:
+            torch.set_flush_denormal(False)
+
+
 def _fsync(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())

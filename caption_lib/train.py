@@ -65,6 +65,7 @@ from caption_lib.features import FeatureStore, calibrate_frozen, workspace_featu
 from caption_lib.model import Captioner, CaptionerConfig, known_fields, read_checkpoint
 from caption_lib.runtime import (
     autocast,
+    flush_denormals,
     pick_device,
     rng_state,
     seed_everything,
@@ -248,7 +249,8 @@ def train(data_dir: str | Path, out_dir: str | Path, model_config: CaptionerConf
     number of epochs, which `config` may raise.
 
     Under `torchrun` (WORLD_SIZE > 1) this joins the process group and trains data-parallel
-    (see the module docstring); `log` and `progress` then only act on rank 0.
+    (see the module docstring); `log` and `progress` then only act on rank 0. On CPU,
+    subnormal floats count as zero while it runs (`runtime.flush_denormals`).
     """
     device = pick_device(str(device)) if not isinstance(device, torch.device) else device
     device = distributed.local_device(device)  # data-parallel: one device per process
@@ -256,8 +258,9 @@ def train(data_dir: str | Path, out_dir: str | Path, model_config: CaptionerConf
     try:
         if not distributed.is_main():
             log, progress = (lambda *_: None), False
-        return _train(data_dir, Path(out_dir), model_config, config, device, resume,
-                      progress, log)
+        with flush_denormals(device):
+            return _train(data_dir, Path(out_dir), model_config, config, device, resume,
+                          progress, log)
     finally:
         distributed.cleanup(created_group)
 

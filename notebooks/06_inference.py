@@ -279,8 +279,10 @@ for h in result.beams[0]:
 # prefix falls out of the beam, even when the caption it would have become is the most
 # probable of all. A larger $k$ makes this rarer. The cell below runs plain beam search
 # (`keep_greedy=False`) to show it. By default `beam_search` also ranks the greedy
-# caption among its finished ones (about $1/k$ of the cost), so its result never has a
-# lower *length-normalised* score {eq}`eq-length-norm` than greedy's; by the plain sum
+# caption among its finished ones, so its result never has a lower *length-normalised*
+# score {eq}`eq-length-norm` than greedy's. That costs little: while the greedy prefix is
+# one of the beams, its next word is the best word of that beam, already computed; only
+# after it falls out does it take decoding steps of its own. By the plain sum
 # {eq}`eq-seq-logp` it can still be less probable, because the normalised score may prefer
 # a longer caption.
 

@@ -11,12 +11,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import tiny_configs
 
 from caption_lib.annotations import find_missing_images, load_dataset, split_records
 from caption_lib.errors import CaptionLibError
 from caption_lib.model import Captioner
 from caption_lib.train import _train_records, recipe, train
+from conftest import tiny_configs
 
 SPLITS = ["train"] * 6 + ["restval"] * 6 + ["val"] * 4 + ["test"] * 2
 

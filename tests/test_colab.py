@@ -250,9 +250,8 @@ def test_a_falling_val_loss_is_progress_while_bleu_is_zero(tiny_shapes, tmp_path
     it does both, counting from the last epoch that made progress."""
     import dataclasses
 
-    from conftest import tiny_configs
-
     from caption_lib import train as training
+    from conftest import tiny_configs
 
     real = training.score_split
     losses = iter([3.0, 2.5, 2.0, 1.5, 1.5, 1.5, 1.5, 1.5])

@@ -284,3 +284,69 @@ def test_caption_image_with_a_tiny_captioner(tmp_path):
     (tmp_path / "empty.png").write_bytes(b"")
     with pytest.raises(CaptionLibError, match="empty.png"):
         caption_image(model, tmp_path / "empty.png")
+
+
+# -- keep_greedy: the greedy caption read off the beams ----------------------------------
+
+def _search_with_spies(monkeypatch, dec, feats, k, max_len, **kwargs):
+    """beam_search's result, the greedy captions it ranked, and how many greedy prefixes
+    left the beams mid-search and how many were still beams when the search stopped."""
+    from caption_lib import decoding
+
+    seen = {}
+    add, finish = decoding._add_greedy, decoding._GreedyInBeam.finish
+
+    def spy_add(finished, greedy, normalise):
+        seen["greedy"] = greedy
+        add(finished, greedy, normalise)
+
+    def spy_finish(self, *args):
+        before = sum(len(images) for images, *_ in self.left)
+        finish(self, *args)
+        seen["left"] = (before, sum(len(images) for images, *_ in self.left) - before)
+
+    monkeypatch.setattr(decoding, "_add_greedy", spy_add)
+    monkeypatch.setattr(decoding._GreedyInBeam, "finish", spy_finish)
+    out = beam_search(dec, feats, START, END, beam_size=k, max_len=max_len,
+                      return_beams=True, **kwargs)
+    monkeypatch.undo()
+    return out, seen["greedy"], seen["left"]
+
+
+def _same_greedy(got, want, exact):
+    assert got.tokens == want.tokens
+    assert torch.equal(got.finished, want.finished)
+    close = torch.equal if exact else (lambda x, y: torch.allclose(x, y, atol=1e-5))
+    assert close(got.scores, want.scores)
+    assert all(close(x, y) for x, y in zip(got.alphas, want.alphas))
+
+
+def test_keep_greedy_reads_greedy_decodings_caption_off_the_beams(features, monkeypatch):
+    """The greedy caption beam_search ranks is greedy_decode's, whether its prefix stays
+    a live beam to the end (no greedy step of its own), leaves the beams mid-search, or
+    outlives the search; and the search's result is that of plain beam search plus
+    greedy_decode's caption (how keep_greedy was computed before)."""
+    from caption_lib.decoding import _add_greedy, _length_alpha
+
+    cases = [(TableDecoder(vocab_size=V, seed=seed, end_bias=bias), features, True)
+             for V, bias, seed in itertools.product((6, 9), (-1.0, 0.5, 2.0), range(2))]
+    feats = torch.randn(5, 9, 16, generator=torch.Generator().manual_seed(4))  # (B, P, E)
+    cases += [(_real_decoder(seed=seed), feats, False) for seed in range(4)]
+    left_mid_search = outlived = never_left = 0
+    for (dec, x, exact), k, norm in itertools.product(cases, (2, 3), (True, False)):
+        out, greedy, (left, still_beams) = _search_with_spies(monkeypatch, dec, x, k, 8,
+                                                              length_norm=norm)
+        _same_greedy(greedy, greedy_decode(dec, x, START, END, max_len=8), exact)
+        plain = beam_search(dec, x, START, END, beam_size=k, max_len=8, length_norm=norm,
+                            return_beams=True, keep_greedy=False)
+        alpha = _length_alpha(norm)
+        _add_greedy(plain.beams, greedy, lambda s, n, a=alpha: s / n ** a if a else s)
+        for hyps in plain.beams:
+            hyps.sort(key=lambda hyp: hyp.norm_score, reverse=True)
+        assert [[h.tokens for h in hyps] for hyps in out.beams] == \
+            [[h.tokens for h in hyps] for hyps in plain.beams]
+        never_left += left == still_beams == 0
+        left_mid_search += left > 0
+        outlived += still_beams > 0
+    assert never_left >= 5 and left_mid_search >= 5 and outlived >= 5, \
+        (never_left, left_mid_search, outlived)

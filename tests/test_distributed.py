@@ -20,11 +20,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import tiny_configs
 
 from caption_lib import distributed
 from caption_lib.errors import CaptionLibError
 from caption_lib.model import Captioner
+from conftest import tiny_configs
 
 GLOBAL_BATCH = 4  # images per optimiser step, in both runs (2 per process with 2 processes)
 UNEVEN = 23  # global batches of 23 and 1 of the 24 training images: in the second, rank 1

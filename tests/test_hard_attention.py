@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_configs
 
 from caption_lib import cli
 from caption_lib.data import load_dataset, split_records
@@ -31,6 +30,7 @@ from caption_lib.hard_attention import (
 from caption_lib.model import Captioner, CaptionerConfig
 from caption_lib.train import run_dir_for, train
 from caption_lib.vocab import Vocabulary
+from conftest import tiny_configs
 
 HARD_FIELDS = ("attention", "lambda_r", "lambda_e", "baseline_decay", "expected_prob",
                "test_context")

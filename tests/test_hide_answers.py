@@ -15,6 +15,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+
 from conftest import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_configs as _configs
 
 from caption_lib import cli
 from caption_lib.errors import CaptionLibError
 from caption_lib.model import Captioner
 from caption_lib.train import ensure_trained, train
+from conftest import tiny_configs as _configs
 
 
 def _losses(history):
@@ -164,3 +164,26 @@ def test_best_epoch_by_bleu4_or_by_loss():
     assert is_best_epoch(history[:1] + [{"val_bleu4": 0.0, "val_loss": 3.0}])  # ties: later
     with pytest.raises(CaptionLibError, match="best_by"):
         TrainConfig(best_by="bleu")
+
+
+def test_training_flushes_subnormal_floats_and_switches_it_off_after(tiny_shapes, tmp_path,
+                                                                     monkeypatch):
+    """On CPU the steps run with subnormals read as zero (x86 works on them many times
+    slower); after `train` they are ordinary numbers again."""
+    import caption_lib.train as train_module
+
+    tiny = torch.tensor([1e-39])  # subnormal in fp32
+    seen, real = [], train_module.train_one_epoch
+
+    def spy(*args, **kwargs):
+        seen.append(float(tiny * 1.0))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_one_epoch", spy)
+    model_config, config = _configs(epochs=1)
+    train(tiny_shapes, tmp_path, model_config, config, device="cpu", progress=False,
+          log=lambda *_: None)
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush subnormal floats")
+    assert seen == [0.0]
+    assert float(tiny * 1.0) == pytest.approx(1e-39, rel=1e-3)
