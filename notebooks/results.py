@@ -186,6 +186,8 @@ NAMES = {  # a benchmark key -> what it compares
     "ratio_hard_over_soft": "hard-attention step time over soft (wall clock; above 1: hard is slower)",
     "ratio_all_sampled_over_soft": "hard attention, every caption sampled, over soft (wall clock)",
     "cpu_ratio_hard_over_soft": "hard-attention step over soft, in CPU time",
+    "speedup_flushed_over_plain.saturating": "decoder step on saturating features (chapter 5's frozen random encoder), subnormals flushed vs not",
+    "speedup_flushed_over_plain.ordinary": "decoder step on ordinary features (the control: no subnormals arise), flushed vs not",
     "speedup_compiled_over_eager": "fine-tuned layer4 forward + backward, torch.compile (inductor) vs eager",
     "speedup_over_first.today": "today's recipe step (the reference)",
     "speedup_over_first.layer4.1": "step fine-tuning layer4's last two blocks vs today's whole layer4",
