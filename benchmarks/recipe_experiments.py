@@ -65,6 +65,13 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "layer4.1-caps2": ({"fine_tune": "layer4.1"}, {"captions_per_image": 2}),
     "caps2": ({}, {"captions_per_image": 2}),
     "caps-all": ({}, {"captions_per_image": 0}),  # every reference in every epoch
+    # the fine-tuned stage trains for the first N epochs, the decoder alone after them
+    "enc3": ({}, {"encoder_epochs": 3}),
+    "enc4": ({}, {"encoder_epochs": 4}),
+    "enc5": ({}, {"encoder_epochs": 5}),
+    "enc4-caps-all": ({}, {"encoder_epochs": 4, "captions_per_image": 0}),
+    "encoder-lr3x": ({}, {"encoder_lr": 6e-4}),  # the decoder's rate stays 4e-4
+    "encoder-lr5x": ({}, {"encoder_lr": 1e-3}),
     "layer4.1-bn": ({"fine_tune": "layer4.1"}, {}),
     "layer4.2-bn": ({"fine_tune": "layer4.2"}, {}),
     "layer4.1-uncalibrated": ({"fine_tune": "layer4.1"}, {}),

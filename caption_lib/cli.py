@@ -126,7 +126,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 else "coco" if any(data.glob("dataset_coco.json")) else "flickr8k")
     model_config, config = recipe(name)
     overrides = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-                 "seed": args.seed, "restval": args.restval}
+                 "seed": args.seed, "restval": args.restval,
+                 "encoder_epochs": args.encoder_epochs}
     for key, value in overrides.items():
         if value is not None:
             setattr(config, key, value)
@@ -153,6 +154,9 @@ def _add_train(sub: Sub) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--restval", choices=["train", "drop"],
                    help="COCO Karpathy split: fold the restval images into train (default) or drop them")
+    p.add_argument("--encoder-epochs", type=int, metavar="N",
+                   help="a fine-tuned encoder stage trains for the first N epochs only, the "
+                        "decoder alone after them (0: every epoch)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from caption_lib import distributed
 from caption_lib.data import Record, load_dataset, pad_captions, split_records
 from caption_lib.decoding import MAX_LEN, decode_batch
+from caption_lib.encoder import EncoderCNN
 from caption_lib.errors import CaptionLibError
 from caption_lib.features import FeatureStore, workspace_features
 from caption_lib.metrics import bleu, coco_scores, grounding, semantic_f1
@@ -72,17 +73,18 @@ def score_split(model: Captioner, records: Sequence[Record], store: FeatureStore
                 beam_size: int = 1, max_len: int = MAX_LEN, batch_size: int = 32,
                 precision: str = "auto", references: Sequence[list[int]] | None = None,
                 full: bool = True, meteor: bool = True, progress: bool = False,
-                desc: str = "decoding") -> Evaluation:
+                desc: str = "decoding", encoder: EncoderCNN | None = None) -> Evaluation:
     """Caption the images of `records` from their cached frozen outputs and score them.
 
     `store[i]` belongs to `records[i]` (it may hold more rows). `references`: a token-id
     caption per image; when given, scores["loss"] is their teacher-forced cross-entropy
     (averaged over images, as validation reports it). `full`: also CIDEr, ROUGE-L,
-    METEOR and grounding (validation: BLEU and semantic F1 only).
+    METEOR and grounding (validation: BLEU and semantic F1 only). `encoder`: the encoder
+    whose frozen output `store` holds, when not the model's (`Captioner.encode_cached`).
     """
     model.eval()
     words, alphas, loss = _decode(model, store, len(records), beam_size, max_len, batch_size,
-                                  precision, references, progress, desc)
+                                  precision, references, progress, desc, encoder)
     refs = [[tokenize(c) for c in r.captions] for r in records]
     scores = {**bleu(refs, words)}
     if references is not None:
@@ -101,7 +103,8 @@ def score_split(model: Captioner, records: Sequence[Record], store: FeatureStore
 
 def _decode(model: Captioner, store: FeatureStore, n: int, beam_size: int, max_len: int,
             batch_size: int, precision: str, references: Sequence[list[int]] | None,
-            progress: bool, desc: str) -> tuple[list[list[str]], list[torch.Tensor], float]:
+            progress: bool, desc: str, encoder: EncoderCNN | None = None,
+            ) -> tuple[list[list[str]], list[torch.Tensor], float]:
     """Words and attention (T, P) of images 0..n-1, and the summed reference loss.
 
     Data-parallel: this process decodes every world-th image (all of them for one), and
@@ -112,7 +115,7 @@ def _decode(model: Captioner, store: FeatureStore, n: int, beam_size: int, max_l
     for start in tqdm(range(0, len(mine), batch_size), desc=desc, unit="batch",
                       disable=not progress, mininterval=2.0):
         idx = mine[start:start + batch_size]
-        feats = model.encode_cached(store[torch.tensor(idx)], precision)  # (B, P, E)
+        feats = model.encode_cached(store[torch.tensor(idx)], precision, encoder)  # (B, P, E)
         if references is not None:
             captions, lengths = pad_captions([references[i] for i in idx], model.vocab.pad_id)
             _, parts = model.loss(feats, captions.to(device), lengths.to(device))

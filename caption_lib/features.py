@@ -168,16 +168,16 @@ def cached_features(encoder: EncoderCNN, paths: Sequence[Path], *, cache_root: P
         meta = json.loads(meta_path.read_text())
         if meta.get("key") == key:
             return FeatureStore(data, meta)
-    if shard and distributed.world_size() > 1:  # data-parallel: each rank extracts a block
-        return _cached_sharded(encoder, list(paths), folder, key, cache_root=Path(cache_root),
-                               image_size=image_size, batch_size=batch_size, device=device,
-                               fast=fast, num_workers=num_workers, progress=progress)
     prefix = getattr(encoder, "prefix", None)
     if prefix is not None:  # a frozen fine-tuned encoder: finish its prefix's cache
         return _cached_from_prefix(encoder, prefix, list(paths), folder, key,
                                    cache_root=Path(cache_root), image_size=image_size,
                                    batch_size=batch_size, device=device, fast=fast,
-                                   num_workers=num_workers, progress=progress)
+                                   num_workers=num_workers, progress=progress, shard=shard)
+    if shard and distributed.world_size() > 1:  # data-parallel: each rank extracts a block
+        return _cached_sharded(encoder, list(paths), folder, key, cache_root=Path(cache_root),
+                               image_size=image_size, batch_size=batch_size, device=device,
+                               fast=fast, num_workers=num_workers, progress=progress)
     with atomic_folder(folder) as tmp:  # an interrupted run leaves no valid-looking cache
         shape, seconds = _extract_into(tmp / "features.npy", encoder, paths, key, device=device,
                                        image_size=image_size, batch_size=batch_size, fast=fast,
@@ -239,8 +239,17 @@ def _extract_into(path: Path, encoder: EncoderCNN, paths: Sequence[Path], key: d
 def _cached_from_prefix(encoder: EncoderCNN, prefix, paths: list[Path], folder: Path,
                         key: dict, *, cache_root: Path, **options) -> FeatureStore:
     """The full frozen output from the cache of the encoder's old frozen part (`freeze`):
-    only the stages after it run (e.g. a frozen fine-tuned layer4 on cached layer3)."""
+    only the stages after it run (e.g. a frozen fine-tuned layer4 on cached layer3).
+    Data-parallel (`shard`): the processes share the prefix's cache (sharded as usual
+    when missing); rank 0 finishes it and the others wait, then open it."""
     base = cached_features(prefix, paths, cache_root=cache_root, **options)
+    if options.pop("shard") and distributed.world_size() > 1:
+        if distributed.rank() == 0:
+            _cached_from_prefix(encoder, prefix, paths, folder, key, cache_root=cache_root,
+                                shard=False, **options)
+        distributed.barrier()
+        return FeatureStore(folder / "features.npy",
+                            json.loads((folder / "meta.json").read_text()))
     device, fast = torch.device(options["device"]), options["fast"]
     suffix = encoder.frozen[prefix.size:]
     was_on = next(encoder.parameters()).device
@@ -248,7 +257,10 @@ def _cached_from_prefix(encoder: EncoderCNN, prefix, paths: list[Path], folder: 
     try:
         with atomic_folder(folder) as tmp:
             start, out = time.perf_counter(), None
-            for row in range(0, len(base), options["batch_size"]):
+            rows = tqdm(range(0, len(base), options["batch_size"]), unit="batch",
+                        desc=f"caching {key['stage']} features from {prefix.cached_stage}",
+                        disable=not options["progress"], mininterval=1.0)
+            for row in rows:
                 x = base[row:row + options["batch_size"]].to(device, torch.float32)  # (B, C, h, w)
                 if fast:
                     x = x.contiguous(memory_format=torch.channels_last)

@@ -152,7 +152,7 @@ def known_fields(cls: type, data: dict) -> dict:
     return {k: v for k, v in data.items() if k in known}
 
 
-def _tensor_checksum(*state_dicts: dict[str, torch.Tensor]) -> float:
+def tensor_checksum(*state_dicts: dict[str, torch.Tensor]) -> float:
     """Sum of all values (in float64) of the tensors of `state_dicts`."""
     total = 0.0
     for state in state_dicts:
@@ -194,19 +194,22 @@ class Captioner(nn.Module):
         """(B, 3, 224, 224) images -> (B, P, E) region features."""
         return self.encoder(images)  # (B, 49, 2048)
 
-    def encode_cached(self, cached: torch.Tensor, precision: str = "auto") -> torch.Tensor:
+    def encode_cached(self, cached: torch.Tensor, precision: str = "auto",
+                      encoder: EncoderCNN | None = None) -> torch.Tensor:
         """The encoder's frozen-part output (from the feature cache) -> (B, P, E) in fp32.
 
         `cached` (B, C, h, w), any dtype and device, goes to the model's device in fp32. A
         fine-tuned stage runs on channels_last input under `runtime.autocast` (bf16;
-        `precision="fp32"`: none)."""
+        `precision="fp32"`: none). `encoder`: the encoder whose frozen output `cached` is,
+        when not the model's own (the trainer's copy of a stage it stopped training)."""
+        encoder = encoder or self.encoder
         device = next(self.decoder.parameters()).device
         x = cached.to(device, torch.float32, non_blocking=True)  # (B, C, h, w)
-        if not self.encoder.trained_stages:
-            return self.encoder.forward_cached(x)  # (B, 49, 2048)
+        if not encoder.trained_stages:
+            return encoder.forward_cached(x)  # (B, 49, 2048)
         x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):
-            return self.encoder.forward_cached(x).float()  # (B, 49, 2048)
+            return encoder.forward_cached(x).float()  # (B, 49, 2048)
 
     def forward(self, images: torch.Tensor, captions: torch.Tensor,
                 lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -244,11 +247,13 @@ class Captioner(nn.Module):
 
     def cached_loss(self, cached: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
                     owner: torch.Tensor | None = None, weights: tuple[float, float] | None = None,
-                    precision: str = "auto") -> tuple[torch.Tensor, dict[str, float]]:
+                    precision: str = "auto", encoder: EncoderCNN | None = None,
+                    ) -> tuple[torch.Tensor, dict[str, float]]:
         """`loss` from cached frozen outputs (B, C, h, w) of B images; `owner` (N,): the
         image of each caption (its row in `cached`; None: one caption per image). The
-        encoder stage runs once per image and its captions share the result."""
-        features = self.encode_cached(cached, precision)  # (B, P, E)
+        encoder stage runs once per image and its captions share the result. `encoder`:
+        as in `encode_cached`."""
+        features = self.encode_cached(cached, precision, encoder)  # (B, P, E)
         if owner is not None:
             features = features.index_select(0, owner.to(features.device))  # (N, P, E)
         return self.loss(features, captions.to(features.device), lengths.to(features.device),
@@ -274,7 +279,7 @@ class Captioner(nn.Module):
             "encoder_trainable": encoder_state,
             "encoder_weights_used": self.encoder.weights_used,
             "encoder_fingerprint": self.encoder.frozen_fingerprint(),
-            "checksum": _tensor_checksum(decoder_state, encoder_state, frozen_bn),
+            "checksum": tensor_checksum(decoder_state, encoder_state, frozen_bn),
             "extra": dict(extra or {}),
         }
         if frozen_bn:
@@ -311,7 +316,7 @@ class Captioner(nn.Module):
         except (ValueError, TypeError, CaptionLibError) as err:
             raise bad(f"damaged checkpoint: bad config or vocabulary ({_line(err)})") from None
         frozen_bn = payload.get("encoder_frozen_batchnorm") or {}
-        stored = _tensor_checksum(payload["decoder"], payload["encoder_trainable"], frozen_bn)
+        stored = tensor_checksum(payload["decoder"], payload["encoder_trainable"], frozen_bn)
         if not math.isclose(stored, payload["checksum"], rel_tol=1e-9, abs_tol=1e-6):
             raise bad("damaged checkpoint: the weights do not match their checksum")
 
@@ -367,7 +372,7 @@ def build_encoder(config: CaptionerConfig) -> EncoderCNN:
         raise CaptionLibError(f"{path}: its encoder has grid {encoder.grid}, the config asks "
                               f"for {config.grid}")
     stages = "+".join(encoder.trained_stages) or "frozen"
-    checksum = _tensor_checksum(encoder.trainable.state_dict())
+    checksum = tensor_checksum(encoder.trainable.state_dict())
     return encoder.freeze(f"{encoder.weights_used}+{stages} of {path} ({checksum:.10g})")
 
 

@@ -40,6 +40,8 @@ P regions, E encoder dim, L caption length.
 
 from __future__ import annotations
 
+import copy
+import functools
 import hashlib
 import json
 import math
@@ -58,11 +60,17 @@ from tqdm import tqdm
 from caption_lib import distributed
 from caption_lib.data import Record, load_dataset, pad_captions, split_records
 from caption_lib.decoding import MAX_LEN
-from caption_lib.encoder import recalibrate_batchnorm
+from caption_lib.encoder import EncoderCNN, recalibrate_batchnorm
 from caption_lib.errors import CaptionLibError
 from caption_lib.evaluate import score_split
 from caption_lib.features import FeatureStore, calibrate_frozen, workspace_features
-from caption_lib.model import Captioner, CaptionerConfig, known_fields, read_checkpoint
+from caption_lib.model import (
+    Captioner,
+    CaptionerConfig,
+    known_fields,
+    read_checkpoint,
+    tensor_checksum,
+)
 from caption_lib.runtime import (
     autocast,
     flush_denormals,
@@ -84,6 +92,12 @@ class TrainConfig:
     gradient scaler on GPUs without bf16). "fp32": no autocast anywhere. Checked when
     built (`check`, also run by `train`); `from_dict` refuses unknown keys as
     `CaptionerConfig.from_json` does.
+
+    encoder_epochs: with a fine-tuned encoder stage, the number of epochs it trains (0:
+    every epoch). From epoch `encoder_epochs + 1` on the stage is frozen as it was
+    validated last (weights and BatchNorm statistics), its output is computed once into
+    the feature cache, and the decoder trains alone from that cache: the stage no longer
+    runs forward and backward at every step (`_FrozenStage`).
     """
 
     epochs: int = 6
@@ -106,6 +120,8 @@ class TrainConfig:
     seed: int = 0
     restval: str = "train"  # COCO's Karpathy "restval" images: "train" (customary) or "drop"
     best_by: str = "bleu4"  # best.pt: the best val "bleu4", or the lowest val "loss"
+    encoder_epochs: int = 0  # epochs the fine-tuned encoder stage trains (0: all of them);
+    #                          later epochs train the decoder alone on its cached output
 
     RETIRED: ClassVar[dict] = {}  # removed fields -> their last default (none yet)
 
@@ -120,7 +136,8 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise CaptionLibError(f"unknown {name} {getattr(self, name)!r} "
                                       f"(use {' or '.join(allowed)})")
-        for name in ("epochs", "captions_per_image", "val_images", "bn_images", "early_stop"):
+        for name in ("epochs", "captions_per_image", "val_images", "bn_images", "early_stop",
+                     "encoder_epochs"):
             if getattr(self, name) < 0:
                 raise CaptionLibError(f"TrainConfig.{name}={getattr(self, name)!r}: must be >= 0")
         for name in ("batch_size", "max_decode_len", "min_freq", "lr_patience"):
@@ -284,12 +301,16 @@ def _train(data_dir: str | Path, out_dir: Path, model_config: CaptionerConfig | 
                                 device, progress)
     val_split = _cached_split(model, split_records(records, "val"), config, device, progress)
     run = _Run.start(model, config, extra, len(train_split.records), device)
-    loss_fn = _data_parallel(model, device)
+    loss_fn, stage = _data_parallel(model, device), None
     for epoch in range(run.first_epoch, config.epochs + 1):
         if _stale(run.history, config):
             log(f"early stop: no better val BLEU-4 or val loss in {config.early_stop} epochs")
             break
         start = time.perf_counter()
+        if stage is None and _stage_done(model, config, epoch):
+            stage = _FrozenStage.start(model, out_dir, config, device, progress, log)
+            train_split, val_split = stage.split(train_split), stage.split(val_split)
+            loss_fn = functools.partial(_data_parallel(model, device), encoder=stage.encoder)
         batches = _epoch_batches(train_split, config, epoch)
         bar = tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", unit="batch",
                    disable=not progress, mininterval=2.0)
@@ -298,7 +319,8 @@ def _train(data_dir: str | Path, out_dir: Path, model_config: CaptionerConfig | 
         bar.close()
         total, tokens = distributed.all_reduce_sum([total, tokens])  # data-parallel: all tokens
         train_seconds = time.perf_counter() - start
-        val = _validate(model, train_split, val_split, run, config, device, epoch)
+        val = _validate(model, train_split, val_split, run, config, device, epoch,
+                        None if stage is None else stage.encoder)
         entry = {"epoch": epoch, "train_loss": total / max(tokens, 1.0), **val,
                  "train_seconds": round(train_seconds, 1),
                  "seconds": round(time.perf_counter() - start, 1),
@@ -445,6 +467,48 @@ def _data_parallel(model: Captioner, device: torch.device) -> Callable:
                                      find_unused_parameters=not model.config.use_attention)
 
 
+def _stage_done(model: Captioner, config: TrainConfig, epoch: int) -> bool:
+    """Whether epoch `epoch` trains the decoder alone: the encoder has a fine-tuned stage
+    and it has had its `config.encoder_epochs` (0: it trains in every epoch)."""
+    return bool(model.encoder.trained_stages) and 0 < config.encoder_epochs < epoch
+
+
+@dataclass
+class _FrozenStage:
+    """The fine-tuned encoder stage after its `encoder_epochs`: no longer trained.
+
+    `encoder` is a frozen copy of the model's encoder (`EncoderCNN.freeze`), named after
+    the run folder and a checksum of the stage's weights and BatchNorm statistics, so its
+    output gets a cache of its own, computed once from the cache the stage ran on
+    (`features.cached_features`). The model keeps its own encoder, unchanged from here on
+    (checkpoints look as before); the loss and validation read the new cache through
+    `encoder=` (`Captioner.encode_cached`)."""
+
+    encoder: EncoderCNN
+    device: torch.device
+    progress: bool
+
+    @classmethod
+    def start(cls, model: Captioner, out_dir: Path, config: TrainConfig,
+              device: torch.device, progress: bool, log) -> _FrozenStage:
+        stages = "+".join(model.encoder.trained_stages)
+        model.encoder.trainable.requires_grad_(False)  # Adam skips them: no gradients
+        checksum = tensor_checksum(model.encoder.trainable.state_dict())
+        frozen = copy.deepcopy(model.encoder).freeze(
+            f"{model.encoder.weights_used}+{stages} of {out_dir.resolve()} after epoch "
+            f"{config.encoder_epochs} ({checksum:.10g})")
+        log(f"encoder stage {stages} frozen after epoch {config.encoder_epochs}: "
+            "from here on the decoder trains alone on the stage's cached output")
+        return cls(frozen.to(device), device, progress)
+
+    def split(self, split: CachedSplit) -> CachedSplit:
+        """`split` with the frozen stage's output as its features (cached on first use)."""
+        moved = copy.copy(split)
+        moved.features = workspace_features(self.encoder, split.records, device=self.device,
+                                            progress=self.progress)
+        return moved
+
+
 class _EpochBatches:
     """The `Batch`es of one epoch, built as they are used; `pairs` the global batches."""
 
@@ -476,10 +540,13 @@ def _epoch_batches(split: CachedSplit, config: TrainConfig, epoch: int) -> _Epoc
 # -- after each epoch ----------------------------------------------------------------------
 
 def _validate(model: Captioner, train_split: CachedSplit, val_split: CachedSplit, run: _Run,
-              config: TrainConfig, device: torch.device, epoch: int) -> dict:
-    """BatchNorm statistics re-estimated, then validation loss, BLEU-4 and (shapes)
-    semantic F1 of greedy decoding; the plateau schedule steps on progress (`_progress`)."""
-    if model.encoder.trained_stages:
+              config: TrainConfig, device: torch.device, epoch: int,
+              encoder: EncoderCNN | None = None) -> dict:
+    """BatchNorm statistics re-estimated (while an encoder stage trains), then validation
+    loss, BLEU-4 and (shapes) semantic F1 of greedy decoding; the plateau schedule steps
+    on progress (`_progress`). `encoder`: a frozen stage's copy whose output the splits
+    hold (`_FrozenStage`), None while the model's own encoder reads them."""
+    if model.encoder.trained_stages and encoder is None:
         g = torch.Generator().manual_seed(config.seed * 1000 + epoch + 500)
         idx = torch.randperm(len(train_split.records), generator=g)[:config.bn_images]
         batches = (train_split.features[idx[k:k + 64]] for k in range(0, len(idx), 64))
@@ -488,7 +555,7 @@ def _validate(model: Captioner, train_split: CachedSplit, val_split: CachedSplit
     n = min(config.val_images or len(val_split.records), len(val_split.records))
     val = score_split(model, val_split.records[:n], val_split.features, beam_size=1,
                       max_len=config.max_decode_len, batch_size=64,
-                      precision=config.precision, full=False,
+                      precision=config.precision, full=False, encoder=encoder,
                       references=[caps[0] for caps in val_split.encoded[:n]]).scores
     if config.schedule == "plateau":  # patience: epochs without progress
         run.scheduler.step(_progress(run.history + [{"val_bleu4": val["bleu4"],
@@ -560,7 +627,7 @@ def _format(entry: dict) -> str:
 
 # settings hashed into run folders as they were when the folders were first named: a field
 # added later is left out at this default, a field removed is put back at its last value
-_HASH_ADDED = {"restval": "train", "best_by": "bleu4"}
+_HASH_ADDED = {"restval": "train", "best_by": "bleu4", "encoder_epochs": 0}
 _HASH_ADDED_MODEL = {"attention": "soft", "lambda_r": 1.0, "lambda_e": 0.01, "baseline_decay": 0.9,
                      "expected_prob": 0.5, "test_context": "expected"}
 _HASH_REMOVED_MODEL = {"max_len": 20}

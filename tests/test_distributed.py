@@ -326,13 +326,20 @@ def test_caption_lib_train_under_torchrun(tiny_shapes, tmp_path):
                                           os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
            f"--master_port={_free_port()}", "-m", "caption_lib", "train",
-           "--data", str(tiny_shapes), "--out", str(tmp_path / "run"), "--epochs", "1",
-           "--batch-size", "8", "--no-progress"]
+           "--data", str(tiny_shapes), "--out", str(tmp_path / "run"), "--epochs", "2",
+           "--encoder-epochs", "1", "--batch-size", "8", "--no-progress"]
     done = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "bucket_view" not in done.stderr, "DDP buckets match the gradients' strides"
     assert done.stdout.count("best val BLEU-4") == 1, done.stdout  # rank 0 only
-    assert done.stdout.count("epoch 1:") == 1, done.stdout
+    epochs = [line.split(":")[0] for line in done.stdout.splitlines() if line.startswith("epoch ")]
+    assert epochs == ["epoch 1", "epoch 2"], done.stdout  # rank 0 only
+    # epoch 2 trains the decoder alone (DDP over the decoder only) on layer4's cached
+    # output, which rank 0 computed from the layer3 cache while rank 1 waited
+    assert done.stdout.count("frozen after epoch 1") == 1, done.stdout
     loaded = Captioner.load(tmp_path / "run" / "last.pt")
     assert loaded.encoder.trained_stages == ("layer4",) and loaded.extra["world_size"] == 2
+    caches = sorted(p.parent.name.split("-")[1] for p in (tmp_path / "ws" / "features")
+                    .glob("*/meta.json"))
+    assert caches == ["layer3"] * 2 + ["layer4"] * 2, caches  # train and val, each once

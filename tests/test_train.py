@@ -187,3 +187,76 @@ def test_training_flushes_subnormal_floats_and_switches_it_off_after(tiny_shapes
         pytest.skip("this CPU cannot flush subnormal floats")
     assert seen == [0.0]
     assert float(tiny * 1.0) == pytest.approx(1e-39, rel=1e-3)
+
+
+def _stage_state(model):
+    return {k: v.clone() for k, v in model.encoder.trainable.state_dict().items()}
+
+
+def test_encoder_epochs_freeze_the_stage_and_train_the_decoder_on_its_cache(tiny_shapes,
+                                                                           tmp_path):
+    model_config, config = _configs(fine_tune="layer4", epochs=1)
+    config.encoder_epochs = 1
+    lines = []
+    first = train(tiny_shapes, tmp_path / "run", model_config, config, progress=False,
+                  log=lines.append)
+    stage, decoder = _stage_state(first.model), {
+        k: v.clone() for k, v in first.model.decoder.state_dict().items()}
+    initial = Captioner(first.model.vocab, model_config).encoder.trainable.state_dict()
+    assert not torch.equal(initial["0.0.conv1.weight"], stage["0.0.conv1.weight"]), \
+        "the stage trains in its epoch"
+    _, config = _configs(fine_tune="layer4", epochs=3)
+    config.encoder_epochs = 1
+    resumed = train(tiny_shapes, tmp_path / "run", config=config, resume=True, progress=False,
+                    log=lines.append)
+    assert any("frozen after epoch 1" in line for line in lines), lines
+    after = _stage_state(resumed.model)  # weights and BatchNorm statistics of epoch 1
+    assert all(torch.equal(stage[k], after[k]) for k in stage)
+    assert any(not torch.equal(v, resumed.model.decoder.state_dict()[k])
+               for k, v in decoder.items()), "the decoder went on training"
+    losses = [h["train_loss"] for h in resumed.history]
+    assert len(losses) == 3 and losses[2] < losses[0], losses
+    # the decoder-only epochs read the stage's output from a cache of its own ...
+    from caption_lib.runtime import workspace_dir
+
+    stored = sorted(p.parent.name for p in (workspace_dir() / "features").rglob("meta.json"))
+    assert any(name.startswith("resnet50-layer4-") for name in stored), stored
+    # ... and validated exactly what the checkpoint gives through the model's own encoder
+    from caption_lib.data import load_dataset, split_records
+    from caption_lib.evaluate import score_split
+    from caption_lib.features import workspace_features
+
+    loaded = Captioner.load(tmp_path / "run" / "last.pt")
+    records = split_records(load_dataset(tiny_shapes), "val")
+    store = workspace_features(loaded.encoder, records, progress=False)
+    refs = [loaded.vocab.encode(r.captions[0])[:config.max_caption_len] for r in records]
+    scores = score_split(loaded, records, store, max_len=config.max_decode_len,
+                         references=refs, full=False).scores
+    assert scores["loss"] == pytest.approx(resumed.history[-1]["val_loss"], rel=1e-2)
+
+
+def test_encoder_epochs_resume_exactly_and_need_a_trained_stage(tiny_shapes, tmp_path):
+    model_config, config = _configs(fine_tune="layer4", epochs=3)
+    config.encoder_epochs = 1
+    straight = train(tiny_shapes, tmp_path / "a", model_config, config, progress=False,
+                     log=lambda *_: None)
+    _, config = _configs(fine_tune="layer4", epochs=2)
+    config.encoder_epochs = 1
+    train(tiny_shapes, tmp_path / "b", model_config, config, progress=False,
+          log=lambda *_: None)
+    config.epochs = 3
+    resumed = train(tiny_shapes, tmp_path / "b", config=config, resume=True, progress=False,
+                    log=lambda *_: None)
+    assert _losses(resumed.history) == _losses(straight.history)
+    for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)
+    # a frozen encoder has no stage to stop: the setting changes nothing
+    model_config, config = _configs(epochs=2)
+    plain = train(tiny_shapes, tmp_path / "c", model_config, config, progress=False,
+                  log=lambda *_: None)
+    config.encoder_epochs = 1
+    same = train(tiny_shapes, tmp_path / "d", model_config, config, progress=False,
+                 log=lambda *_: None)
+    assert _losses(plain.history) == _losses(same.history)
+    with pytest.raises(CaptionLibError, match="encoder_epochs"):
+        _configs()[1].__class__(encoder_epochs=-1)
