@@ -123,7 +123,7 @@ for name, value in {**dataclasses.asdict(model_config), **dataclasses.asdict(con
 #
 # | setting | why |
 # |---|---|
-# | optimiser: Adam, `lr` for the decoder, a smaller `encoder_lr` for the fine-tuned stage | the usual choice for this model; the pretrained-or-random stage below the decoder should move more slowly than the decoder on top of it |
+# | optimiser: Adam, `lr` for the decoder, a smaller `encoder_lr` for the fine-tuned stage | the usual choice for this model; the pretrained-or-random stage below the decoder should move more slowly than the decoder on top of it. Raising the stage's rate alone, to 3 or 5 times the recipe's, learned no faster from the same seed (`benchmarks/results/recipe_encoder-lr3x.json`, `recipe_encoder-lr5x.json`) |
 # | `grad_clip` | LSTMs occasionally produce very large gradients; clipping the global norm keeps one bad batch from undoing the run |
 # | $\lambda$ (`alpha_c`), close to 1/49, in both recipes | the regulariser sums over the 49 regions: with $\lambda = 1$ it is many times the cross-entropy and pulls attention towards uniform; 1/49 equals a weight of 1 on the *mean* over regions, which is what sgrvinod's tutorial uses. The sum does not depend on the data set, so Flickr8k gets the same weight |
 # | `dropout` below the paper's | a small model on a simple language needs less of it |
@@ -131,6 +131,7 @@ for name, value in {**dataclasses.asdict(model_config), **dataclasses.asdict(con
 # | `best_by = "bleu4"` | `best.pt` is the epoch with the best validation BLEU-4, the score the book reports. `"loss"` (the lowest validation loss) is for validation sets too small for BLEU-4 to be steady; the Colab check's small stand-in for Flickr8k uses it |
 # | `bn_images` for the BatchNorm statistics | a few hundred images give every channel tens of thousands of positions, plenty for a mean and a variance, at a cost of seconds per epoch |
 # | `fine_tune = "auto"`: all of `layer4` | fine-tuning only its last block, or its last two, on cached outputs of the blocks before, costs less per epoch. From the same seed, the last-block run kept up per CPU second at first and then levelled off lower (`benchmarks/results/recipe_layer4.2-bn.json`); the two-block run was stopped after three epochs (`recipe_layer4.1-bn.json`). The results page shows every curve and compares them at equal CPU time |
+# | `encoder_epochs = 0`: the fine-tuned stage trains in every epoch | with `encoder_epochs = N` the stage is frozen after epoch N, its output is cached once, and the later epochs train the decoder alone, each in a fraction of a fine-tuning epoch's time. From the same seed with N = 4 those epochs added little F1 each, about what fine-tuning adds in the same seconds, and the curve flattened: after four epochs the features, not the decoder, limit the model (`recipe_enc4.json`). The option (`caption-lib train --encoder-epochs N`) is for runs whose stage has already learned enough |
 # | `batch_size` images per step, `captions_per_image = 1` | an epoch sees every image once with one of its references drawn at random, and each epoch draws others. The encoder stage runs once per image however many of its references a batch uses, so more references cost decoder time only. From the same seed, two or all references per image learned more per epoch, but not clearly more per CPU second (`recipe_today.json`, `recipe_caps2.json`, `recipe_caps-all.json`) |
 #
 # ## The training loop
@@ -207,6 +208,7 @@ assert demo_losses == sorted(demo_losses, reverse=True), "the loss falls step by
 print(f"log V = log {len(vocab)} = {math.log(len(vocab)):.3f}")
 del fresh, optimizer, store, split
 
+# %% [markdown]
 # ## Training
 #
 # `ensure_trained` trains and checkpoints after every epoch (`last.pt`, and `best.pt`
@@ -227,9 +229,10 @@ result = ensure_trained(data_dir, model_config, config, device=device)
 # NBVAL_IGNORE_OUTPUT
 columns = ["epoch", "train_loss", "val_loss", "val_bleu4", "val_semantic_f1", "lr", "seconds"]
 columns = [c for c in columns if c in result.history[-1]]  # no semantic F1 without ground truth
-print(" ".join(f"{c:>15s}" for c in columns))
+lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
 for row in result.history:
-    print(" ".join(f"{row.get(c, float('nan')):>15.4g}" for c in columns))
+    lines.append("| " + " | ".join(f"{row.get(c, float('nan')):.4g}" for c in columns) + " |")
+display(Markdown("\n".join(lines)))
 print(f"total training time: {sum(h['seconds'] for h in result.history):.0f} s")
 
 # %% mystnb={"image": {"alt": "Training curves of the book's run: training and validation loss, validation BLEU-4 and semantic F1 per epoch"}}
