@@ -23,6 +23,7 @@ wall and CPU time, ratios that stay meaningful on a shared machine.
     python benchmarks/recipe_experiments.py layer4.1 layer4.2 [--epochs 10] [--threads 2]
     python benchmarks/recipe_experiments.py today --epochs 9 --extend   # continue a curve
     python benchmarks/recipe_experiments.py --step-ratio today layer4.1 layer4.2
+    python benchmarks/recipe_experiments.py decoder-on-today --epochs 6   # after `make runs`
     python benchmarks/recipe_experiments.py --list
 """
 
@@ -46,10 +47,10 @@ from caption_lib.encoder import EncoderCNN
 from caption_lib.evaluate import evaluate
 from caption_lib.features import cached_features, calibrate_frozen
 from caption_lib.metrics import grounding_report
-from caption_lib.model import Captioner
+from caption_lib.model import Captioner, build_encoder
 from caption_lib.runtime import workspace_dir
 from caption_lib.shapes import ensure_shapes
-from caption_lib.train import recipe, train
+from caption_lib.train import recipe, run_dir_for, same_features_runs, train
 from caption_lib.vocab import Vocabulary
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -69,6 +70,7 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "enc3": ({}, {"encoder_epochs": 3}),
     "enc4": ({}, {"encoder_epochs": 4}),
     "enc5": ({}, {"encoder_epochs": 5}),
+    "enc8": ({}, {"encoder_epochs": 8}),  # today's 8 epochs, then the decoder alone
     "enc4-caps-all": ({}, {"encoder_epochs": 4, "captions_per_image": 0}),
     "encoder-lr3x": ({}, {"encoder_lr": 6e-4}),  # the decoder's rate stays 4e-4
     "encoder-lr5x": ({}, {"encoder_lr": 1e-3}),
@@ -77,6 +79,10 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "layer4.1-uncalibrated": ({"fine_tune": "layer4.1"}, {}),
     "layer4.2-uncalibrated": ({"fine_tune": "layer4.2"}, {}),
 }
+# name -> a decoder trained alone on the frozen encoder of the book's default run (today's
+# recipe, finished by `make runs`; `train.same_features_runs`): how far that run's
+# features take a fresh decoder, i.e. whether the features or the decoder limit the run
+ON_DEFAULT_RUN = {"decoder-on-today": "soft"}
 # Training from a block ("layer4.1") calibrates the BatchNorm statistics of the stage's
 # frozen blocks on `bn_images` training images (`features.calibrate_frozen`, run by the
 # trainer). "-uncalibrated" switches that off (the frozen blocks keep their untrained
@@ -90,13 +96,28 @@ FROZEN_BN = {"layer4.1-bn", "layer4.2-bn"}
 BN_IMAGES = 1024
 
 
-def configs(name: str, epochs: int):
-    """recipe("shapes") with the variant's changes and `epochs` epochs."""
+def configs(name: str, epochs: int, data: Path | None = None):
+    """recipe("shapes") with the variant's changes and `epochs` epochs (`ON_DEFAULT_RUN`:
+    the same-features decoder on the default run of the shapes data set in `data`)."""
     model_config, config = recipe("shapes")
+    if name in ON_DEFAULT_RUN:
+        default = run_dir_for(data, model_config, config)
+        if not (default / "best.pt").is_file():
+            raise SystemExit(f"{name}: no default run in {default} (run `make runs` first)")
+        return same_features_runs(default, model_config, config, epochs,
+                                  decoders=(ON_DEFAULT_RUN[name],))[ON_DEFAULT_RUN[name]]
     model_changes, train_changes = VARIANTS[name]
     model_config = dataclasses.replace(model_config, **model_changes)
     config = dataclasses.replace(config, **{"epochs": epochs, **train_changes})
     return model_config, config
+
+
+def _changes(name: str) -> tuple[dict, dict]:
+    """What the variant changes, as the results page shows it (no machine's paths)."""
+    if name in ON_DEFAULT_RUN:
+        return {"encoder": "the default run's best.pt, frozen", "decoder": "a fresh "
+                f"{ON_DEFAULT_RUN[name]}-attention decoder"}, {}
+    return VARIANTS[name]
 
 
 def _machine() -> dict:
@@ -124,6 +145,8 @@ def _cache(cls: type[EncoderCNN], model_config, config, records: list,
 
 
 def _encoder(cls, model_config, fine_tune=None) -> EncoderCNN:
+    if model_config.encoder_weights.endswith(".pt"):  # a finished run's encoder, frozen
+        return build_encoder(model_config)
     return cls(weights=model_config.encoder_weights, init_seed=model_config.init_seed,
                fine_tune=fine_tune or model_config.fine_tune)
 
@@ -208,7 +231,7 @@ def derive_cache(cls: type[EncoderCNN], model_config, records: list) -> None:
 def run_variant(name: str, epochs: int, data: Path, extend: bool = False) -> dict:
     """Train `name` for `epochs`, evaluating after each; returns (and writes) its curve.
     `extend`: continue the curve already written, from its run folder, up to `epochs`."""
-    model_config, config = configs(name, epochs)
+    model_config, config = configs(name, epochs, data)
     out = workspace_dir() / "runs" / f"recipe-exp-{name}"
     path = RESULTS / f"recipe_{name}.json"
     if extend and not ((out / "last.pt").is_file() and path.is_file()):
@@ -231,7 +254,7 @@ def run_variant(name: str, epochs: int, data: Path, extend: bool = False) -> dic
               "command": "python benchmarks/recipe_experiments.py " + " ".join(sys.argv[1:]),
               "settings": {"model": dataclasses.asdict(model_config),
                            "train": dataclasses.asdict(config),
-                           "changes": {"model": VARIANTS[name][0], "train": VARIANTS[name][1]}},
+                           "changes": {"model": _changes(name)[0], "train": _changes(name)[1]}},
               "cache": _cache(encoder_cls, model_config, config, records,
                               calibrate=name not in UNCALIBRATED),
               "machine": _machine(),
@@ -240,6 +263,10 @@ def run_variant(name: str, epochs: int, data: Path, extend: bool = False) -> dic
                             if name in UNCALIBRATED else
                             f"calibrated on bn_images={config.bn_images} training images"),
               "epochs": []}
+    if name in ON_DEFAULT_RUN:  # the results page leaves it out of the equal-CPU table
+        result["starts_from"] = ("the default run's finished encoder: its own training time "
+                                 "is not in these seconds, so this curve is left out of the "
+                                 "equal-CPU comparison")
     if extend:  # the same run, trained on by the trainer's exact resume
         previous = json.loads(path.read_text())
         result["epochs"], result["cache"] = previous["epochs"], previous["cache"]
@@ -334,10 +361,10 @@ def main() -> None:
     parser.add_argument("--extend", action="store_true",
                         help="continue each variant's written curve up to --epochs")
     args = parser.parse_args()
-    unknown = [v for v in args.variants if v not in VARIANTS]
+    unknown = [v for v in args.variants if v not in VARIANTS and v not in ON_DEFAULT_RUN]
     if args.list or unknown or not args.variants:
-        for name, changes in VARIANTS.items():
-            print(f"{name:16s} {changes}")
+        for name in [*VARIANTS, *ON_DEFAULT_RUN]:
+            print(f"{name:16s} {_changes(name)}")
         if unknown:
             raise SystemExit(f"unknown variant(s) {unknown}")
         return

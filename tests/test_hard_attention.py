@@ -271,11 +271,11 @@ def test_hard_needs_attention_and_soft_run_folders_stay():
         CaptionerConfig(attention="hard", use_attention=False)
     soft, config = tiny_configs()
     # a soft run keeps the folder it had before the hard-attention fields existed (and
-    # before TrainConfig's restval and best_by, at their defaults)
+    # before TrainConfig's restval, best_by and encoder_epochs, at their defaults)
     old = {k: v for k, v in dataclasses.asdict(soft).items() if k not in HARD_FIELDS}
     key = json.dumps([str(Path("d").resolve()), {**old, "max_len": 20},
                       {k: v for k, v in dataclasses.asdict(config).items()
-                       if k not in ("restval", "best_by")}],
+                       if k not in ("restval", "best_by", "encoder_epochs")}],
                      sort_keys=True)
     assert run_dir_for("d", soft, config).name == f"d-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
     hard = dataclasses.replace(soft, attention="hard")
