@@ -254,7 +254,7 @@ def run_variant(name: str, epochs: int, data: Path, extend: bool = False) -> dic
               "command": "python benchmarks/recipe_experiments.py " + " ".join(sys.argv[1:]),
               "settings": {"model": dataclasses.asdict(model_config),
                            "train": dataclasses.asdict(config),
-                           "changes": {"model": _changes(name)[0], "train": _changes(name)[1]}},
+                           "changes": dict(zip(("model", "train"), _changes(name)))},
               "cache": _cache(encoder_cls, model_config, config, records,
                               calibrate=name not in UNCALIBRATED),
               "machine": _machine(),

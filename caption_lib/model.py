@@ -152,7 +152,7 @@ def known_fields(cls: type, data: dict) -> dict:
     return {k: v for k, v in data.items() if k in known}
 
 
-def tensor_checksum(*state_dicts: dict[str, torch.Tensor]) -> float:
+def _tensor_checksum(*state_dicts: dict[str, torch.Tensor]) -> float:
     """Sum of all values (in float64) of the tensors of `state_dicts`."""
     total = 0.0
     for state in state_dicts:
@@ -279,7 +279,7 @@ class Captioner(nn.Module):
             "encoder_trainable": encoder_state,
             "encoder_weights_used": self.encoder.weights_used,
             "encoder_fingerprint": self.encoder.frozen_fingerprint(),
-            "checksum": tensor_checksum(decoder_state, encoder_state, frozen_bn),
+            "checksum": _tensor_checksum(decoder_state, encoder_state, frozen_bn),
             "extra": dict(extra or {}),
         }
         if frozen_bn:
@@ -316,7 +316,7 @@ class Captioner(nn.Module):
         except (ValueError, TypeError, CaptionLibError) as err:
             raise bad(f"damaged checkpoint: bad config or vocabulary ({_line(err)})") from None
         frozen_bn = payload.get("encoder_frozen_batchnorm") or {}
-        stored = tensor_checksum(payload["decoder"], payload["encoder_trainable"], frozen_bn)
+        stored = _tensor_checksum(payload["decoder"], payload["encoder_trainable"], frozen_bn)
         if not math.isclose(stored, payload["checksum"], rel_tol=1e-9, abs_tol=1e-6):
             raise bad("damaged checkpoint: the weights do not match their checksum")
 
@@ -371,9 +371,16 @@ def build_encoder(config: CaptionerConfig) -> EncoderCNN:
     if encoder.grid != config.grid:
         raise CaptionLibError(f"{path}: its encoder has grid {encoder.grid}, the config asks "
                               f"for {config.grid}")
+    return freeze_named(encoder, str(path))
+
+
+def freeze_named(encoder: EncoderCNN, source: str) -> EncoderCNN:
+    """`encoder.freeze` (in place), named after its weights, its trained stages, `source`
+    (where they were trained) and a checksum of the stages' weights and statistics: other
+    weights, another name, hence another feature cache."""
     stages = "+".join(encoder.trained_stages) or "frozen"
-    checksum = tensor_checksum(encoder.trainable.state_dict())
-    return encoder.freeze(f"{encoder.weights_used}+{stages} of {path} ({checksum:.10g})")
+    checksum = _tensor_checksum(encoder.trainable.state_dict())
+    return encoder.freeze(f"{encoder.weights_used}+{stages} of {source} ({checksum:.10g})")
 
 
 def _line(err: BaseException, limit: int = 160) -> str:

@@ -67,9 +67,9 @@ from caption_lib.features import FeatureStore, calibrate_frozen, workspace_featu
 from caption_lib.model import (
     Captioner,
     CaptionerConfig,
+    freeze_named,
     known_fields,
     read_checkpoint,
-    tensor_checksum,
 )
 from caption_lib.runtime import (
     autocast,
@@ -493,10 +493,8 @@ class _FrozenStage:
               device: torch.device, progress: bool, log) -> _FrozenStage:
         stages = "+".join(model.encoder.trained_stages)
         model.encoder.trainable.requires_grad_(False)  # Adam skips them: no gradients
-        checksum = tensor_checksum(model.encoder.trainable.state_dict())
-        frozen = copy.deepcopy(model.encoder).freeze(
-            f"{model.encoder.weights_used}+{stages} of {out_dir.resolve()} after epoch "
-            f"{config.encoder_epochs} ({checksum:.10g})")
+        frozen = freeze_named(copy.deepcopy(model.encoder),
+                              f"{out_dir.resolve()} after epoch {config.encoder_epochs}")
         log(f"encoder stage {stages} frozen after epoch {config.encoder_epochs}: "
             "from here on the decoder trains alone on the stage's cached output")
         return cls(frozen.to(device), device, progress)

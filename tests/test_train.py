@@ -8,7 +8,7 @@ import torch
 from caption_lib import cli
 from caption_lib.errors import CaptionLibError
 from caption_lib.model import Captioner
-from caption_lib.train import ensure_trained, train
+from caption_lib.train import TrainConfig, ensure_trained, train
 from conftest import tiny_configs as _configs
 
 
@@ -259,4 +259,4 @@ def test_encoder_epochs_resume_exactly_and_need_a_trained_stage(tiny_shapes, tmp
                  log=lambda *_: None)
     assert _losses(plain.history) == _losses(same.history)
     with pytest.raises(CaptionLibError, match="encoder_epochs"):
-        _configs()[1].__class__(encoder_epochs=-1)
+        TrainConfig(encoder_epochs=-1)
