@@ -74,6 +74,9 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "enc4-caps-all": ({}, {"encoder_epochs": 4, "captions_per_image": 0}),
     "encoder-lr3x": ({}, {"encoder_lr": 6e-4}),  # the decoder's rate stays 4e-4
     "encoder-lr5x": ({}, {"encoder_lr": 1e-3}),
+    # the fine-tuned stage's residual blocks start as the identity (last BatchNorm scale 0)
+    "zero-res": ({}, {}),
+    "zero-res-lr2x": ({}, {"lr": 8e-4, "encoder_lr": 4e-4}),
     "layer4.1-bn": ({"fine_tune": "layer4.1"}, {}),
     "layer4.2-bn": ({"fine_tune": "layer4.2"}, {}),
     "layer4.1-uncalibrated": ({"fine_tune": "layer4.1"}, {}),
@@ -93,6 +96,11 @@ ON_DEFAULT_RUN = {"decoder-on-today": "soft"}
 # experiment that tried the idea, cheaper to run on a shared machine.
 UNCALIBRATED = {"layer4.1-uncalibrated", "layer4.2-uncalibrated"}
 FROZEN_BN = {"layer4.1-bn", "layer4.2-bn"}
+# The trainable bottleneck blocks of a random encoder get the scale of their last
+# BatchNorm (bn3.weight) set to zero before training, so that each block starts as its
+# shortcut alone (Goyal et al. 2017, "zero-gamma"; torchvision's zero_init_residual, here
+# for the trained stage only: the frozen stages, hence the layer3 cache, stay as they are)
+ZERO_RESIDUAL = {"zero-res", "zero-res-lr2x"}
 BN_IMAGES = 1024
 
 
@@ -186,6 +194,20 @@ def frozen_bn_encoder(model_config, records: list) -> type[EncoderCNN]:
     return FrozenBN
 
 
+class ZeroResidualEncoder(EncoderCNN):
+    """`EncoderCNN` whose trainable bottlenecks start with bn3.weight = 0 (random init only;
+    a checkpoint's weights replace them when a run resumes)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not self.pretrained:
+            from torchvision.models.resnet import Bottleneck
+
+            for block in self.trainable.modules():
+                if isinstance(block, Bottleneck):
+                    torch.nn.init.zeros_(block.bn3.weight)
+
+
 def derive_cache(cls: type[EncoderCNN], model_config, records: list) -> None:
     """Fill the cache of `cls`'s encoder from the stage's input cache (layer3) by running
     only the frozen blocks of the split stage: the same values up to bf16/fp16 rounding,
@@ -246,6 +268,10 @@ def run_variant(name: str, epochs: int, data: Path, extend: bool = False) -> dic
         encoder_cls = frozen_bn_encoder(model_config, records)
         derive_cache(encoder_cls, model_config, records)
         caption_lib.model.EncoderCNN = encoder_cls
+    if name in ZERO_RESIDUAL:  # the experiment's encoder replaces the library's
+        import caption_lib.model
+
+        encoder_cls = caption_lib.model.EncoderCNN = ZeroResidualEncoder
     if name in UNCALIBRATED:  # the trainer's calibration switched off in this process
         import caption_lib.train
 
