@@ -54,7 +54,8 @@ def plot_path(out: str | Path, index: int, count: int) -> Path:
 
 def caption_files(model: Captioner, images: list[str | Path], beam_size: int = 3,
                   max_len: int = MAX_LEN, device: str | torch.device = "cpu",
-                  attention_plot: str | Path | None = None) -> list[CaptionedFile]:
+                  attention_plot: str | Path | None = None,
+                  precision: str = "fp32") -> list[CaptionedFile]:
     """Caption each image file; a broken file is reported in its result, never raised.
 
     Args:
@@ -64,6 +65,7 @@ def caption_files(model: Captioner, images: list[str | Path], beam_size: int = 3
         max_len: at most this many decoding steps.
         device: where to run the model.
         attention_plot: write the attention figures there (see the module docstring).
+        precision: the search's, "fp32" or "bf16" (`decoding.greedy_decode`).
 
     Returns:
         one `CaptionedFile` per image, in order.
@@ -76,7 +78,8 @@ def caption_files(model: Captioner, images: list[str | Path], beam_size: int = 3
         result = CaptionedFile(image=str(image))
         try:
             result.words, result.alphas = caption_image(model, image, beam_size=beam_size,
-                                                        max_len=max_len, device=device)
+                                                        max_len=max_len, device=device,
+                                                        precision=precision)
         except CaptionLibError as err:
             result.error = str(err)
         if attention_plot is not None and result.error is None and result.words:

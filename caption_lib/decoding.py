@@ -26,6 +26,7 @@ A attention dim, V vocabulary size, T decoding steps.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 MAX_LEN = 20  # the longest caption decoded, in steps (words + <end>): the one default
+PRECISIONS = ("fp32", "bf16")  # what a search runs in (`_in_precision`)
 State = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -132,6 +134,21 @@ def _step_options(decoder: nn.Module) -> dict:
     return {"loop": decoder.prepare()} if hasattr(decoder, "prepare") else {}
 
 
+def _in_precision(decoder: nn.Module, features: torch.Tensor, precision: str
+                  ) -> tuple[nn.Module, torch.Tensor]:
+    """The decoder and (B, P, E) features a search runs on: the given ones ("fp32"), or
+    bf16 copies ("bf16": every product and the LSTM state in bfloat16, faster on a CPU
+    with AVX512-BF16: `ratio_bf16_over_fp32_batched` in benchmarks/results/beam.json;
+    log-probabilities, scores and attention stay fp32). The caller's decoder is not
+    changed."""
+    if precision == "fp32":
+        return decoder, features
+    if precision != "bf16":
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    low = copy.deepcopy(decoder).to(torch.bfloat16)  # one copy per search
+    return low, features.to(torch.bfloat16)  # (B, P, E)
+
+
 def _check_features(features: torch.Tensor, max_len: int) -> None:
     if features.dim() != 3:
         raise ValueError(f"features must be (B, P, E), got {tuple(features.shape)}")
@@ -145,6 +162,7 @@ def greedy_decode(
     start_id: int | Any,
     end_id: int | None = None,
     max_len: int = MAX_LEN,
+    precision: str = "fp32",
 ) -> DecodeResult:
     """Most likely word at every step, for a batch of images.
 
@@ -153,12 +171,15 @@ def greedy_decode(
         features: (B, P, E) region features, on the decoder's device.
         start_id, end_id: ids of <start> and <end> (or pass a `Vocabulary` as `start_id`).
         max_len: at most this many steps; a caption without <end> has max_len words.
+        precision: "fp32", or "bf16" (a bf16 copy of the decoder runs the steps; faster
+            on CPUs with AVX512-BF16 and on GPUs, and may pick other words where two are
+            nearly tied).
 
     Returns:
         `DecodeResult` (tokens, sum log-prob scores, per-word alphas, finished flags).
     """
     _check_features(features, max_len)
-    decoder = _unwrap(decoder)
+    decoder, features = _in_precision(_unwrap(decoder), features, precision)
     start_id, end_id = _special_ids(start_id, end_id)
     B = features.size(0)
     with _eval_mode(decoder):
@@ -245,6 +266,7 @@ def beam_search(
     length_norm: bool | float = True,
     return_beams: bool = False,
     keep_greedy: bool = True,
+    precision: str = "fp32",
 ) -> DecodeResult:
     """Beam search over a batch of images at once (k = `beam_size` beams per image).
 
@@ -270,6 +292,7 @@ def beam_search(
             a finished greedy caption; beam search alone can lose it when its prefix
             falls out of the beam. It is read off the beams while its prefix is one of
             them, and takes steps of its own only after that (`_GreedyInBeam`).
+        precision: "fp32", or "bf16" (see `greedy_decode`).
 
     Returns:
         `DecodeResult` with the best hypothesis of each image.
@@ -277,7 +300,7 @@ def beam_search(
     _check_features(features, max_len)
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
-    decoder = _unwrap(decoder)
+    decoder, features = _in_precision(_unwrap(decoder), features, precision)
     start_id, end_id = _special_ids(start_id, end_id)
     alpha_len = _length_alpha(length_norm)
     with _eval_mode(decoder):
@@ -526,6 +549,7 @@ def caption_image(
     device: torch.device | str | None = None,
     length_norm: bool | float = True,
     image_size: int = 224,
+    precision: str = "fp32",
 ) -> tuple[list[str], torch.Tensor]:
     """Caption one image (a PIL image of any mode, or a path) with a `Captioner`.
 
@@ -540,6 +564,7 @@ def caption_image(
         device: where to run; default: the device of the model's parameters.
         length_norm: see `beam_search`.
         image_size: side of the square the image is resized to.
+        precision: the search's, "fp32" or "bf16" (see `greedy_decode`).
 
     Returns:
         the words (without <start>/<end>) and their attention maps (len(words), P), on CPU.
@@ -560,7 +585,8 @@ def caption_image(
         features = encode(x).float()  # (1, P, E)
         vocab = model.vocab
         result = beam_search(model.decoder, features, vocab.start_id, vocab.end_id,
-                             beam_size=beam_size, max_len=max_len, length_norm=length_norm)
+                             beam_size=beam_size, max_len=max_len, length_norm=length_norm,
+                             precision=precision)
     # one word per id (none dropped): word j goes with attention row j
     return vocab.decode_tokens(result.tokens[0], strip=False), result.alphas[0]
 
@@ -572,13 +598,16 @@ def decode_batch(
     beam_size: int = 3,
     max_len: int = MAX_LEN,
     length_norm: bool | float = True,
+    precision: str = "fp32",
 ) -> tuple[list[list[str]], DecodeResult]:
     """Words for a batch: greedy when `beam_size == 1`, else `beam_search`."""
     if beam_size == 1:
-        result = greedy_decode(decoder, features, vocab.start_id, vocab.end_id, max_len)
+        result = greedy_decode(decoder, features, vocab.start_id, vocab.end_id, max_len,
+                               precision=precision)
     else:
         result = beam_search(decoder, features, vocab.start_id, vocab.end_id,
-                             beam_size=beam_size, max_len=max_len, length_norm=length_norm)
+                             beam_size=beam_size, max_len=max_len, length_norm=length_norm,
+                             precision=precision)
     # one word per id (none dropped): word j goes with attention row j
     return [vocab.decode_tokens(ids, strip=False) for ids in result.tokens], result
 

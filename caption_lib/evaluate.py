@@ -46,11 +46,13 @@ class Evaluation:
 
 def evaluate(model: Captioner, data_dir: str | Path, split: str = "test", beam_size: int = 1,
              max_len: int = MAX_LEN, device: str | torch.device = "cpu", batch_size: int = 32,
-             limit: int = 0, meteor: bool = True, progress: bool = True) -> Evaluation:
+             limit: int = 0, meteor: bool = True, progress: bool = True,
+             decode_precision: str = "fp32") -> Evaluation:
     """Caption every image of `split` in `data_dir` and score the captions.
 
     `limit` > 0 evaluates only the first `limit` images (0: all). The frozen encoder's
-    output comes from the feature cache (computed on first use).
+    output comes from the feature cache (computed on first use). `decode_precision`:
+    the search's, "fp32" or "bf16" (`decoding.greedy_decode`).
     """
     device = torch.device(device)
     model.to(device).eval()
@@ -62,9 +64,9 @@ def evaluate(model: Captioner, data_dir: str | Path, split: str = "test", beam_s
     store = workspace_features(model.encoder, records, device=device, progress=progress)
     result = score_split(model, records, store, beam_size=beam_size, max_len=max_len,
                          batch_size=batch_size, meteor=meteor, progress=progress,
-                         desc=f"decoding {split}")
+                         desc=f"decoding {split}", decode_precision=decode_precision)
     result.scores = {"images": len(records), "split": split, "beam_size": beam_size,
-                     **result.scores}
+                     "decode_precision": decode_precision, **result.scores}
     return result
 
 
@@ -73,7 +75,8 @@ def score_split(model: Captioner, records: Sequence[Record], store: FeatureStore
                 beam_size: int = 1, max_len: int = MAX_LEN, batch_size: int = 32,
                 precision: str = "auto", references: Sequence[list[int]] | None = None,
                 full: bool = True, meteor: bool = True, progress: bool = False,
-                desc: str = "decoding", encoder: EncoderCNN | None = None) -> Evaluation:
+                desc: str = "decoding", encoder: EncoderCNN | None = None,
+                decode_precision: str = "fp32") -> Evaluation:
     """Caption the images of `records` from their cached frozen outputs and score them.
 
     `store[i]` belongs to `records[i]` (it may hold more rows). `references`: a token-id
@@ -81,10 +84,13 @@ def score_split(model: Captioner, records: Sequence[Record], store: FeatureStore
     (averaged over images, as validation reports it). `full`: also CIDEr, ROUGE-L,
     METEOR and grounding (validation: BLEU and semantic F1 only). `encoder`: the encoder
     whose frozen output `store` holds, when not the model's (`Captioner.encode_cached`).
+    `precision` is the encoder stage's (`runtime.autocast`), `decode_precision` the
+    search's ("fp32" or "bf16", `decoding.greedy_decode`).
     """
     model.eval()
     words, alphas, loss = _decode(model, store, len(records), beam_size, max_len, batch_size,
-                                  precision, references, progress, desc, encoder)
+                                  (precision, decode_precision), references, progress, desc,
+                                  encoder)
     refs = [[tokenize(c) for c in r.captions] for r in records]
     scores = {**bleu(refs, words)}
     if references is not None:
@@ -102,26 +108,29 @@ def score_split(model: Captioner, records: Sequence[Record], store: FeatureStore
 
 
 def _decode(model: Captioner, store: FeatureStore, n: int, beam_size: int, max_len: int,
-            batch_size: int, precision: str, references: Sequence[list[int]] | None,
+            batch_size: int, precision: tuple[str, str],
+            references: Sequence[list[int]] | None,
             progress: bool, desc: str, encoder: EncoderCNN | None = None,
             ) -> tuple[list[list[str]], list[torch.Tensor], float]:
     """Words and attention (T, P) of images 0..n-1, and the summed reference loss.
 
     Data-parallel: this process decodes every world-th image (all of them for one), and
-    the results of all processes are gathered in image order."""
+    the results of all processes are gathered in image order. `precision`: the encoder
+    stage's and the search's."""
     device = next(model.parameters()).device
     mine = distributed.shard(range(n), distributed.rank(), distributed.world_size())
     words, alphas, loss = [], [], 0.0
     for start in tqdm(range(0, len(mine), batch_size), desc=desc, unit="batch",
                       disable=not progress, mininterval=2.0):
         idx = mine[start:start + batch_size]
-        feats = model.encode_cached(store[torch.tensor(idx)], precision, encoder)  # (B, P, E)
+        feats = model.encode_cached(store[torch.tensor(idx)], precision[0], encoder)  # (B, P, E)
         if references is not None:
             captions, lengths = pad_captions([references[i] for i in idx], model.vocab.pad_id)
             _, parts = model.loss(feats, captions.to(device), lengths.to(device))
             loss += parts["xent"] * len(idx)
         batch_words, result = decode_batch(model.decoder, feats, model.vocab,
-                                           beam_size=beam_size, max_len=max_len)
+                                           beam_size=beam_size, max_len=max_len,
+                                           precision=precision[1])
         words += batch_words
         alphas += result.alphas  # each (T, P)
     if distributed.world_size() > 1:  # gather every process's captions, each image once

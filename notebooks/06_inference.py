@@ -55,7 +55,9 @@ CHECKPOINT_SHA256 = None
 
 # %%
 # NBVAL_IGNORE_OUTPUT
+import json
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -423,6 +425,46 @@ assert has_truth == ("semantic_f1" in chosen.scores)
 if has_truth:
     assert chosen.scores["semantic_f1"] > 0.25, chosen.scores
 print({k: round(v, 3) if isinstance(v, float) else v for k, v in chosen.scores.items()})
+
+# %% [markdown]
+# ### Decoding in bf16
+#
+# A search spends most of its time in three matrix products per step (the context's and
+# $h_{t-1}$'s shares of the LSTM gates and the output layer $W_o$). `precision="bf16"`
+# (`beam_search`, `greedy_decode`, `evaluate(..., decode_precision=...)`, and
+# `caption-lib evaluate/caption --precision bf16`) runs them on a bfloat16 copy of the
+# decoder; the log-probabilities and the beams' scores stay fp32. bfloat16 keeps fp32's
+# range but only 8 bits of mantissa, so where two words are nearly tied the search may pick
+# the other one. The cell decodes the test split both ways with the same beam size.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+timed, seconds = {}, {}
+for precision in ("fp32", "bf16"):
+    start = time.perf_counter()
+    timed[precision] = evaluate(model, data_dir, "test", beam_size=BEAM_SIZE, device=device,
+                                meteor=False, progress=False, decode_precision=precision)
+    seconds[precision] = time.perf_counter() - start
+same = sum(a["caption"] == b["caption"]
+           for a, b in zip(timed["fp32"].captions, timed["bf16"].captions))
+display(Markdown("\n".join(
+    ["| precision | seconds (decode + score) | BLEU-4 | semantic F1 |", "|---|---|---|---|"]
+    + [f"| {p} | {seconds[p]:.1f} | {ev.scores['bleu4']:.1f} | {score_cell(ev.scores, 'semantic_f1')} |"
+       for p, ev in timed.items()])))
+speed = seconds["fp32"] / seconds["bf16"]
+bench = Path(caption_lib.__file__).resolve().parents[1] / "benchmarks" / "results" / "beam.json"
+bench_ratio = json.loads(bench.read_text()).get("ratio_bf16_over_fp32_batched") if bench.is_file() else None
+display(Markdown(
+    f"{same} of {len(test_records)} test captions are the same word for word in both "
+    f"precisions, and bf16 took {1 / speed:.2f} times the time of fp32 here ({device.type}). "
+    + (f"At this model's size ({model.decoder.decoder_dim}-wide states, a vocabulary of "
+       f"{len(vocab)} words) the products are small and much of the time goes elsewhere, so "
+       "bf16 gains little here. "
+       if speed < 1.3 else "")
+    + (f"At the Colab recipe's sizes the batched search ran {bench_ratio:g}× faster in bf16 "
+       "on the CPU of `benchmarks/results/beam.json` (see the results page). "
+       if bench_ratio else "")
+    + "The book's scores use fp32."))
 
 # %% [markdown]
 # ## Does the caption say what is in the picture? Semantic F1

@@ -350,3 +350,47 @@ def test_keep_greedy_reads_greedy_decodings_caption_off_the_beams(features, monk
         outlived += still_beams > 0
     assert never_left >= 5 and left_mid_search >= 5 and outlived >= 5, \
         (never_left, left_mid_search, outlived)
+
+
+# -- precision="bf16" --------------------------------------------------------------------
+
+def test_bf16_search_runs_a_bf16_copy_and_scores_the_same_model(monkeypatch):
+    from caption_lib.decoder import DecoderWithAttention
+
+    feats = torch.randn(6, 9, 16, generator=torch.Generator().manual_seed(5))  # (B, P, E)
+    dec = _real_decoder()
+    before = {k: v.clone() for k, v in dec.state_dict().items()}
+    seen = []
+    step = DecoderWithAttention.step
+
+    def spy(self, tokens, state, features, *args, **kwargs):
+        seen.append((state[0].dtype, features.dtype, self is dec))
+        return step(self, tokens, state, features, *args, **kwargs)
+
+    monkeypatch.setattr(DecoderWithAttention, "step", spy)
+    fp32 = beam_search(dec, feats, START, END, beam_size=3, max_len=10, length_norm=False)
+    assert {s for s in seen} == {(torch.float32, torch.float32, True)}
+    seen.clear()
+    low = beam_search(dec, feats, START, END, beam_size=3, max_len=10, length_norm=False,
+                      precision="bf16")
+    # every step ran in bf16 on a copy; the caller's decoder is untouched and still fp32
+    assert seen and {s for s in seen} == {(torch.bfloat16, torch.bfloat16, False)}
+    assert all(torch.equal(v, before[k]) for k, v in dec.state_dict().items())
+    assert dec.training  # mode restored too
+    assert low.scores.dtype == torch.float32
+    assert all(a.dtype == torch.float32 and a.shape == (len(t), 9)
+               for a, t in zip(low.alphas, low.tokens))
+    for i in range(6):  # the same model, rounded: its score is the fp32 model's own, nearly
+        expected = sequence_logp(dec, feats[i:i + 1], low.tokens[i], end=bool(low.finished[i]))
+        assert low.scores[i].item() == pytest.approx(expected, abs=0.1 * (len(low.tokens[i]) + 1))
+    # peaky distributions (like a trained model's): bf16 picks the same words as fp32
+    assert low.tokens == fp32.tokens
+    greedy = greedy_decode(dec, feats, START, END, max_len=10, precision="bf16")
+    assert greedy.tokens == greedy_decode(dec, feats, START, END, max_len=10).tokens
+
+
+def test_unknown_precision_is_one_clear_error():
+    dec, feats = _real_decoder(), torch.randn(2, 9, 16)
+    for search in (greedy_decode, beam_search):
+        with pytest.raises(ValueError, match=r"precision must be one of \('fp32', 'bf16'\), got 'fp16'"):
+            search(dec, feats, START, END, precision="fp16")

@@ -41,3 +41,32 @@ def test_evaluate_command_rejects_bad_checkpoints(tmp_path, capsys, bad):
     assert cli.main(["evaluate", str(path), "--json"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and bad in err
+
+
+def test_precision_reaches_the_search_from_both_commands(tiny_checkpoint, tiny_shapes,
+                                                         monkeypatch, capsys):
+    import caption_lib.decoding as decoding
+
+    image = sorted(tiny_shapes.rglob("*.png"))[0]
+    asked = []
+    real = decoding._in_precision
+
+    def spy(decoder, features, precision):
+        asked.append(precision)
+        return real(decoder, features, precision)
+
+    monkeypatch.setattr(decoding, "_in_precision", spy)
+    assert cli.main(["evaluate", str(tiny_checkpoint), "--json", "--limit", "3", "--no-meteor",
+                     "--precision", "bf16"]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert scores["decode_precision"] == "bf16" and 0 <= scores["semantic_f1"] <= 1
+    assert asked and set(asked) == {"bf16"}
+    asked.clear()
+    assert cli.main(["caption", str(tiny_checkpoint), str(image), "--json",
+                     "--precision", "bf16", "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["precision"] == "bf16" and result["captions"][0]["caption"]
+    assert asked == ["bf16"]
+    with pytest.raises(SystemExit):  # argparse: one line naming the bad value
+        cli.main(["evaluate", str(tiny_checkpoint), "--precision", "fp16"])
+    assert "invalid choice: 'fp16'" in capsys.readouterr().err
