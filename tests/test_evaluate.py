@@ -45,9 +45,9 @@ def test_evaluate_command_rejects_bad_checkpoints(tmp_path, capsys, bad):
 
 def test_precision_reaches_the_search_from_both_commands(tiny_checkpoint, tiny_shapes,
                                                          monkeypatch, capsys):
-    import caption_lib.decoding as decoding
+    from caption_lib import decoding
 
-    image = sorted(tiny_shapes.rglob("*.png"))[0]
+    image = min(tiny_shapes.rglob("*.png"))
     asked = []
     real = decoding._in_precision
 
