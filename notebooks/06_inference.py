@@ -452,11 +452,21 @@ display(Markdown("\n".join(
     + [f"| {p} | {seconds[p]:.1f} | {ev.scores['bleu4']:.1f} | {score_cell(ev.scores, 'semantic_f1')} |"
        for p, ev in timed.items()])))
 speed = seconds["fp32"] / seconds["bf16"]
+
+
+def change(name: str, digits: int) -> float:
+    """bf16's score minus fp32's, as the table's rounded figures differ."""
+    return round(timed["bf16"].scores[name], digits) - round(timed["fp32"].scores[name], digits)
+
+
 bench = Path(caption_lib.__file__).resolve().parents[1] / "benchmarks" / "results" / "beam.json"
 bench_ratio = json.loads(bench.read_text()).get("ratio_bf16_over_fp32_batched") if bench.is_file() else None
 display(Markdown(
     f"{same} of {len(test_records)} test captions are the same word for word in both "
-    f"precisions, and bf16 took {1 / speed:.2f} times the time of fp32 here ({device.type}). "
+    f"precisions (BLEU-4 {change('bleu4', 1):+.1f} "
+    + ("" if "semantic_f1" not in timed["fp32"].scores else
+       f"and semantic F1 {change('semantic_f1', 3):+.3f} ")
+    + f"in bf16), and bf16 took {1 / speed:.2f} times the time of fp32 here ({device.type}). "
     + (f"At this model's size ({model.decoder.decoder_dim}-wide states, a vocabulary of "
        f"{len(vocab)} words) the products are small and much of the time goes elsewhere, so "
        "bf16 gains little here. "
