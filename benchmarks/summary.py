@@ -22,6 +22,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 ROWS = [
     ("decoder.json", ("speedup_vs_tutorial_median", "variable"),
      "decoder training step vs tutorial-style (lengths vary, median)", "x"),
+    ("decoder.json", ("speedup_bf16_autocast_vs_tutorial_median", "variable"),
+     "decoder training step in bf16 autocast vs tutorial-style in fp32 (median)", "x"),
     ("decoder.json", ("ratio_of_gemm_peak", "variable/caption_lib"),
      "decoder training step, fp32: share of the fp32 GEMM peak", "%"),
     ("decoder.json", ("ratio_of_gemm_peak", "variable/caption_lib_bf16"),
