@@ -149,6 +149,13 @@ class EncoderCNN(nn.Module):
         self.frozen.requires_grad_(False)
         self.frozen.eval()
         self.frozen_calibrated = False  # see `calibrate_frozen_batchnorm`
+        if not self.trained_stages and not self.pretrained:
+            # a frozen RANDOM ResNet (offline only): its layer4 output is finished from the
+            # layer3 cache that the offline recipe (fine-tuning layer4) makes anyway, always,
+            # so that its cache does not depend on which run came first. Not registered as
+            # a submodule: the same modules as self.frozen[:-1], nothing new to save.
+            head = self.frozen[:-1]  # stem .. layer3
+            self.__dict__["prefix"] = _Prefix(head, self.weights_used, "layer3", _checksum(head))
         self.pool = nn.AdaptiveAvgPool2d(grid) if grid else nn.Identity()
         self.grid = grid
 
@@ -195,9 +202,8 @@ class EncoderCNN(nn.Module):
         """A cheap checksum of the frozen weights (to detect a mismatch at load time), and of
         the frozen BatchNorm statistics when they were calibrated (so the cache sees them)."""
         with torch.no_grad():
-            total = float(sum(p.double().abs().sum() for p in self.frozen.parameters()))
             state = self.frozen_batchnorm_state()
-            return total + float(sum(v.double().abs().sum() for v in state.values()))
+            return _checksum(self.frozen) + float(sum(v.double().abs().sum() for v in state.values()))
 
     # -- the frozen blocks of a partly trained stage ("layer4.1", "layer4.2") ------------
 
@@ -233,7 +239,8 @@ class EncoderCNN(nn.Module):
         frozen part stays reachable as `prefix`, so that the feature cache can finish its
         already cached output instead of running the images again (`caption_lib.features`).
         """
-        self.prefix = _Prefix(self)
+        self.prefix = _Prefix(self.frozen, self.weights_used, self.cached_stage,
+                              self.frozen_fingerprint())
         self.frozen = nn.Sequential(*self.frozen, *self.trainable)
         self.trainable = nn.Sequential()
         self.trained_stages, self.fine_tune = (), False
@@ -243,15 +250,24 @@ class EncoderCNN(nn.Module):
         return self
 
 
-class _Prefix(nn.Module):
-    """The frozen part an encoder had before `freeze`: what its old feature cache holds."""
+def _checksum(module: nn.Module) -> float:
+    """Sum of |w| over the parameters (float64): `frozen_fingerprint`'s weight part."""
+    return float(sum(p.double().abs().sum() for p in module.parameters()))
 
-    def __init__(self, encoder: EncoderCNN) -> None:
+
+class _Prefix(nn.Module):
+    """The first children of an encoder's frozen part, whose output has a feature cache of
+    its own (the part a frozen fine-tuned encoder had before `freeze`, or a frozen random
+    encoder's stem .. layer3): the cache can finish that output instead of running the
+    images again (`caption_lib.features`)."""
+
+    def __init__(self, frozen: nn.Sequential, weights_used: str, cached_stage: str,
+                 fingerprint: float) -> None:
         super().__init__()
-        self.frozen = encoder.frozen  # the same modules, not a copy
-        self.weights_used, self.cached_stage = encoder.weights_used, encoder.cached_stage
-        self.size = len(encoder.frozen)  # children of the full network it covers
-        self.fingerprint = encoder.frozen_fingerprint()
+        self.frozen = frozen  # the same modules, not a copy
+        self.weights_used, self.cached_stage = weights_used, cached_stage
+        self.size = len(frozen)  # children of the full network it covers
+        self.fingerprint = fingerprint
 
     def frozen_fingerprint(self) -> float:
         return self.fingerprint

@@ -131,6 +131,8 @@ def cache_key(encoder: EncoderCNN, paths: Sequence[Path], image_size: int) -> di
         "frozen_fingerprint": round(encoder.frozen_fingerprint(), 3),
         "images": len(paths),
         "files_sha256": files.hexdigest(),
+        # finished from the cache of this stage (`_cached_from_prefix`), not from the images
+        **({"from": encoder.prefix.cached_stage} if getattr(encoder, "prefix", None) else {}),
     }
 
 

@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from caption_lib import features as feat
@@ -69,8 +70,28 @@ def test_key_changes_invalidate(encoder, images, tmp_path, monkeypatch):
     feat.cached_features(encoder, images, cache_root=root, image_size=64, progress=False)
     frozen = EncoderCNN(weights=None)  # another stage: layer4 output
     other = feat.cached_features(frozen, images, cache_root=root, image_size=64, progress=False)
-    assert sum(calls) == 15 and other.shape == (5, 2048, 2, 2)
+    # a frozen random encoder finishes the layer3 cache just made: no image runs again
+    assert sum(calls) == 10 and other.shape == (5, 2048, 2, 2)
     assert len(list(root.iterdir())) == 3
+
+
+def test_a_frozen_random_encoder_is_finished_from_the_layer3_cache(encoder, images, tmp_path,
+                                                                  monkeypatch):
+    calls = _count_calls(monkeypatch)
+    frozen = EncoderCNN(weights=None).eval()  # nothing trains: cached up to layer4
+    store = feat.cached_features(frozen, images, cache_root=tmp_path, image_size=64,
+                                 progress=False)
+    # made from the images once, up to layer3 (the same cache a layer4 fine-tuning uses),
+    # then finished by layer4 alone; keyed as such, whichever existed first
+    assert sum(calls) == 5 and store.meta["key"]["from"] == "layer3"
+    layer3 = feat.cached_features(encoder, images, cache_root=tmp_path, image_size=64,
+                                  progress=False)
+    assert sum(calls) == 5 and store.meta["from"] == str(layer3.path)
+    assert "from" not in layer3.meta["key"]
+    x = torch.stack([feat._Images(images, 64)[i] for i in range(2)])  # (2, 3, 64, 64)
+    direct = frozen.extract(x)  # (2, 2048, 2, 2), fp32 from the images
+    cos = F.cosine_similarity(store[:2].float().flatten(1), direct.flatten(1))
+    assert bool((cos > 0.99).all()), cos
 
 
 def test_the_key_is_where_the_frozen_part_ends(encoder, images, tmp_path):
