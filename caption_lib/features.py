@@ -13,6 +13,13 @@ later epochs and chapters memory-map that file. What is stored depends on the re
 blocks are first calibrated on training images, `calibrate_frozen`: see
 `encoder.calibrate_frozen_batchnorm` for why.)
 
+Some caches are finished from another cache rather than from the images, when the
+encoder has a `prefix` (the first part of its frozen network, with a cache of its own):
+a fine-tuned encoder frozen afterwards (`EncoderCNN.freeze`) finishes its old cache, and
+a frozen *random* ResNet-50 (offline only) finishes the layer3 cache that the offline
+recipe makes anyway, by running layer4 alone. The key then says so ("from"), so the
+values never depend on which cache happened to exist first.
+
 A cache entry is keyed by everything its content depends on (backbone, weights, where
 the frozen part ends (a stage or a block: `EncoderCNN.cached_stage`), image size, the
 images themselves by path, size and modification time); another key is
