@@ -150,12 +150,13 @@ class EncoderCNN(nn.Module):
         self.frozen.eval()
         self.frozen_calibrated = False  # see `calibrate_frozen_batchnorm`
         if not self.trained_stages and not self.pretrained:
-            # a frozen RANDOM ResNet (offline only): its layer4 output is finished from the
-            # layer3 cache that the offline recipe (fine-tuning layer4) makes anyway, always,
-            # so that its cache does not depend on which run came first. Not registered as
-            # a submodule: the same modules as self.frozen[:-1], nothing new to save.
+            # a frozen RANDOM ResNet: its layer4 output can be finished from the layer3
+            # cache of the offline recipe (fine-tuning layer4), when that exists
+            # (`features._prefix_to_finish`). Not registered as a submodule: the same
+            # modules as self.frozen[:-1], nothing new to save.
             head = self.frozen[:-1]  # stem .. layer3
-            self.__dict__["prefix"] = _Prefix(head, self.weights_used, "layer3", _checksum(head))
+            self.__dict__["prefix"] = _Prefix(head, self.weights_used, "layer3", _checksum(head),
+                                              optional=True)
         self.pool = nn.AdaptiveAvgPool2d(grid) if grid else nn.Identity()
         self.grid = grid
 
@@ -262,8 +263,9 @@ class _Prefix(nn.Module):
     images again (`caption_lib.features`)."""
 
     def __init__(self, frozen: nn.Sequential, weights_used: str, cached_stage: str,
-                 fingerprint: float) -> None:
+                 fingerprint: float, optional: bool = False) -> None:
         super().__init__()
+        self.optional = optional  # used only when its cache exists already
         self.frozen = frozen  # the same modules, not a copy
         self.weights_used, self.cached_stage = weights_used, cached_stage
         self.size = len(frozen)  # children of the full network it covers

@@ -16,9 +16,10 @@ blocks are first calibrated on training images, `calibrate_frozen`: see
 Some caches are finished from another cache rather than from the images, when the
 encoder has a `prefix` (the first part of its frozen network, with a cache of its own):
 a fine-tuned encoder frozen afterwards (`EncoderCNN.freeze`) finishes its old cache, and
-a frozen *random* ResNet-50 (offline only) finishes the layer3 cache that the offline
-recipe makes anyway, by running layer4 alone. The key then says so ("from"), so the
-values never depend on which cache happened to exist first.
+a frozen *random* ResNet-50 finishes the layer3 cache of the offline recipe (which
+fine-tunes layer4) by running layer4 alone, when that cache exists. The key then says so
+("from"): a cache finished from layer3 and one made from the images (the same values up
+to float16 rounding) are two entries, never mistaken for each other.
 
 A cache entry is keyed by everything its content depends on (backbone, weights, where
 the frozen part ends (a stage or a block: `EncoderCNN.cached_stage`), image size, the
@@ -120,8 +121,10 @@ def calibrate_frozen(encoder: EncoderCNN, paths: Sequence[Path], *, images: int 
     return calibrate_frozen_batchnorm(encoder, batches, fast=fast)
 
 
-def cache_key(encoder: EncoderCNN, paths: Sequence[Path], image_size: int) -> dict:
-    """Everything the cached values depend on (its hash names the cache folder)."""
+def cache_key(encoder: EncoderCNN, paths: Sequence[Path], image_size: int,
+              via=None) -> dict:
+    """Everything the cached values depend on (its hash names the cache folder); `via`:
+    the encoder's `prefix` when the values are finished from its cache."""
     files = hashlib.sha256()
     for p in paths:
         try:
@@ -139,7 +142,7 @@ def cache_key(encoder: EncoderCNN, paths: Sequence[Path], image_size: int) -> di
         "images": len(paths),
         "files_sha256": files.hexdigest(),
         # finished from the cache of this stage (`_cached_from_prefix`), not from the images
-        **({"from": encoder.prefix.cached_stage} if getattr(encoder, "prefix", None) else {}),
+        **({"from": via.cached_stage} if via is not None else {}),
     }
 
 
@@ -169,16 +172,12 @@ def cached_features(encoder: EncoderCNN, paths: Sequence[Path], *, cache_root: P
     torchrun, split the extraction across the processes (see the module docstring).
     """
     device = torch.device(device)
-    key = cache_key(encoder, paths, image_size)
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    folder = Path(cache_root) / f"{key['backbone']}-{key['stage']}-{digest}"
-    data, meta_path = folder / "features.npy", folder / "meta.json"
-    if meta_path.is_file() and data.is_file():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("key") == key:
-            return FeatureStore(data, meta)
-    prefix = getattr(encoder, "prefix", None)
-    if prefix is not None:  # a frozen fine-tuned encoder: finish its prefix's cache
+    prefix = _prefix_to_finish(encoder, paths, image_size, Path(cache_root))
+    folder, key, store = _lookup(encoder, paths, image_size, Path(cache_root), prefix)
+    if store is not None:
+        return store
+    data = folder / "features.npy"
+    if prefix is not None:  # finish the prefix's cache (see the module docstring)
         return _cached_from_prefix(encoder, prefix, list(paths), folder, key,
                                    cache_root=Path(cache_root), image_size=image_size,
                                    batch_size=batch_size, device=device, fast=fast,
@@ -196,6 +195,31 @@ def cached_features(encoder: EncoderCNN, paths: Sequence[Path], *, cache_root: P
                 "device": str(device), "fast": fast}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     return FeatureStore(data, meta)
+
+
+def _lookup(encoder, paths: Sequence[Path], image_size: int, cache_root: Path, via=None
+            ) -> tuple[Path, dict, FeatureStore | None]:
+    """The cache folder of `encoder`'s output, its key, and the store when complete."""
+    key = cache_key(encoder, paths, image_size, via)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    folder = cache_root / f"{key['backbone']}-{key['stage']}-{digest}"
+    data, meta_path = folder / "features.npy", folder / "meta.json"
+    if meta_path.is_file() and data.is_file():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("key") == key:
+            return folder, key, FeatureStore(data, meta)
+    return folder, key, None
+
+
+def _prefix_to_finish(encoder, paths: Sequence[Path], image_size: int, cache_root: Path):
+    """The `prefix` whose cache `encoder`'s is finished from, or None (from the images).
+    A frozen fine-tuned encoder's, always; a frozen random encoder's (`optional`) only
+    when that layer3 cache exists already (the offline recipe's), so that a run without
+    one (chapter 5's random-weights comparison on Colab) does not write a large one."""
+    prefix = getattr(encoder, "prefix", None)
+    if prefix is None or not prefix.optional:
+        return prefix
+    return prefix if _lookup(prefix, paths, image_size, cache_root)[2] is not None else None
 
 
 def workspace_features(encoder: EncoderCNN, records: Sequence, device: torch.device | str = "cpu",

@@ -79,18 +79,21 @@ def test_a_frozen_random_encoder_is_finished_from_the_layer3_cache(encoder, imag
                                                                   monkeypatch):
     calls = _count_calls(monkeypatch)
     frozen = EncoderCNN(weights=None).eval()  # nothing trains: cached up to layer4
-    store = feat.cached_features(frozen, images, cache_root=tmp_path, image_size=64,
-                                 progress=False)
-    # made from the images once, up to layer3 (the same cache a layer4 fine-tuning uses),
-    # then finished by layer4 alone; keyed as such, whichever existed first
-    assert sum(calls) == 5 and store.meta["key"]["from"] == "layer3"
-    layer3 = feat.cached_features(encoder, images, cache_root=tmp_path, image_size=64,
+    direct = feat.cached_features(frozen, images, cache_root=tmp_path, image_size=64,
                                   progress=False)
-    assert sum(calls) == 5 and store.meta["from"] == str(layer3.path)
-    assert "from" not in layer3.meta["key"]
-    x = torch.stack([feat._Images(images, 64)[i] for i in range(2)])  # (2, 3, 64, 64)
-    direct = frozen.extract(x)  # (2, 2048, 2, 2), fp32 from the images
-    cos = F.cosine_similarity(store[:2].float().flatten(1), direct.flatten(1))
+    # no layer3 cache yet (e.g. Colab's random-weights comparison): from the images
+    assert sum(calls) == 5 and "from" not in direct.meta["key"]
+    layer3 = feat.cached_features(encoder, images, cache_root=tmp_path, image_size=64,
+                                  progress=False)  # the offline recipe's cache
+    assert sum(calls) == 10 and "from" not in layer3.meta["key"]
+    derived = feat.cached_features(frozen, images, cache_root=tmp_path, image_size=64,
+                                   progress=False)
+    # now finished by layer4 alone from the layer3 cache, keyed as such: no image runs,
+    # and the entry made from the images is not taken for it
+    assert sum(calls) == 10 and derived.meta["key"]["from"] == "layer3"
+    assert derived.meta["from"] == str(layer3.path) and derived.path != direct.path
+    assert len(list(tmp_path.glob("resnet50-*"))) == 3
+    cos = F.cosine_similarity(derived[:5].float().flatten(1), direct[:5].float().flatten(1))
     assert bool((cos > 0.99).all()), cos
 
 
