@@ -206,7 +206,7 @@ def _add_evaluate(sub: Sub) -> None:
 def _add_precision(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="the search's arithmetic: bf16 is faster on CPUs with AVX512-BF16 "
-                        "and on GPUs, and may pick other words where two are nearly tied")
+                        "and may pick other words where two are nearly tied")
 
 
 # -- caption -------------------------------------------------------------------------------

@@ -171,9 +171,9 @@ def greedy_decode(
         features: (B, P, E) region features, on the decoder's device.
         start_id, end_id: ids of <start> and <end> (or pass a `Vocabulary` as `start_id`).
         max_len: at most this many steps; a caption without <end> has max_len words.
-        precision: "fp32", or "bf16" (a bf16 copy of the decoder runs the steps; faster
-            on CPUs with AVX512-BF16 and on GPUs, and may pick other words where two are
-            nearly tied).
+        precision: "fp32", or "bf16" (a bf16 copy of the decoder runs the steps: faster
+            on CPUs with AVX512-BF16; not measured on a GPU yet; may pick other words where
+            two are nearly tied).
 
     Returns:
         `DecodeResult` (tokens, sum log-prob scores, per-word alphas, finished flags).

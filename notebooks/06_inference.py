@@ -467,10 +467,10 @@ display(Markdown(
     + ("" if "semantic_f1" not in timed["fp32"].scores else
        f"and semantic F1 {change('semantic_f1', 3):+.3f} ")
     + f"in bf16), and bf16 took {1 / speed:.2f} times the time of fp32 here ({device.type}). "
-    + (f"At this model's size ({model.decoder.decoder_dim}-wide states, a vocabulary of "
-       f"{len(vocab)} words) the products are small and much of the time goes elsewhere, so "
-       "bf16 gains little here. "
-       if speed < 1.3 else "")
+    + ("The seconds include what bf16 does not change (reading the cached features through "
+       "the encoder's trained stage, and the scoring), and this model's products are small "
+       f"({model.decoder.decoder_dim}-wide states, {len(vocab)} words), so bf16 gains little "
+       "here. " if speed < 1.3 and device.type == "cpu" else "")
     + (f"At the Colab recipe's sizes the batched search ran {bench_ratio:g}× faster in bf16 "
        "on the CPU of `benchmarks/results/beam.json` (see the results page). "
        if bench_ratio else "")
