@@ -22,6 +22,7 @@ wall and CPU time, ratios that stay meaningful on a shared machine.
 
     python benchmarks/recipe_experiments.py layer4.1 layer4.2 [--epochs 10] [--threads 2]
     python benchmarks/recipe_experiments.py today --epochs 9 --extend   # continue a curve
+    python benchmarks/recipe_experiments.py today --epochs 14 --tag xeon-amx   # another machine
     python benchmarks/recipe_experiments.py --step-ratio today layer4.1 layer4.2
     python benchmarks/recipe_experiments.py decoder-on-today --epochs 6   # after `make runs`
     python benchmarks/recipe_experiments.py --list
@@ -75,6 +76,8 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "encoder-lr3x": ({}, {"encoder_lr": 6e-4}),  # the decoder's rate stays 4e-4
     "encoder-lr5x": ({}, {"encoder_lr": 1e-3}),
     # the fine-tuned stage's residual blocks start as the identity (last BatchNorm scale 0)
+    "curriculum2": ({}, {}),  # epochs 1-2 on single-object scenes (CURRICULUM)
+    "curriculum3": ({}, {}),
     "zero-res": ({}, {}),
     "zero-res-lr2x": ({}, {"lr": 8e-4, "encoder_lr": 4e-4}),
     "layer4.1-bn": ({"fine_tune": "layer4.1"}, {}),
@@ -101,6 +104,10 @@ FROZEN_BN = {"layer4.1-bn", "layer4.2-bn"}
 # shortcut alone (Goyal et al. 2017, "zero-gamma"; torchvision's zero_init_residual, here
 # for the trained stage only: the frozen stages, hence the layer3 cache, stay as they are)
 ZERO_RESIDUAL = {"zero-res", "zero-res-lr2x"}
+# A curriculum: the first CURRICULUM[name] epochs train on the single-object scenes of the
+# training split only (about a third of its images, so those epochs take about a third of
+# the time); the vocabulary, the caches and validation are the whole data set's as usual
+CURRICULUM = {"curriculum2": 2, "curriculum3": 3}
 BN_IMAGES = 1024
 
 
@@ -125,12 +132,28 @@ def _changes(name: str) -> tuple[dict, dict]:
     if name in ON_DEFAULT_RUN:
         return {"encoder": "the default run's best.pt, frozen", "decoder": "a fresh "
                 f"{ON_DEFAULT_RUN[name]}-attention decoder"}, {}
-    return VARIANTS[name]
+    model, train = VARIANTS[name]
+    if name in CURRICULUM:
+        train = {**train, "curriculum": f"epochs 1-{CURRICULUM[name]} on single-object scenes"}
+    if name in ZERO_RESIDUAL:
+        model = {**model, "layer4 bottlenecks' last BatchNorm scale (bn3.weight)": "0 at the start"}
+    return model, train
 
 
 def _machine() -> dict:
+    """Threads, CPUs, torch, the CPU's model name and its bf16 matrix units (curves are
+    compared at equal CPU time only between runs on the same model)."""
+    model, flags = "", set()
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and not model:
+            model = value.strip()
+        elif key.strip() == "flags" and not flags:
+            flags = set(value.split()) & {"avx512_bf16", "amx_bf16"}
     return {"threads": torch.get_num_threads(), "cpus": os.cpu_count(),
             "torch": torch.__version__, "processor": platform.processor() or platform.machine(),
+            "cpu_model": model or "unknown", "cpu_flags": sorted(flags),
             "load_average": [round(x, 2) for x in os.getloadavg()]}
 
 
@@ -208,6 +231,33 @@ class ZeroResidualEncoder(EncoderCNN):
                     torch.nn.init.zeros_(block.bn3.weight)
 
 
+def curriculum_batches(epochs: int):
+    """The trainer's `_epoch_batches`, except that epochs 1..`epochs` keep only the
+    single-object scenes: the epoch's shuffled (image, caption) pairs filtered, in the same
+    order, and regrouped into batches of `batch_size` images."""
+    import caption_lib.train
+
+    original = caption_lib.train._epoch_batches
+
+    def batches(split, config, epoch):
+        full = original(split, config, epoch)
+        if epoch > epochs:
+            return full
+        kept, images = [[]], 0
+        for i, j in (pair for pairs in full.pairs for pair in pairs):
+            if len(split.records[i].objects) != 1:
+                continue
+            if not kept[-1] or kept[-1][-1][0] != i:  # a new image of this batch
+                if images == config.batch_size:
+                    kept.append([])
+                    images = 0
+                images += 1
+            kept[-1].append((i, j))
+        return caption_lib.train._EpochBatches(split, [b for b in kept if b])
+
+    return batches
+
+
 def derive_cache(cls: type[EncoderCNN], model_config, records: list) -> None:
     """Fill the cache of `cls`'s encoder from the stage's input cache (layer3) by running
     only the frozen blocks of the split stage: the same values up to bf16/fp16 rounding,
@@ -250,12 +300,14 @@ def derive_cache(cls: type[EncoderCNN], model_config, records: list) -> None:
         os.replace(tmp, folder)
 
 
-def run_variant(name: str, epochs: int, data: Path, extend: bool = False) -> dict:
+def run_variant(name: str, epochs: int, data: Path, extend: bool = False, tag: str = "") -> dict:
     """Train `name` for `epochs`, evaluating after each; returns (and writes) its curve.
-    `extend`: continue the curve already written, from its run folder, up to `epochs`."""
+    `extend`: continue the curve already written, from its run folder, up to `epochs`.
+    `tag`: written to `recipe_<name>__<tag>.json` instead (e.g. a second machine's curve)."""
     model_config, config = configs(name, epochs, data)
-    out = workspace_dir() / "runs" / f"recipe-exp-{name}"
-    path = RESULTS / f"recipe_{name}.json"
+    label = f"{name}__{tag}" if tag else name
+    out = workspace_dir() / "runs" / f"recipe-exp-{label}"
+    path = RESULTS / f"recipe_{label}.json"
     if extend and not ((out / "last.pt").is_file() and path.is_file()):
         raise SystemExit(f"--extend {name}: no curve to continue ({path} and {out / 'last.pt'})")
     if not extend:
@@ -272,6 +324,10 @@ def run_variant(name: str, epochs: int, data: Path, extend: bool = False) -> dic
         import caption_lib.model
 
         encoder_cls = caption_lib.model.EncoderCNN = ZeroResidualEncoder
+    if name in CURRICULUM:  # the experiment's epoch batches replace the trainer's
+        import caption_lib.train
+
+        caption_lib.train._epoch_batches = curriculum_batches(CURRICULUM[name])
     if name in UNCALIBRATED:  # the trainer's calibration switched off in this process
         import caption_lib.train
 
@@ -386,6 +442,8 @@ def main() -> None:
     parser.add_argument("--list", action="store_true", help="print the variants and exit")
     parser.add_argument("--extend", action="store_true",
                         help="continue each variant's written curve up to --epochs")
+    parser.add_argument("--tag", default="", help="write recipe_<name>__<tag>.json (a letters, "
+                        "digits and '-' label, e.g. the machine) instead of recipe_<name>.json")
     args = parser.parse_args()
     unknown = [v for v in args.variants if v not in VARIANTS and v not in ON_DEFAULT_RUN]
     if args.list or unknown or not args.variants:
@@ -394,13 +452,15 @@ def main() -> None:
         if unknown:
             raise SystemExit(f"unknown variant(s) {unknown}")
         return
+    if args.tag and not args.tag.replace("-", "").isalnum():
+        raise SystemExit(f"--tag {args.tag!r}: use letters, digits and '-' only")
     torch.set_num_threads(max(1, min(args.threads, os.cpu_count() or 1)))
     if args.step_ratio:
         step_ratio(args.variants, args.repeats)
         return
     data = ensure_shapes()
     for name in args.variants:
-        run_variant(name, args.epochs, data, extend=args.extend)
+        run_variant(name, args.epochs, data, extend=args.extend, tag=args.tag)
 
 
 if __name__ == "__main__":
