@@ -76,6 +76,8 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "encoder-lr3x": ({}, {"encoder_lr": 6e-4}),  # the decoder's rate stays 4e-4
     "encoder-lr5x": ({}, {"encoder_lr": 1e-3}),
     # the fine-tuned stage's residual blocks start as the identity (last BatchNorm scale 0)
+    "cosine": ({}, {"schedule": "cosine"}),  # over the --epochs of the run (COSINE below)
+    "cosine-lr2x": ({}, {"schedule": "cosine", "lr": 8e-4, "encoder_lr": 4e-4}),
     "curriculum2": ({}, {}),  # epochs 1-2 on single-object scenes (CURRICULUM)
     "curriculum3": ({}, {}),
     "zero-res": ({}, {}),
@@ -104,6 +106,9 @@ FROZEN_BN = {"layer4.1-bn", "layer4.2-bn"}
 # shortcut alone (Goyal et al. 2017, "zero-gamma"; torchvision's zero_init_residual, here
 # for the trained stage only: the frozen stages, hence the layer3 cache, stay as they are)
 ZERO_RESIDUAL = {"zero-res", "zero-res-lr2x"}
+# The cosine schedule decays over the run's `epochs` steps; the experiment trains one epoch
+# per call, so its horizon is fixed at the --epochs asked for (`cosine_over`), as in one
+# uninterrupted run of that many epochs
 # A curriculum: the first CURRICULUM[name] epochs train on the single-object scenes of the
 # training split only (about a third of its images, so those epochs take about a third of
 # the time); the vocabulary, the caches and validation are the whole data set's as usual
@@ -231,6 +236,19 @@ class ZeroResidualEncoder(EncoderCNN):
                     torch.nn.init.zeros_(block.bn3.weight)
 
 
+def cosine_over(epochs: int):
+    """The trainer's `_scheduler` with a cosine horizon of `epochs` epochs, whatever the
+    epochs of the call (the experiment raises them by one per call)."""
+    import caption_lib.train
+
+    original = caption_lib.train._scheduler
+
+    def scheduler(optimizer, config, steps_per_epoch):
+        return original(optimizer, dataclasses.replace(config, epochs=epochs), steps_per_epoch)
+
+    return scheduler
+
+
 def curriculum_batches(epochs: int):
     """The trainer's `_epoch_batches`, except that epochs 1..`epochs` keep only the
     single-object scenes: the epoch's shuffled (image, caption) pairs filtered, in the same
@@ -324,6 +342,13 @@ def run_variant(name: str, epochs: int, data: Path, extend: bool = False, tag: s
         import caption_lib.model
 
         encoder_cls = caption_lib.model.EncoderCNN = ZeroResidualEncoder
+    if config.schedule == "cosine":  # one horizon for the whole curve
+        import caption_lib.train
+
+        if extend:
+            raise SystemExit(f"--extend {name}: a cosine curve's horizon is its --epochs; "
+                             "train it again with the epochs wanted")
+        caption_lib.train._scheduler = cosine_over(epochs)
     if name in CURRICULUM:  # the experiment's epoch batches replace the trainer's
         import caption_lib.train
 
@@ -345,6 +370,8 @@ def run_variant(name: str, epochs: int, data: Path, extend: bool = False, tag: s
                             if name in UNCALIBRATED else
                             f"calibrated on bn_images={config.bn_images} training images"),
               "epochs": []}
+    if config.schedule == "cosine":
+        result["note"] = f"The learning rate follows one cosine over all {epochs} epochs."
     if name in ON_DEFAULT_RUN:  # the results page leaves it out of the equal-CPU table
         result["starts_from"] = ("the default run's finished encoder: its own training time "
                                  "is not in these seconds, so this curve is left out of the "

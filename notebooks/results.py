@@ -396,6 +396,16 @@ def curve_reading(record: dict) -> str:
     return text + "." + (f" {record['note']}" if "note" in record else "")
 
 
+def cpu_of(record: dict) -> str:
+    """The CPU a curve was measured on ("not recorded" for curves written before the
+    experiment recorded it: those are compared with one another, as before)."""
+    machine = record.get("machine", {})
+    if "cpu_model" not in machine:
+        return "not recorded"
+    units = ", ".join(machine.get("cpu_flags", []))
+    return machine["cpu_model"] + (f" ({units})" if units else "")
+
+
 experiments = sorted(folder.glob("recipe_*.json")) if folder.is_dir() else []
 curves = {path.name: json.loads(path.read_text()) for path in experiments}  # read once
 for file_name, record in curves.items():
@@ -403,6 +413,7 @@ for file_name, record in curves.items():
         continue
     changes = {**record["settings"]["changes"]["model"], **record["settings"]["changes"]["train"]}
     display(Markdown(f"**`{file_name}`**: changes {changes or 'none (the recipe as it is)'}"
+                     + f"; CPU: {cpu_of(record)}"
                      + (f"; {record['source']}" if "source" in record else "")
                      + (f"; starts from {record['starts_from']}" if "starts_from" in record
                         else "")))
@@ -412,10 +423,12 @@ for file_name, record in curves.items():
 
 # %% [markdown]
 # The variants differ in what an epoch costs, so the fair comparison is at equal CPU time.
-# The table below gives, for a few CPU budgets, the validation F1 of each variant's last
+# The tables below give, for a few CPU budgets, the validation F1 of each variant's last
 # epoch that ended within the budget (curves with CPU seconds recorded; blank where the
-# curve had not reached the budget or stopped before it). A curve that starts from a
-# finished run (`decoder-on-today`) is left out: the run's own seconds are not in it.
+# curve had not reached the budget or stopped before it), one table per CPU the curves
+# were measured on: a CPU second of one machine is not one of another. A curve that
+# starts from a finished run (`decoder-on-today`) is left out: the run's own seconds are
+# not in it.
 
 # %% tags=["hide-input"]
 # NBVAL_IGNORE_OUTPUT
@@ -450,10 +463,12 @@ def budget_reading(timed: list, budgets: list) -> str:
 budgets = [300, 600, 900, 1200]
 timed = [(n, r) for n, r in curves.items() if r.get("epochs") and "cpu_seconds" in r["epochs"][0]
          and "starts_from" not in r]  # a curve that starts from a finished run is not a recipe
-if timed:
+for cpu in sorted({cpu_of(r) for _, r in timed}):
+    same = [(n, r) for n, r in timed if cpu_of(r) == cpu]
+    display(Markdown(f"CPU: {cpu}"))
     display(table(["variant"] + [f"F1 within {b} CPU s" for b in budgets],
-                  [[f"`{n}`"] + [f1_within(r, b) for b in budgets] for n, r in timed]))
-    display(Markdown(budget_reading(timed, budgets)))
+                  [[f"`{n}`"] + [f1_within(r, b) for b in budgets] for n, r in same]))
+    display(Markdown(budget_reading(same, budgets)))
 
 # %% [markdown]
 # ## Sizes of this build's workspace (for the Running-on-Colab page)
