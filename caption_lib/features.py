@@ -174,6 +174,8 @@ def cached_features(encoder: EncoderCNN, paths: Sequence[Path], *, cache_root: P
     device = torch.device(device)
     prefix = _prefix_to_finish(encoder, paths, image_size, Path(cache_root))
     folder, key, store = _lookup(encoder, paths, image_size, Path(cache_root), prefix)
+    if shard and distributed.world_size() > 1 and not _all_hit(store):
+        store = None  # every process takes the miss path and its barriers (`_all_hit`)
     if store is not None:
         return store
     data = folder / "features.npy"
@@ -195,6 +197,15 @@ def cached_features(encoder: EncoderCNN, paths: Sequence[Path], *, cache_root: P
                 "device": str(device), "fast": fast}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     return FeatureStore(data, meta)
+
+
+def _all_hit(store: FeatureStore | None) -> bool:
+    """Data-parallel: whether every process found the cache. They must agree: rank 0
+    finishes a prefix's cache alone while the others wait at a barrier
+    (`_cached_from_prefix`), and a process that looked after rank 0 had finished would
+    find the cache, skip that barrier and meet rank 0 at the next one (the next split's),
+    before that split's cache exists."""
+    return distributed.all_reduce_sum([store is None])[0] == 0
 
 
 def _lookup(encoder, paths: Sequence[Path], image_size: int, cache_root: Path, via=None

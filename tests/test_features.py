@@ -97,6 +97,30 @@ def test_a_frozen_random_encoder_is_finished_from_the_layer3_cache(encoder, imag
     assert bool((cos > 0.99).all()), cos
 
 
+def test_data_parallel_processes_agree_on_a_miss(encoder, images, tmp_path, monkeypatch):
+    """Rank 1 looks after rank 0 has finished a prefix's cache alone: it must still take
+    the miss path and wait at its barrier (else it skips it and meets rank 0 at the next
+    split's barrier, before that cache exists: a crash seen under torchrun)."""
+    feat.cached_features(encoder, images, cache_root=tmp_path, image_size=64, progress=False)
+    frozen = EncoderCNN(weights=None).eval()  # finished from the layer3 cache above
+    done = feat.cached_features(frozen, images, cache_root=tmp_path, image_size=64,
+                                progress=False)  # what rank 0 has just written
+    from caption_lib import distributed
+
+    answers = iter([[1.0]])  # the first agreement: rank 0 had missed
+    monkeypatch.setattr(distributed, "all_reduce_sum",
+                        lambda values: next(answers, [float(v) for v in values]))
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    waits = []
+    monkeypatch.setattr(distributed, "barrier", lambda: waits.append(1))
+    calls = _count_calls(monkeypatch)
+    seen = feat.cached_features(frozen, images, cache_root=tmp_path, image_size=64,
+                                progress=False)
+    assert waits == [1] and calls == []  # waited for rank 0, computed nothing itself
+    assert seen.path == done.path and torch.equal(seen[:5], done[:5])
+
+
 def test_the_key_is_where_the_frozen_part_ends(encoder, images, tmp_path):
     root = tmp_path / "c"
     stores = {}
