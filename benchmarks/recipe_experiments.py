@@ -43,6 +43,8 @@ from pathlib import Path
 
 import torch
 
+import caption_lib.model  # the experiments replace some of their names in this process
+import caption_lib.train
 from caption_lib.data import load_dataset, split_records
 from caption_lib.encoder import EncoderCNN
 from caption_lib.evaluate import evaluate
@@ -53,6 +55,9 @@ from caption_lib.runtime import workspace_dir
 from caption_lib.shapes import ensure_shapes
 from caption_lib.train import recipe, run_dir_for, same_features_runs, train
 from caption_lib.vocab import Vocabulary
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _gemm import cpu  # benchmarks/ is a folder of scripts, not a package
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -75,11 +80,11 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "enc4-caps-all": ({}, {"encoder_epochs": 4, "captions_per_image": 0}),
     "encoder-lr3x": ({}, {"encoder_lr": 6e-4}),  # the decoder's rate stays 4e-4
     "encoder-lr5x": ({}, {"encoder_lr": 1e-3}),
-    # the fine-tuned stage's residual blocks start as the identity (last BatchNorm scale 0)
-    "cosine": ({}, {"schedule": "cosine"}),  # over the --epochs of the run (COSINE below)
+    "cosine": ({}, {"schedule": "cosine"}),  # over the --epochs of the run (`cosine_over`)
     "cosine-lr2x": ({}, {"schedule": "cosine", "lr": 8e-4, "encoder_lr": 4e-4}),
     "curriculum2": ({}, {}),  # epochs 1-2 on single-object scenes (CURRICULUM)
     "curriculum3": ({}, {}),
+    # the fine-tuned stage's residual blocks start as the identity (last BatchNorm scale 0)
     "zero-res": ({}, {}),
     "zero-res-lr2x": ({}, {"lr": 8e-4, "encoder_lr": 4e-4}),
     "layer4.1-bn": ({"fine_tune": "layer4.1"}, {}),
@@ -108,7 +113,7 @@ FROZEN_BN = {"layer4.1-bn", "layer4.2-bn"}
 ZERO_RESIDUAL = {"zero-res", "zero-res-lr2x"}
 # The cosine schedule decays over the run's `epochs` steps; the experiment trains one epoch
 # per call, so its horizon is fixed at the --epochs asked for (`cosine_over`), as in one
-# uninterrupted run of that many epochs
+# uninterrupted run of that many epochs.
 # A curriculum: the first CURRICULUM[name] epochs train on the single-object scenes of the
 # training split only (about a third of its images, so those epochs take about a third of
 # the time); the vocabulary, the caches and validation are the whole data set's as usual
@@ -148,17 +153,11 @@ def _changes(name: str) -> tuple[dict, dict]:
 def _machine() -> dict:
     """Threads, CPUs, torch, the CPU's model name and its bf16 matrix units (curves are
     compared at equal CPU time only between runs on the same model)."""
-    model, flags = "", set()
-    cpuinfo = Path("/proc/cpuinfo")
-    for line in cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []:
-        key, _, value = line.partition(":")
-        if key.strip() == "model name" and not model:
-            model = value.strip()
-        elif key.strip() == "flags" and not flags:
-            flags = set(value.split()) & {"avx512_bf16", "amx_bf16"}
+    info = cpu()  # the benchmarks' own reading of /proc/cpuinfo
     return {"threads": torch.get_num_threads(), "cpus": os.cpu_count(),
             "torch": torch.__version__, "processor": platform.processor() or platform.machine(),
-            "cpu_model": model or "unknown", "cpu_flags": sorted(flags),
+            "cpu_model": info["model"],
+            "cpu_flags": sorted(set(info["flags"]) & {"avx512_bf16", "amx_bf16"}),
             "load_average": [round(x, 2) for x in os.getloadavg()]}
 
 
@@ -239,8 +238,6 @@ class ZeroResidualEncoder(EncoderCNN):
 def cosine_over(epochs: int):
     """The trainer's `_scheduler` with a cosine horizon of `epochs` epochs, whatever the
     epochs of the call (the experiment raises them by one per call)."""
-    import caption_lib.train
-
     original = caption_lib.train._scheduler
 
     def scheduler(optimizer, config, steps_per_epoch):
@@ -253,8 +250,6 @@ def curriculum_batches(epochs: int):
     """The trainer's `_epoch_batches`, except that epochs 1..`epochs` keep only the
     single-object scenes: the epoch's shuffled (image, caption) pairs filtered, in the same
     order, and regrouped into batches of `batch_size` images."""
-    import caption_lib.train
-
     original = caption_lib.train._epoch_batches
 
     def batches(split, config, epoch):
@@ -333,29 +328,19 @@ def run_variant(name: str, epochs: int, data: Path, extend: bool = False, tag: s
     records = load_dataset(data)
     encoder_cls = EncoderCNN
     if name in FROZEN_BN:  # the experiment's encoder replaces the library's in this process
-        import caption_lib.model
-
         encoder_cls = frozen_bn_encoder(model_config, records)
         derive_cache(encoder_cls, model_config, records)
         caption_lib.model.EncoderCNN = encoder_cls
     if name in ZERO_RESIDUAL:  # the experiment's encoder replaces the library's
-        import caption_lib.model
-
         encoder_cls = caption_lib.model.EncoderCNN = ZeroResidualEncoder
     if config.schedule == "cosine":  # one horizon for the whole curve
-        import caption_lib.train
-
         if extend:
             raise SystemExit(f"--extend {name}: a cosine curve's horizon is its --epochs; "
                              "train it again with the epochs wanted")
         caption_lib.train._scheduler = cosine_over(epochs)
     if name in CURRICULUM:  # the experiment's epoch batches replace the trainer's
-        import caption_lib.train
-
         caption_lib.train._epoch_batches = curriculum_batches(CURRICULUM[name])
     if name in UNCALIBRATED:  # the trainer's calibration switched off in this process
-        import caption_lib.train
-
         caption_lib.train.calibrate_frozen = lambda *args, **kwargs: 0
     result = {"variant": name, "data": str(data),
               "command": "python benchmarks/recipe_experiments.py " + " ".join(sys.argv[1:]),

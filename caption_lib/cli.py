@@ -231,7 +231,8 @@ def _cmd_caption(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({
             "checkpoint": str(args.checkpoint), "beam_size": args.beam_size,
-            "precision": args.precision, "captions": [{"image": r.image, "caption": " ".join(r.words), "plot": r.plot}
+            "precision": args.precision,
+            "captions": [{"image": r.image, "caption": " ".join(r.words), "plot": r.plot}
                          for r in results if r.error is None],
             "errors": [{"image": r.image, "error": r.error} for r in failed],
         }))

@@ -429,8 +429,8 @@ print({k: round(v, 3) if isinstance(v, float) else v for k, v in chosen.scores.i
 # %% [markdown]
 # ### Decoding in bf16
 #
-# A search spends most of its time in three matrix products per step (the context's and
-# $h_{t-1}$'s shares of the LSTM gates and the output layer $W_o$). `precision="bf16"`
+# Much of a search's time goes into matrix products, the largest of them the context's
+# and $h_{t-1}$'s shares of the LSTM gates and the output layer $W_o$. `precision="bf16"`
 # (`beam_search`, `greedy_decode`, `evaluate(..., decode_precision=...)`, and
 # `caption-lib evaluate/caption --precision bf16`) runs them on a bfloat16 copy of the
 # decoder; the log-probabilities and the beams' scores stay fp32. bfloat16 keeps fp32's
