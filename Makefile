@@ -17,6 +17,11 @@ MATHJAX := _vendor/mathjax/tex-mml-chtml.js
 # the browser check drives Debian's Chromium (Playwright cannot download browsers here)
 CHROMIUM ?= /usr/bin/chromium
 
+# make test over every core: whole files per worker process (a notebook's cells in one kernel),
+# the longest files first (the root conftest's SLOWEST; it also gives each worker its share
+# of the threads). XDIST= runs the suite in one process.
+XDIST ?= -n auto --dist loadfile --no-loadscope-reorder
+
 .PHONY: install runs test colab-check book check-book browser mathjax notebooks student bench lint clean help
 
 help:
@@ -49,7 +54,7 @@ runs: $(STAMP)
 
 test: $(STAMP) $(MATHJAX) runs
 	-@$(MAKE) --no-print-directory browser
-	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env --nbval-cell-timeout=1200 --durations=15 -p no:cacheprovider
+	$(PY) -m pytest tests notebooks $(XDIST) --nbval-lax --nbval-current-env --nbval-cell-timeout=1200 --durations=15 -p no:cacheprovider
 
 # the Colab path: every chapter with DATASET = "flickr8k" against a tiny local Flickr8k
 # mirror with planted weights, offline (tests/test_colab.py; also part of `make test`)

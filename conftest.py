@@ -1,15 +1,58 @@
-"""pytest's time per test file, printed at the end of every run: `make test`'s shares.
+"""pytest's time per test file, printed at the end of every run: `make test`'s shares; and
+the split of `make test` over processes (pytest-xdist, `-n auto --dist loadfile`).
 
 The repository root's conftest, so it sees both `tests/` and nbval's `notebooks/`. Each
 test's setup + call + teardown is added to its file; a session fixture's cost lands in
 the file of the first test that asks for it (tests/test_shares.py checks the table).
+Under xdist the table sums every worker's seconds, so it can exceed the wall time.
+
+Worker processes share the machine's cores: each gets `cores // workers` threads (at
+least one), and so do the kernels and subprocesses it starts (OMP_NUM_THREADS). Two
+workers that each start two OpenMP threads on two cores spin against each other: the
+suite took 1059 s that way against 346 s with one thread each (this machine, 2 cores).
+Whole files go to one worker (`--dist loadfile`: a notebook's cells run in order, in one
+kernel), longest first (`SLOWEST`, then collection order), so that no long file is left
+for the end while the other worker idles.
 """
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 
+# the longest files of make test (the table below, two workers on 2 cores), longest first;
+# a file not listed keeps its place after these. Order only: correctness does not depend on it
+SLOWEST = ("tests/test_colab.py", "tests/test_grading.py", "tests/test_train.py",
+           "notebooks/07_hard_attention.ipynb", "tests/test_distributed.py",
+           "notebooks/06_inference.ipynb", "tests/test_browser.py",
+           "tests/test_hard_attention.py", "notebooks/05_training.ipynb")
+
 _SECONDS: dict[str, float] = defaultdict(float)
+
+
+def worker_threads(cores: int, workers: int) -> int:
+    """Threads for each of `workers` processes sharing `cores` cores (at least one)."""
+    return max(1, cores // max(1, workers))
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # before tests/conftest.py imports torch
+    _threads = worker_threads(len(os.sched_getaffinity(0)),
+                              int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+
+
+def pytest_configure(config) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch  # in case a plugin imported it before this file was read
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Files in `SLOWEST` first, then the rest in collection order; items keep their
+    order within a file (sorted is stable)."""
+    rank = {path: i for i, path in enumerate(SLOWEST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(SLOWEST)))
 
 
 def pytest_runtest_logreport(report) -> None:

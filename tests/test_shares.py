@@ -21,3 +21,45 @@ def test_time_per_file_table_lists_every_file_once_and_sums_to_one(pytester):
     assert abs(sum(shares) - 100) < 0.2, shares
     assert float(rows[0].split()[0]) >= 0.3
     assert any("time per test file" in line for line in result.outlines)
+
+
+def _root_conftest():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("root_conftest", ROOT / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_each_worker_gets_its_share_of_the_cores():
+    threads = _root_conftest().worker_threads
+    assert threads(2, 2) == 1 and threads(16, 2) == 8 and threads(16, 3) == 5
+    assert threads(1, 4) == 1 and threads(4, 0) == 4
+
+
+def test_this_worker_runs_with_its_share_of_the_threads():
+    import os
+
+    import torch
+
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        import pytest
+
+        pytest.skip("runs under pytest-xdist only (make test)")
+    expected = _root_conftest().worker_threads(
+        len(os.sched_getaffinity(0)), int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    assert os.environ["OMP_NUM_THREADS"] == str(expected)  # kernels and subprocesses
+    assert torch.get_num_threads() == expected
+
+
+def test_the_slowest_files_are_collected_first_in_order(pytester):
+    pytester.makeconftest((ROOT / "conftest.py").read_text())
+    tests = pytester.mkpydir("tests")
+    for name in ("test_aaa.py", "test_train.py", "test_colab.py"):
+        (tests / name).write_text("def test_one():\n    pass\n\ndef test_two():\n    pass\n")
+    result = pytester.runpytest("-p", "no:cacheprovider", "--collect-only", "-q", "tests")
+    ids = [line for line in result.outlines if "::" in line]
+    assert ids == ["tests/test_colab.py::test_one", "tests/test_colab.py::test_two",
+                   "tests/test_train.py::test_one", "tests/test_train.py::test_two",
+                   "tests/test_aaa.py::test_one", "tests/test_aaa.py::test_two"], ids
