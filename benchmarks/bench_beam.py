@@ -20,7 +20,7 @@ and ends through the no-<end> fallback. A batch of 32 images is captioned by:
   costs extra decoder steps once the greedy prefix has fallen out of the beams; on this
   random decoder it falls out early, so this is that guard's worst case).
 - "batched_bf16": the same as "batched" with `precision="bf16"`: a bfloat16 copy of the decoder runs
-  the steps (log-probabilities and scores stay fp32). Its captions may differ from the
+  the steps (log-probabilities, scores and the attention's scores stay fp32). Its captions may differ from the
   fp32 ones where two words are nearly tied (the random decoder here has many such ties);
   `bf16_same_captions` counts the images whose caption agrees with "batched".
 

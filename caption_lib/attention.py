@@ -19,7 +19,12 @@ A attention dim.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+# rows per piece of the scores without autograd: (8, 49, 512) fp32 is 0.8 MB, inside a
+# core's L2 cache on the CPUs measured (`Attention._scores_in_chunks`)
+CHUNK = 8
 
 
 class Attention(nn.Module):
@@ -77,9 +82,34 @@ class Attention(nn.Module):
     def weights(self, query: torch.Tensor, projected: torch.Tensor,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         """alpha (B, P) alone, from the query W_h h_{t-1} (B, A) and `projected` (B, P, A);
-        the decoder's training loop makes the context itself (`recurrent.StepInput.mix`)."""
-        query = query.unsqueeze(1)  # (B, 1, A)
-        scores = self.full_att((projected + query).tanh_()).squeeze(2)  # (B, P), tanh in place
+        the decoder's training loop makes the context itself (`recurrent.StepInput.mix`).
+        Without autograd on a CPU (decoding) the scores come from `_scores_in_chunks`."""
+        if (projected.device.type != "cpu" or torch.is_grad_enabled()
+                and (query.requires_grad or projected.requires_grad)):
+            query = query.unsqueeze(1)  # (B, 1, A)
+            scores = self.full_att((projected + query).tanh_()).squeeze(2)  # (B, P), tanh in place
+        else:
+            scores = self._scores_in_chunks(query, projected)  # (B, P), at least fp32
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))  # (B, P)
-        return torch.softmax(scores, dim=1)  # (B, P)
+        return torch.softmax(scores, dim=1).to(projected.dtype)  # (B, P)
+
+    def _scores_in_chunks(self, query: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
+        """e = w^T tanh(W_a a_i + W_h h) (B, P) without autograd, on a CPU: `CHUNK` rows at
+        a time through one reused (CHUNK, P, A) buffer, so that each chunk's sum stays in
+        the cache for its tanh and its product with w (the sum in one piece, 9.6 MB for a
+        beam search of 32 images with k 3, is a fresh allocation at every step). The sum,
+        tanh and product are computed in fp32 even for bf16 inputs (the bf16 search):
+        this CPU's bf16 tanh was about 6 times slower than its fp32 tanh
+        (benchmarks/bench_attention.py measures the ways side by side)."""
+        B, P, A = projected.shape
+        dtype = torch.promote_types(torch.result_type(projected, query), torch.float32)
+        weight, bias = self.full_att.weight.to(dtype), self.full_att.bias.to(dtype)  # (1, A), (1,)
+        buffer = projected.new_empty((min(B, CHUNK), P, A), dtype=dtype)  # (CHUNK, P, A)
+        scores = []
+        for start in range(0, B, CHUNK):
+            rows = min(CHUNK, B - start)
+            part = torch.add(projected[start:start + rows],
+                             query[start:start + rows].unsqueeze(1), out=buffer[:rows])
+            scores.append(F.linear(part.tanh_(), weight, bias).squeeze(2))  # (rows, P)
+        return torch.cat(scores) if scores else projected.new_zeros(0, P, dtype=dtype)  # (B, P)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from caption_lib import Attention
@@ -91,3 +93,55 @@ def test_attention_learns_to_pick_the_target_region():
         loss.backward()
         opt.step()
     assert alpha[torch.arange(16), target].mean().item() > 0.9
+
+
+def _scores_in_one_piece(att, query, projected):
+    return att.full_att((projected + query.unsqueeze(1)).tanh()).squeeze(2)  # (R, P)
+
+
+def test_scores_without_autograd_come_in_chunks_and_equal_the_one_piece_formula():
+    """Decoding (no autograd, CPU) takes `_scores_in_chunks`: CHUNK rows at a time through
+    one buffer. Row counts below, at and around CHUNK multiples give the scores of the
+    one-piece formula; alpha from `weights` is their softmax, masks included."""
+    from caption_lib.attention import CHUNK
+
+    att = Attention(E, H, A)
+    gen = torch.Generator().manual_seed(1)
+    for rows in (1, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK + 3):
+        projected = torch.randn(rows, P, A, generator=gen)  # (R, P, A)
+        query = torch.randn(rows, A, generator=gen)  # (R, A)
+        with torch.no_grad():
+            expected = _scores_in_one_piece(att, query, projected)
+            torch.testing.assert_close(att._scores_in_chunks(query, projected), expected)
+            mask = torch.rand(rows, P, generator=gen) > 0.3
+            mask[:, 0] = True
+            alpha = att.weights(query, projected, mask)
+        torch.testing.assert_close(
+            alpha, torch.softmax(expected.masked_fill(~mask, float("-inf")), dim=1))
+    # bf16 inputs (the bf16 search): scores in fp32 (the sum rounded to bf16 at most),
+    # alpha back in bf16 for the context product with bf16 features
+    low = Attention(E, H, A).to(torch.bfloat16)
+    projected, query = projected.to(torch.bfloat16), query.to(torch.bfloat16)
+    with torch.no_grad():
+        scores = low._scores_in_chunks(query, projected)
+        assert scores.dtype == torch.float32
+        torch.testing.assert_close(
+            scores, _scores_in_one_piece(copy.deepcopy(low).float(), query.float(), projected.float()),
+            atol=0.05, rtol=0.02)
+        assert low.weights(query, projected).dtype == torch.bfloat16
+    assert att._scores_in_chunks(query[:0].float(), projected[:0].float()).shape == (0, P)
+
+
+def test_scores_with_autograd_keep_their_gradients():
+    """With autograd (training) the one-piece path runs and every input gets a gradient;
+    the same call without autograd gives the same alpha."""
+    att = Attention(E, H, A)
+    gen = torch.Generator().manual_seed(2)
+    projected = torch.randn(11, P, A, generator=gen, requires_grad=True)  # (R, P, A)
+    query = torch.randn(11, A, generator=gen, requires_grad=True)  # (R, A)
+    alpha = att.weights(query, projected)
+    (alpha[:, 0].sum()).backward()
+    assert projected.grad.abs().sum() > 0 and query.grad.abs().sum() > 0
+    assert att.full_att.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        torch.testing.assert_close(att.weights(query, projected), alpha.detach())

@@ -1,0 +1,121 @@
+"""Benchmark: the attention scores of one decoding step, in one piece vs in chunks.
+
+e = w^T tanh(W_a a_i + W_h h) over (rows, P, A) = (96, 49, 512) for a beam search of 32
+images with k = 3 (and (32, 49, 512) for greedy decoding), without autograd:
+
+- "one piece": `full_att((projected + query).tanh_())`, what `Attention.weights` computes
+  with autograd (training); the (rows, P, A) sum is a fresh 9.6 MB tensor (fp32, beam).
+- "chunks": `Attention._scores_in_chunks`, what it computes without autograd on a CPU
+  (decoding): `attention.CHUNK` rows at a time through one reused buffer that stays in
+  the cache, in fp32 even for bf16 inputs.
+
+In fp32 both give the same scores; for bf16 inputs the chunks' fp32 scores differ from
+the one-piece bf16 ones by bf16 rounding (`max_abs_difference`). The two are timed in turns,
+`--reps` rounds of 50 calls each (median of the rounds), in fp32 and in bf16 (weights and
+inputs in bfloat16, as `precision="bf16"` decoding runs them). Also timed: an in-place
+tanh over (96, P, A) in fp32 and in bf16 (`tanh_ms_96_rows`). Writes
+benchmarks/results/attention.json.
+
+    python benchmarks/bench_attention.py [--reps 9] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from caption_lib.attention import CHUNK, Attention
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _gemm import cpu as cpu_info  # benchmarks/ is a folder of scripts, not a package
+
+RESULTS = Path(__file__).resolve().parent / "results" / "attention.json"
+P, E, A, H = 49, 2048, 512, 512
+CALLS = 50
+
+
+def _one_piece(attention: Attention, query: torch.Tensor, projected: torch.Tensor):
+    return attention.full_att((projected + query.unsqueeze(1)).tanh_()).squeeze(2)  # (R, P)
+
+
+def _case(rows: int, dtype: torch.dtype, reps: int) -> dict:
+    """ms per call of each way for `rows` rows in `dtype`, and the largest difference."""
+    gen = torch.Generator().manual_seed(0)
+    attention = Attention(E, H, A).to(dtype).eval()
+    projected = torch.randn(rows, P, A, generator=gen).to(dtype)  # (R, P, A)
+    query = torch.randn(rows, A, generator=gen).to(dtype)  # (R, A)
+    ways = {"one_piece": lambda: _one_piece(attention, query, projected),
+            "chunks": lambda: attention._scores_in_chunks(query, projected)}
+    ms: dict[str, list[float]] = {name: [] for name in ways}
+    with torch.no_grad():
+        diff = float((ways["one_piece"]().float() - ways["chunks"]().float()).abs().max())
+        for _ in range(reps):
+            for name, fn in ways.items():
+                fn()  # warm
+                start = time.perf_counter()
+                for _ in range(CALLS):
+                    fn()
+                ms[name].append((time.perf_counter() - start) / CALLS * 1e3)
+    median = {name: round(statistics.median(times), 3) for name, times in ms.items()}
+    return {"rows": rows, "dtype": str(dtype).removeprefix("torch."), "ms_per_call": median,
+            "speedup_chunks": round(median["one_piece"] / median["chunks"], 2),
+            "max_abs_difference": diff}
+
+
+def _tanh_ms(rows: int, reps: int) -> dict[str, float]:
+    """ms of an in-place tanh over (rows, P, A), fp32 vs bf16: the op that makes the one-piece
+    bf16 scores slow on CPUs without a fast bf16 tanh."""
+    ms = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(rows, P, A).to(dtype)  # (R, P, A)
+        times = []
+        for _ in range(reps):
+            x.tanh_()
+            start = time.perf_counter()
+            for _ in range(CALLS):
+                x.tanh_()
+            times.append((time.perf_counter() - start) / CALLS * 1e3)
+        ms[str(dtype).removeprefix("torch.")] = round(statistics.median(times), 3)
+    return ms
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=9)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    cases = [_case(rows, dtype, args.reps) for dtype in (torch.float32, torch.bfloat16)
+             for rows in (96, 32)]
+    for case in cases:
+        print(f"{case['dtype']:8s} rows {case['rows']:3d}: one piece "
+              f"{case['ms_per_call']['one_piece']:.3f} ms, chunks {case['ms_per_call']['chunks']:.3f}"
+              f" ms = {case['speedup_chunks']:.2f}x (max |diff| {case['max_abs_difference']:.1e})")
+    tanh = _tanh_ms(96, args.reps)
+    print(f"tanh_ over (96, {P}, {A}): fp32 {tanh['float32']:.3f} ms, bf16 {tanh['bfloat16']:.3f} ms")
+    label = {(96, "float32"): "fp32_beam", (32, "float32"): "fp32_greedy",
+             (96, "bfloat16"): "bf16_beam", (32, "bfloat16"): "bf16_greedy"}
+    result = {"benchmark": "attention scores of one decoding step: one piece vs chunks",
+              "speedup_chunks_over_one_piece": {label[case["rows"], case["dtype"]]:
+                                                case["speedup_chunks"] for case in cases},
+              "command": f"python benchmarks/bench_attention.py --reps {args.reps}",
+              "tanh_ms_96_rows": tanh,
+              "shape": {"P": P, "A": A}, "chunk_rows": CHUNK, "calls_per_rep": CALLS,
+              "reps": args.reps, "threads": args.threads, "torch": torch.__version__,
+              "python": platform.python_version(), "cpu": cpu_info(), "cases": cases}
+    RESULTS.parent.mkdir(exist_ok=True)
+    tmp = RESULTS.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(RESULTS)
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
