@@ -61,6 +61,21 @@ def test_same_seed_same_bytes(tiny, tmp_path):
     assert (other / "dataset_shapes.json").read_bytes() != (out / "dataset_shapes.json").read_bytes()
 
 
+def test_threads_write_what_one_thread_writes(tiny, tmp_path):
+    """make_shapes draws its images on a thread pool: the entries, in index order, and
+    the files equal those of drawing each image alone, one after another."""
+    from caption_lib.shapes import _image_entry
+
+    out, data = tiny
+    (tmp_path / "images").mkdir()
+    splits = ["train"] * 4 + ["val", "test"]
+    alone = [_image_entry(i, split, 3, 224, tmp_path / "images", i * 5)
+             for i, split in enumerate(splits)]
+    assert json.loads(json.dumps(alone)) == data["images"]
+    for png in sorted((out / "images").iterdir()):
+        assert (tmp_path / "images" / png.name).read_bytes() == png.read_bytes()
+
+
 def test_ground_truth_is_consistent(tiny):
     out, data = tiny
     for im in data["images"]:
