@@ -63,3 +63,9 @@ def test_the_slowest_files_are_collected_first_in_order(pytester):
     assert ids == ["tests/test_colab.py::test_one", "tests/test_colab.py::test_two",
                    "tests/test_train.py::test_one", "tests/test_train.py::test_two",
                    "tests/test_aaa.py::test_one", "tests/test_aaa.py::test_two"], ids
+
+
+def test_every_file_named_slowest_exists():
+    """A renamed or removed file in `SLOWEST` would silently drop out of the order."""
+    missing = [path for path in _root_conftest().SLOWEST if not (ROOT / path).is_file()]
+    assert not missing, f"conftest.py SLOWEST names files that do not exist: {missing}"
