@@ -260,6 +260,7 @@ def make_shapes(out_dir: str | Path, n_train: int = 3000, n_val: int = 300, n_te
         # numpy and PNG encoding release the GIL for much of the work (400 images: 1.07 s
         # with 2 threads against 1.67 s with one, on a 2-core machine)
         with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+            # interrupted (Ctrl-C, a failed image): map cancels the images not yet started
             entries = list(tqdm(pool.map(entry, range(len(splits))), total=len(splits),
                                 desc="shapes", unit="img", disable=not progress))
         dataset = {"dataset": "shapes", "seed": seed, "image_size": image_size,

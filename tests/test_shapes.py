@@ -76,6 +76,31 @@ def test_threads_write_what_one_thread_writes(tiny, tmp_path):
         assert (tmp_path / "images" / png.name).read_bytes() == png.read_bytes()
 
 
+def test_a_failed_image_stops_the_others(tmp_path, monkeypatch):
+    """When one image fails, the images not yet started are dropped (the thread pool's
+    queue is cancelled), and nothing is left on disk."""
+    import threading
+    import time
+
+    from caption_lib import shapes
+
+    calls, lock = [], threading.Lock()
+
+    def slow_or_broken(index, *args):
+        with lock:
+            calls.append(index)
+        if index == 0:
+            raise OSError("disk full")
+        time.sleep(0.01)
+        return {}
+
+    monkeypatch.setattr(shapes, "_image_entry", slow_or_broken)
+    with pytest.raises(OSError, match="disk full"):
+        make_shapes(tmp_path / "x", 200, 0, 0, progress=False)
+    assert len(calls) < 50, f"{len(calls)} of 200 images were still drawn"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_ground_truth_is_consistent(tiny):
     out, data = tiny
     for im in data["images"]:
