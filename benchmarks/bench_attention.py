@@ -38,7 +38,22 @@ from _gemm import cpu as cpu_info  # benchmarks/ is a folder of scripts, not a p
 
 RESULTS = Path(__file__).resolve().parent / "results" / "attention.json"
 P, E, A, H = 49, 2048, 512, 512
+ROWS = {"beam": 96, "greedy": 32}  # a step of 32 images with k = 3, and with k = 1
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CALLS = 50
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _ms_per_call(fn) -> float:
+    """One repetition: a warm-up call, then the mean of CALLS calls, in ms."""
+    fn()
+    start = time.perf_counter()
+    for _ in range(CALLS):
+        fn()
+    return (time.perf_counter() - start) / CALLS * 1e3
 
 
 def _one_piece(attention: Attention, query: torch.Tensor, projected: torch.Tensor):
@@ -46,7 +61,8 @@ def _one_piece(attention: Attention, query: torch.Tensor, projected: torch.Tenso
 
 
 def _case(rows: int, dtype: torch.dtype, reps: int) -> dict:
-    """ms per call of each way for `rows` rows in `dtype`, and the largest difference."""
+    """ms per call of each way for `rows` rows in `dtype` (repetitions interleaved), and
+    the largest difference between their scores."""
     gen = torch.Generator().manual_seed(0)
     attention = Attention(E, H, A).to(dtype).eval()
     projected = torch.randn(rows, P, A, generator=gen).to(dtype)  # (R, P, A)
@@ -58,13 +74,9 @@ def _case(rows: int, dtype: torch.dtype, reps: int) -> dict:
         diff = float((ways["one_piece"]().float() - ways["chunks"]().float()).abs().max())
         for _ in range(reps):
             for name, fn in ways.items():
-                fn()  # warm
-                start = time.perf_counter()
-                for _ in range(CALLS):
-                    fn()
-                ms[name].append((time.perf_counter() - start) / CALLS * 1e3)
+                ms[name].append(_ms_per_call(fn))
     median = {name: round(statistics.median(times), 3) for name, times in ms.items()}
-    return {"rows": rows, "dtype": str(dtype).removeprefix("torch."), "ms_per_call": median,
+    return {"rows": rows, "dtype": _name(dtype), "ms_per_call": median,
             "speedup_chunks": round(median["one_piece"] / median["chunks"], 2),
             "max_abs_difference": diff}
 
@@ -73,16 +85,9 @@ def _tanh_ms(rows: int, reps: int) -> dict[str, float]:
     """ms of an in-place tanh over (rows, P, A), fp32 vs bf16: the op that makes the one-piece
     bf16 scores slow on CPUs without a fast bf16 tanh."""
     ms = {}
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in DTYPES.values():
         x = torch.randn(rows, P, A).to(dtype)  # (R, P, A)
-        times = []
-        for _ in range(reps):
-            x.tanh_()
-            start = time.perf_counter()
-            for _ in range(CALLS):
-                x.tanh_()
-            times.append((time.perf_counter() - start) / CALLS * 1e3)
-        ms[str(dtype).removeprefix("torch.")] = round(statistics.median(times), 3)
+        ms[_name(dtype)] = round(statistics.median(_ms_per_call(x.tanh_) for _ in range(reps)), 3)
     return ms
 
 
@@ -92,21 +97,21 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    cases = [_case(rows, dtype, args.reps) for dtype in (torch.float32, torch.bfloat16)
-             for rows in (96, 32)]
+    labels = {(rows, _name(dtype)): f"{short}_{kind}" for short, dtype in DTYPES.items()
+              for kind, rows in ROWS.items()}
+    cases = [_case(rows, dtype, args.reps) for dtype in DTYPES.values() for rows in ROWS.values()]
     for case in cases:
         print(f"{case['dtype']:8s} rows {case['rows']:3d}: one piece "
               f"{case['ms_per_call']['one_piece']:.3f} ms, chunks {case['ms_per_call']['chunks']:.3f}"
               f" ms = {case['speedup_chunks']:.2f}x (max |diff| {case['max_abs_difference']:.1e})")
-    tanh = _tanh_ms(96, args.reps)
-    print(f"tanh_ over (96, {P}, {A}): fp32 {tanh['float32']:.3f} ms, bf16 {tanh['bfloat16']:.3f} ms")
-    label = {(96, "float32"): "fp32_beam", (32, "float32"): "fp32_greedy",
-             (96, "bfloat16"): "bf16_beam", (32, "bfloat16"): "bf16_greedy"}
+    tanh = _tanh_ms(ROWS["beam"], args.reps)
+    print(f"tanh_ over ({ROWS['beam']}, {P}, {A}): fp32 {tanh['float32']:.3f} ms, "
+          f"bf16 {tanh['bfloat16']:.3f} ms")
     result = {"benchmark": "attention scores of one decoding step: one piece vs chunks",
-              "speedup_chunks_over_one_piece": {label[case["rows"], case["dtype"]]:
+              "speedup_chunks_over_one_piece": {labels[case["rows"], case["dtype"]]:
                                                 case["speedup_chunks"] for case in cases},
               "command": f"python benchmarks/bench_attention.py --reps {args.reps}",
-              "tanh_ms_96_rows": tanh,
+              f"tanh_ms_{ROWS['beam']}_rows": tanh,
               "shape": {"P": P, "A": A}, "chunk_rows": CHUNK, "calls_per_rep": CALLS,
               "reps": args.reps, "threads": args.threads, "torch": torch.__version__,
               "python": platform.python_version(), "cpu": cpu_info(), "cases": cases}

@@ -19,15 +19,17 @@ and ends through the no-<end> fallback. A batch of 32 images is captioned by:
   exactly (by default `beam_search` also keeps the greedy caption in the running, which
   costs extra decoder steps once the greedy prefix has fallen out of the beams; on this
   random decoder it falls out early, so this is that guard's worst case).
-- "batched_bf16": the same as "batched" with `precision="bf16"`: a bfloat16 copy of the decoder runs
-  the steps (log-probabilities, scores and the attention's scores stay fp32). Its captions may differ from the
-  fp32 ones where two words are nearly tied (the random decoder here has many such ties);
+- "batched_bf16": the same as "batched" with `precision="bf16"`: a bfloat16 copy of the
+  decoder runs the steps (log-probabilities, scores and the attention's scores stay fp32).
+  Its captions may differ from the fp32 ones where two words are nearly tied (the random
+  decoder here has many such ties);
   `bf16_same_captions` counts the images whose caption agrees with "batched".
 
 All five are measured side by side in one run (warm-up, then the median of several
 repetitions, interleaved so that machine noise hits them alike; the fastest repetition is
-reported too) and the fp32 ones return the same captions (`same_captions`: tutorial, per_image and batched; `no_greedy_same_as_tutorial`). Prints one JSON object (images/s each, ratios) and writes it to
-benchmarks/results/beam.json.
+reported too) and the fp32 ones return the same captions (`same_captions`: tutorial,
+per_image and batched; `no_greedy_same_as_tutorial`). Prints one JSON object (images/s
+each, ratios) and writes it to benchmarks/results/beam.json.
 
     python benchmarks/bench_beam.py [--reps 5] [--threads 2] [--out FILE]
 

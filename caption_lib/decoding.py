@@ -140,8 +140,7 @@ def _in_precision(decoder: nn.Module, features: torch.Tensor, precision: str
     bf16 copies ("bf16": every product and the LSTM state in bfloat16, faster on a CPU
     with AVX512-BF16: `ratio_bf16_over_fp32_batched` in benchmarks/results/beam.json;
     log-probabilities, scores and attention (its scores: `Attention._scores_in_chunks`)
-    stay fp32). The caller's decoder is not
-    changed."""
+    stay fp32). The caller's decoder is not changed."""
     if precision == "fp32":
         return decoder, features
     if precision != "bf16":

@@ -433,11 +433,11 @@ print({k: round(v, 3) if isinstance(v, float) else v for k, v in chosen.scores.i
 # and $h_{t-1}$'s shares of the LSTM gates and the output layer $W_o$. `precision="bf16"`
 # (`beam_search`, `greedy_decode`, `evaluate(..., decode_precision=...)`, and
 # `caption-lib evaluate/caption --precision bf16`) runs them on a bfloat16 copy of the
-# decoder; the log-probabilities, the beams' scores and the attention's scores
-# $e_{ti}$ (the sum, tanh and product with $w$ of the paper's eq. (4), a few rows at a time; a
-# bfloat16 tanh is slow on CPUs) stay fp32. bfloat16 keeps fp32's
-# range but only 8 bits of mantissa, so where two words are nearly tied the search may pick
-# the other one. The cell decodes the test split both ways with the same beam size.
+# decoder; the log-probabilities, the beams' scores and the attention's scores $e_{ti}$
+# (the sum, tanh and product with $w$ of the paper's eq. (4), a few rows at a time) stay
+# fp32: on the CPU the results page measured, a bfloat16 tanh was several times slower than
+# an fp32 one (`attention.json`). bfloat16 keeps fp32's range but only 8 bits of mantissa,
+# so where two words are nearly tied the search may pick the other one. The cell decodes the test split both ways with the same beam size.
 
 # %%
 # NBVAL_IGNORE_OUTPUT

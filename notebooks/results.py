@@ -49,6 +49,7 @@ BENCHMARKS = "../benchmarks/results"  # relative to notebooks/, where the book r
 # NBVAL_IGNORE_OUTPUT
 import dataclasses
 import json
+import math
 import re
 from pathlib import Path
 
@@ -225,21 +226,25 @@ def reading(record: dict, found: dict[str, float]) -> str:
     return text
 
 
-def attention_reading(speedup: dict[str, float], tanh: dict[str, float]) -> str:
+def attention_reading(record: dict) -> str:
     """What the attention-score table says: where chunks pay in fp32, and why bf16 gains."""
+    speedup = record["speedup_chunks_over_one_piece"]
+    rows = max(case["rows"] for case in record["cases"])  # the beam search's
+    size = (rows, record["shape"]["P"], record["shape"]["A"])
+    tanh = record[f"tanh_ms_{rows}_rows"]
+
     def verdict(ratio: float) -> str:  # within 5 %: this machine's repeat-to-repeat noise
         return "gain" if ratio > 1.05 else "lose" if ratio < 0.95 else "neither gain nor lose"
 
     fp32 = (f"In fp32 the chunks {verdict(speedup['fp32_beam'])} at beam-search size "
-            f"({speedup['fp32_beam']:g}×; the one-piece sum, {96 * 49 * 512 * 4 / 1e6:.1f} MB of "
-            "fp32, is a fresh allocation "
-            f"too large for the cache) and {verdict(speedup['fp32_greedy'])} at greedy size "
-            f"({speedup['fp32_greedy']:g}×). ")
+            f"({speedup['fp32_beam']:g}×; the one-piece sum, {math.prod(size) * 4 / 1e6:.1f} MB "
+            "of fp32, is a fresh allocation larger than a core's L2 cache) and "
+            f"{verdict(speedup['fp32_greedy'])} at greedy size ({speedup['fp32_greedy']:g}×). ")
     return fp32 + (f"For bf16 inputs ({speedup['bf16_beam']:g}× and "
                    f"{speedup['bf16_greedy']:g}×) most of the gain is that the chunks compute "
                    "the sum, the tanh and the product in fp32: on this CPU a bf16 tanh over "
-                   f"the beam search's (96, 49, 512) took {tanh['bfloat16']:g} ms against "
-                   f"{tanh['float32']:g} ms in fp32 (`tanh_ms_96_rows`).")
+                   f"the beam search's {size} took {tanh['bfloat16']:g} ms against "
+                   f"{tanh['float32']:g} ms in fp32 (`tanh_ms_{rows}_rows`).")
 
 
 def ratios(record: dict, prefix: str = "") -> dict[str, float]:
@@ -269,8 +274,7 @@ if folder.is_dir():
                       [[NAMES.get(name, f"`{name}`"), f"{value:g}×"] for name, value in found.items()]))
         display(Markdown(reading(record, found)))
         if path.name == "attention.json":
-            display(Markdown(attention_reading(record["speedup_chunks_over_one_piece"],
-                                               record["tanh_ms_96_rows"])))
+            display(Markdown(attention_reading(record)))
 else:
     print(f"{folder} is not here: the benchmark results live in the repository ({REPO_URL})")
 
