@@ -267,7 +267,8 @@ class DecoderWithAttention(nn.Module):
         Args:
             tokens: (B,) int64 previous words (<start> at the first step).
             state: (h, c), each (B, H): `init_state(features)` at the first step.
-            features: (B, P, E).
+            features: (B, P, E), or a `StepInput` over them (a beam search passes
+                `recurrent.RepeatedRows`: k beams per image, one copy of its features).
             projected: `project(features)`, computed once per sequence (None: recomputed).
             loop: `prepare()`, made once per search (None: made here, at every step).
 
@@ -275,12 +276,13 @@ class DecoderWithAttention(nn.Module):
             logits (B, V), the new state (h, c), alpha (B, P). In eval mode a loop of `step`
             over a reference caption gives the same logits as `forward`.
         """
+        regions = features if isinstance(features, StepInput) else StepInput(features)
         if projected is None:
-            projected = self.project(features)  # (B, P, A) or None
+            projected = self.project(regions.prefix(tokens.size(0)))  # (B, P, A) or None
         loop = loop if loop is not None else self.prepare()
         word_gates = self.input_gates(loop, self.embedding(tokens))  # (B, 4H)
         keys = StepInput(projected) if projected is not None else None  # (B, P, A)
-        state, alpha = self._cell(loop, word_gates, state, StepInput(features), keys)
+        state, alpha = self._cell(loop, word_gates, state, regions, keys)
         logits = self.fc(self.dropout(state[0]))  # (B, V)
         return logits, state, alpha
 

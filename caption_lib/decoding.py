@@ -12,13 +12,15 @@ log p(y | a) = sum_t log p(y_t | y_<t, a) large:
 
 Both run over a BATCH of images at once: the B*k beams are one batch for the decoder's
 `step`, and the image projection W_a a (attention) is computed once per image and repeated
-for its beams. If no beam emits <end> within `max_len` steps, the best unfinished beam is
+for its beams. The features themselves are not repeated: the beams read them through
+`recurrent.RepeatedRows`, so each step's context reads one copy per image. If no beam emits <end> within `max_len` steps, the best unfinished beam is
 returned (the popular tutorial crashes there). Beam size 1 gives exactly greedy decoding.
 
 The decoder is anything with the `DecoderWithAttention` decoding interface:
 `init_state(features) -> (h, c)`, `project(features)` (or `attention.project`), and
-`step(tokens, state, features, projected) -> (logits, state, alpha)`; a `Captioner`
-(which has `.decoder`) works too.
+`step(tokens, state, features, projected) -> (logits, state, alpha)`, where a beam
+search passes `features` as a `recurrent.RepeatedRows` (its `.prefix(rows)` gives the
+(rows, P, E) tensor); a `Captioner` (which has `.decoder`) works too.
 
 Shapes: B images, k beams per image, P regions (49), E encoder dim (2048), H decoder dim,
 A attention dim, V vocabulary size, T decoding steps.
@@ -35,6 +37,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from caption_lib.recurrent import RepeatedRows
 
 MAX_LEN = 20  # the longest caption decoded, in steps (words + <end>): the one default
 PRECISIONS = ("fp32", "bf16")  # what a search runs in (`_in_precision`)
@@ -344,7 +348,7 @@ class _Beams:
 
     k: int
     alpha_len: float  # length-normalisation exponent (0: plain sums)
-    features: torch.Tensor  # (B*k, P, E) each image's features, repeated per beam
+    features: RepeatedRows  # (B, P, E) standing for (B*k, P, E): each image's, per beam
     projected: torch.Tensor | None  # (B*k, P, A) W_a a, computed once per image
     options: dict  # `step`'s keyword arguments for this search (`_step_options`)
     state: State  # (h, c), each (B*k, H)
@@ -369,7 +373,7 @@ class _Beams:
         scores = torch.full((B, k), float("-inf"), device=device)  # (B, k)
         scores[:, 0] = 0.0  # all k beams start identical
         return cls(
-            k=k, alpha_len=alpha_len, features=features.repeat_interleave(k, dim=0),
+            k=k, alpha_len=alpha_len, features=RepeatedRows(features, k),
             projected=projected.repeat_interleave(k, dim=0) if projected is not None else None,
             options=_step_options(decoder),
             state=(h.repeat_interleave(k, dim=0), c.repeat_interleave(k, dim=0)),

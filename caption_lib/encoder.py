@@ -30,13 +30,16 @@ features are cached (`calibrate_frozen_batchnorm`; checkpoints store them).
 
 from __future__ import annotations
 
+import copy
+import itertools
 import os
 import sys
 import urllib.error
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision import transforms as T
 from torchvision.models import ResNet50_Weights, resnet50
 
@@ -277,6 +280,50 @@ class _Prefix(nn.Module):
     def extract(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self.frozen(images)  # (B, C, h, w)
+
+
+@torch.no_grad()
+def fold_batchnorm(module: nn.Module) -> nn.Module:
+    """A copy of a frozen ResNet part for inference, each BatchNorm folded into the
+    convolution before it; `module` itself is not changed.
+
+    In eval mode a BatchNorm is an affine map per channel, y = s * x + t with
+    s = gamma / sqrt(var + eps) and t = beta - s * mean, so a convolution followed by it
+    is one convolution with weight s * W (per output channel) and bias s * b + t
+    (`torch.nn.utils.fusion.fuse_conv_bn_eval`). Same output up to rounding, and one
+    pass over the activations fewer per layer: on a CPU the frozen part's time goes as
+    much to those passes (BatchNorm, ReLU, the residual adds) as to the convolutions.
+    Pairs folded: in an `nn.Sequential`, a Conv2d directly followed by a BatchNorm2d
+    (ResNet's stem and downsample branches); in any other module, children `convN` and
+    `bnN` (torchvision's Bottleneck). A BatchNorm in train mode is refused: with batch
+    statistics it is not a fixed affine map.
+    """
+    if any(m.training for m in module.modules() if isinstance(m, nn.BatchNorm2d)):
+        raise CaptionLibError("fold_batchnorm: a BatchNorm is in train mode; call .eval() "
+                              "first (only running statistics can be folded)")
+    folded = copy.deepcopy(module)
+    for parent in list(folded.modules()):
+        for conv_name, bn_name in list(_conv_bn_pairs(parent)):
+            fused = fuse_conv_bn_eval(getattr(parent, conv_name), getattr(parent, bn_name))
+            setattr(parent, conv_name, fused)  # same place among the children
+            setattr(parent, bn_name, nn.Identity())
+    return folded
+
+
+def _conv_bn_pairs(parent: nn.Module) -> Iterator[tuple[str, str]]:
+    """Names (conv, bn) of the children of `parent` that `fold_batchnorm` folds."""
+    children = dict(parent.named_children())
+    if isinstance(parent, nn.Sequential):
+        names = list(children)
+        for conv, bn in itertools.pairwise(names):
+            if isinstance(children[conv], nn.Conv2d) and isinstance(children[bn], nn.BatchNorm2d):
+                yield conv, bn
+        return
+    for name, child in children.items():
+        bn = "bn" + name.removeprefix("conv")
+        if (name.startswith("conv") and isinstance(child, nn.Conv2d)
+                and isinstance(children.get(bn), nn.BatchNorm2d)):
+            yield name, bn
 
 
 def image_transform(image_size: int = 224) -> T.Compose:

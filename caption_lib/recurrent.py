@@ -197,6 +197,32 @@ class StepInput:
         return torch.bmm(alpha.unsqueeze(1), self.prefix(alpha.size(0))).squeeze(1)  # (b, E)
 
 
+class RepeatedRows(StepInput):
+    """`StepInput` for x (B, ...) standing for every row repeated k times in a row
+    (row r is x[r // k]): a beam search's k beams of one image share one copy of its
+    features. Decoding only (no gradient). `mix(alpha)` for all B*k rows reads x once per
+    image, (B, k, P) @ (B, P, E), rather than a (B*k, P, E) copy of it at every step;
+    `prefix` makes that copy, once, for the readers that need the rows themselves (a
+    decoder without attention, hard attention's picks)."""
+
+    def __init__(self, x: torch.Tensor, k: int) -> None:
+        self.tracked, self.records = False, {}
+        self.x, self.k = x, k  # (B, P, E)
+        self.repeated: torch.Tensor | None = None  # (B*k, P, E), made by the first `prefix`
+
+    def prefix(self, rows: int) -> torch.Tensor:
+        if self.repeated is None:
+            self.repeated = self.x.repeat_interleave(self.k, dim=0)  # (B*k, ...)
+        return first_rows(self.repeated, rows)  # (rows, ...)
+
+    def mix(self, alpha: torch.Tensor) -> torch.Tensor:
+        B, k = self.x.size(0), self.k
+        if alpha.size(0) != B * k:
+            raise ValueError(f"RepeatedRows.mix: alpha has {alpha.size(0)} rows, not B*k = {B * k}")
+        context = torch.bmm(alpha.view(B, k, -1), self.x)  # (B, k, E)
+        return context.view(B * k, -1)  # (B*k, E)
+
+
 class _SplitColumns(torch.autograd.Function):
     """(N, K) -> its columns [:, :at] and [:, at:]; backward: the two gradients side by side
     in one tensor (autograd's slicing would zero-fill a full (N, K) gradient per slice and

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from caption_lib.decoding import DecodeResult, beam_search, greedy_decode
+from caption_lib.recurrent import StepInput
 
 PAD, START, END = 0, 1, 2
 
@@ -45,6 +46,8 @@ class TableDecoder(nn.Module):
         return features.mean(dim=1) @ self.W  # (B, V)
 
     def step(self, tokens, state, features, projected):
+        if isinstance(features, StepInput):  # a beam search's RepeatedRows
+            features = features.prefix(tokens.size(0))  # (B, P, E)
         logits = self.table[tokens] + self.image_bias(features)  # (B, V)
         alpha = torch.softmax(projected.squeeze(2) * (1 + tokens.unsqueeze(1)), dim=1)  # (B, P)
         return logits, (state[0] + 1, state[1]), alpha
@@ -364,7 +367,8 @@ def test_bf16_search_runs_a_bf16_copy_and_scores_the_same_model(monkeypatch):
     step = DecoderWithAttention.step
 
     def spy(self, tokens, state, features, *args, **kwargs):
-        seen.append((state[0].dtype, features.dtype, self is dec))
+        regions = features.x if isinstance(features, StepInput) else features  # (B, P, E)
+        seen.append((state[0].dtype, regions.dtype, self is dec))
         return step(self, tokens, state, features, *args, **kwargs)
 
     monkeypatch.setattr(DecoderWithAttention, "step", spy)

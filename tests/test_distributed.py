@@ -227,15 +227,17 @@ def test_two_processes_train_the_weights_of_one_at_the_same_global_batch(
     per process).
 
     Tolerance: the gradients agree to float rounding (test above), but Adam amplifies
-    rounding: an entry whose gradient is near Adam's epsilon (1e-8) moves by up to a whole
-    lr step on noise, and this tiny model's training is chaotic: many of its gradient
-    entries are below 1e-7 (a third of `lstm.weight_ih`'s), and in ONE process scaling the
-    loss by 1 + 1e-6 moves 0.18% of the decoder's weights by more than 1e-4 after these 4
-    steps. So after 4 steps: at most 0.2% of the weights differ by more
-    than 1e-4 (measured: 0.05%, less than that 1e-6 perturbation moves), the gap is below
-    1% of the distance the weights travelled, and no entry differs by more than the 4
-    steps' lr. (Measured 0.0007% before the decoder computed its per-step weight gradients
-    in one product, `caption_lib.recurrent`: the same gradients, other rounding.) A wrong
+    rounding: an entry whose true gradient is near 0 is computed as a sum of larger terms
+    that cancel, so its rounding noise is as large as it is and Adam (which divides by the
+    gradient's own size) moves it by up to a whole lr step on noise. This tiny model has
+    many such entries (in `init_h`, `encoder_att` and `f_beta`, which read the frozen
+    random ResNet's features). So ONE process trained with 1 thread and then with 2 (other
+    rounding, nothing else changed) already ends with 0.63% of the decoder's weights more
+    than 1e-4 apart, the largest gap 0.0107, after these 4 steps; two processes against
+    one measured 0.56% and 0.0107, and the gap's norm 0.53% of the distance the weights
+    travelled (with features from `features.fold_batchnorm`; 0.05% before it, on other
+    features). The bounds: at most 2% of the weights differ by more than 1e-4, no entry
+    by more than 6 lr steps, the gap below 1% of the distance travelled. A wrong
     combination of the processes' gradients fails the test above, and moves most weights.
     The attention score's bias is left out: its true gradient is 0 (softmax ignores a
     constant), so Adam moves it on rounding noise alone."""
@@ -254,8 +256,8 @@ def test_two_processes_train_the_weights_of_one_at_the_same_global_batch(
     gap = torch.cat([(ranks[0]["weights"][n] - one.model.state_dict()[n]).abs().flatten()
                      for n in names])  # (number of decoder weights,)
     travelled = torch.cat([(one.model.state_dict()[n] - start[n]).flatten() for n in names])
-    assert float((gap > 1e-4).float().mean()) < 2e-3, float((gap > 1e-4).float().mean())
-    assert float(gap.max()) < 4 * config.lr, float(gap.max())
+    assert float((gap > 1e-4).float().mean()) < 2e-2, float((gap > 1e-4).float().mean())
+    assert float(gap.max()) < 6 * config.lr, float(gap.max())
     assert float(gap.norm() / travelled.norm()) < 1e-2, float(gap.norm() / travelled.norm())
     for a, b in zip(ranks[0]["history"], one.history):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)

@@ -12,6 +12,7 @@ from caption_lib import encoder as enc
 from caption_lib.encoder import (
     EncoderCNN,
     calibrate_frozen_batchnorm,
+    fold_batchnorm,
     image_transform,
     load_resnet50,
     recalibrate_batchnorm,
@@ -210,3 +211,48 @@ def test_calibrated_statistics_travel_as_a_state():
     with pytest.raises(CaptionLibError, match="no frozen blocks"):
         EncoderCNN(weights=None, fine_tune="layer4").load_frozen_batchnorm_state(
             model.frozen_batchnorm_state())
+
+
+def _with_statistics(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm of `module` non-trivial statistics and affine parameters
+    (a fresh one is the identity map, which would fold into nothing)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                for tensor, low, high in ((m.running_mean, -1, 1), (m.running_var, 0.5, 2),
+                                          (m.weight, 0.5, 1.5), (m.bias, -0.5, 0.5)):
+                    tensor.copy_(torch.empty(tensor.shape).uniform_(low, high, generator=generator))
+    return module.eval()
+
+
+def test_folded_batchnorm_computes_the_same_function():
+    encoder = EncoderCNN(weights=None)
+    frozen = _with_statistics(encoder.frozen)  # stem .. layer4
+    before = {k: v.clone() for k, v in frozen.state_dict().items()}
+    folded = fold_batchnorm(frozen)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want, got = frozen(x), folded(x)  # (2, 2048, 2, 2)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    # every BatchNorm went into a convolution: the stem's, each bottleneck's three and
+    # each downsample branch's
+    assert not [m for m in folded.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in frozen.modules()) == 53
+    # the module it was given is untouched (a copy was folded)
+    assert all(torch.equal(v, before[k]) for k, v in frozen.state_dict().items())
+
+
+def test_folding_a_module_in_train_mode_is_refused():
+    with pytest.raises(CaptionLibError, match="train mode"):
+        fold_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+
+
+def test_only_a_convolution_directly_before_its_batchnorm_is_folded():
+    block = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4)).eval()
+    _with_statistics(block)
+    folded = fold_batchnorm(block)
+    assert isinstance(folded[2], nn.BatchNorm2d)  # a ReLU between them: not one affine map
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(folded(x), block(x))

@@ -32,12 +32,14 @@ def images(tmp_path):
 
 
 def _count_calls(monkeypatch):
+    """Images run through a frozen part (calls on cached maps, which finish a prefix's
+    cache, are not counted: only inputs with 3 channels are images)."""
     calls = []
     real = feat.extract_frozen
 
-    def counting(encoder, images, fast=True):
-        calls.append(len(images))
-        return real(encoder, images, fast)
+    def counting(frozen, images, fast=True):
+        calls.append(len(images) if images.size(1) == 3 else 0)
+        return real(frozen, images, fast)
 
     monkeypatch.setattr(feat, "extract_frozen", counting)
     return calls
@@ -158,11 +160,11 @@ def test_interrupted_extraction_leaves_no_valid_cache(encoder, images, tmp_path,
     real = feat.extract_frozen
     calls = []
 
-    def dies_on_second_batch(encoder, images, fast=True):
+    def dies_on_second_batch(frozen, images, fast=True):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real(encoder, images, fast)
+        return real(frozen, images, fast)
 
     monkeypatch.setattr(feat, "extract_frozen", dies_on_second_batch)
     root = tmp_path / "cache"
@@ -184,6 +186,18 @@ def test_missing_image_is_named(encoder, images, tmp_path):
 
 def test_bf16_channels_last_is_close_to_fp32(encoder):
     x = torch.randn(2, 3, 96, 96)
-    fp32 = feat.extract_frozen(encoder, x, fast=False).flatten(1)  # (2, C*h*w)
-    fast = feat.extract_frozen(encoder, x, fast=True).flatten(1)
+    fp32 = feat.extract_frozen(encoder.frozen, x, fast=False).flatten(1)  # (2, C*h*w)
+    fast = feat.extract_frozen(encoder.frozen, x, fast=True).flatten(1)
     assert torch.nn.functional.cosine_similarity(fp32, fast).min() >= 0.999
+
+
+def test_pieces_and_folding_change_nothing_but_rounding(encoder):
+    x = torch.randn(5, 3, 64, 64)
+    whole = feat.extract_frozen(encoder.frozen, x, fast=False, piece=5)  # (5, 1024, 4, 4)
+    pieces = feat.extract_frozen(encoder.frozen, x, fast=False, piece=2)  # 2 + 2 + 1 images
+    assert torch.allclose(pieces, whole, rtol=1e-4, atol=1e-4 * whole.abs().max().item())
+    folded = feat.inference_copy(encoder.frozen, fast=True)  # what the fast cache runs
+    assert not [m for m in folded.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert feat.inference_copy(encoder.frozen, fast=False) is encoder.frozen
+    cos = F.cosine_similarity(feat.extract_frozen(folded, x).flatten(1), whole.flatten(1))
+    assert bool((cos > 0.999).all()), cos

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from caption_lib.decoder import DecoderWithAttention, caption_loss
-from caption_lib.recurrent import StepInput, StepWeight, lstm_cell
+from caption_lib.recurrent import RepeatedRows, StepInput, StepWeight, lstm_cell
 
 
 def _loop(weight: torch.Tensor, xs: list[torch.Tensor], shared: bool) -> torch.Tensor:
@@ -128,6 +128,36 @@ def test_step_input_without_gradient_and_under_autocast():
     mine = torch.autograd.grad(loss, x)[0]
     assert mine.dtype == torch.float32
     torch.testing.assert_close(mine, plain, atol=0.1, rtol=0.05)
+
+
+def test_repeated_rows_read_like_the_repeated_tensor():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 7, generator=gen)  # (B, P, E): 3 images
+    k = 4
+    alpha = torch.softmax(torch.randn(3 * k, 5, generator=gen), dim=1)  # (B*k, P)
+    repeated = x.repeat_interleave(k, dim=0)  # (B*k, P, E): beam j of image b at b*k + j
+    reads = RepeatedRows(x, k)
+    torch.testing.assert_close(reads.mix(alpha), StepInput(repeated).mix(alpha))
+    assert reads.repeated is None  # mix made no copy
+    assert torch.equal(reads.prefix(3 * k), repeated) and torch.equal(reads.prefix(5), repeated[:5])
+    with pytest.raises(ValueError, match="11 rows, not B\\*k = 12"):
+        reads.mix(alpha[:11])
+
+
+def test_a_decoder_step_on_repeated_rows_equals_the_step_on_the_copy():
+    torch.manual_seed(0)
+    decoder = DecoderWithAttention(9, encoder_dim=16, embed_dim=8, decoder_dim=12,
+                                   attention_dim=10).eval()
+    features, k = torch.randn(3, 5, 16), 2  # (B, P, E)
+    repeated = features.repeat_interleave(k, dim=0)  # (B*k, P, E)
+    state = decoder.init_state(repeated)  # (B*k, H) x2
+    tokens = torch.tensor([1, 2, 3, 4, 5, 6])  # (B*k,)
+    projected = decoder.project(repeated)  # (B*k, P, A)
+    with torch.no_grad():
+        want = decoder.step(tokens, state, repeated, projected)
+        got = decoder.step(tokens, state, RepeatedRows(features, k), projected)
+    for a, b in zip(want, got):
+        torch.testing.assert_close(b, a)
 
 
 def test_lstm_cell_equals_nn_lstmcell():
