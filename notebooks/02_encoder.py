@@ -239,7 +239,13 @@ plt.show()
 #
 # The frozen part of the encoder gives the same output for an image at every epoch, so
 # the library computes it once and stores it (float16, memory-mapped). Fast path on a
-# CPU: bfloat16 autocast and the channels-last memory layout; AMP on a GPU. The cache is
+# CPU: bfloat16 autocast and the channels-last memory layout; AMP on a GPU. It also runs a
+# copy of the frozen part in which every BatchNorm is folded into the convolution before
+# it (`caption_lib.encoder.fold_batchnorm`): in eval mode a BatchNorm is a fixed affine
+# map per channel, y = s x + t, so conv-then-BatchNorm is one convolution with weights
+# scaled by s and bias t (plus s times the old bias). That saves a pass over every
+# activation, and on a CPU those passes cost as much as the convolutions. The results
+# page shows the measured speed-ups (`encoder.json`). The cache is
 # keyed by everything its content depends on (weights, stage, image size, the image
 # files), so a change anywhere makes a new entry. Timings below are from this build's
 # machine; they are not checked.

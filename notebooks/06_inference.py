@@ -254,6 +254,12 @@ assert logp1.shape == (len(vocab),) and candidates.shape == (K, len(vocab))
 print("step 1 log-probs: (V,); step 2 candidates:", (candidates.shape[0], "V"), "= (k, V)")
 
 # %% [markdown]
+# The cell copies the image's features k times to make the batch of beams. The library's
+# `beam_search` steps all images' beams at once without that copy: an image's k beams
+# read its one copy of the features through `caption_lib.recurrent.RepeatedRows`, and each
+# step's context $\hat z_t$ is one product per image, (k, P) weights times its (P, E)
+# features. A step then reads the features once per image rather than once per beam.
+#
 # `beam_search(..., return_beams=True)` also returns every finished hypothesis it set
 # aside, best first: its words, the sum of log-probabilities {eq}`eq-seq-logp` and the
 # normalised score {eq}`eq-length-norm` it was ranked by.

@@ -183,7 +183,7 @@ NAMES = {  # a benchmark key -> what it compares
     "speedup_vs_tutorial_min.fixed": "decoder training step vs the tutorial's, all lengths 20 (fastest)",
     "shrink_time_over_mask_time_median": "time of sort-and-shrink over time of masking only (below 1: shrinking is faster)",
     "extract_speedup": "feature extraction, bf16 + channels_last vs fp32",
-    "extract_speedup_folded_pieces_over_bf16": "feature extraction, BatchNorm folded and 8 images a pass vs bf16 + channels_last on the whole batch",
+    "extract_speedup_folded_pieces_over_bf16": "feature extraction as the cache runs it (BatchNorm folded, a few images a pass) vs bf16 + channels_last on the whole batch",
     "epoch_speedup": "an epoch from the feature cache vs running the CNN at every step",
     "speedup_bf16_over_fp32": "fine-tuned training step, bf16 autocast vs fp32",
     "speedup_bf16_autocast_over_fp32_median": "decoder training step, bf16 autocast vs fp32 (median)",
@@ -581,7 +581,8 @@ if encoder_file.is_file():
     record = json.loads(encoder_file.read_text())
     speed = record.get("extract_library_images_per_s",  # what cached_features runs
                        record["extract_bf16_channels_last_images_per_s"])
-    scaling["extract_img_s"] = ("feature extraction, bf16, images/s (encoder.json)", f"{speed:g}")
+    scaling["extract_img_s"] = ("feature extraction as the cache runs it, images/s (encoder.json)",
+                                f"{speed:g}")
     scaling["extract_coco_min"] = ("extracting all COCO images at that speed (minutes)",
                                    f"{COCO_IMAGES / speed / 60:.0f}")
 for batch in (8, 32):
