@@ -13,11 +13,20 @@ suite took 1059 s that way against 346 s with one thread each (this machine, 2 c
 Whole files go to one worker (`--dist loadfile`: a notebook's cells run in order, in one
 kernel), longest first (`SLOWEST`, then collection order), so that no long file is left
 for the end while the other worker idles.
+
+Kernels: jupyter_client picks a kernel's five TCP ports by binding free ones and letting
+them go, and the kernel binds them a moment later. Two workers starting kernels at once
+can be handed the same port in that moment ("Address already in use", a kernel that dies
+before replying: it failed one CI run in six). So on Linux each worker's kernels (nbval's,
+nbclient's, nbgrader's: all started in the worker's process) listen on a loopback address
+of their own, 127.0.0.(2 + worker number) (`worker_loopback`); the whole of 127/8 is the
+loopback interface there, and ports on different addresses cannot collide.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections import defaultdict
 
 # the longest files of make test (the table below, two workers on 2 cores), longest first,
@@ -45,11 +54,28 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # before tests/conftest.py imports to
     os.environ["OMP_NUM_THREADS"] = str(_threads)
 
 
-def pytest_configure(config) -> None:
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        import torch  # in case a plugin imported it before this file was read
+def worker_loopback(worker: str, platform: str = sys.platform) -> str | None:
+    """The loopback address for the kernels of xdist worker `worker` ("gw3" ->
+    "127.0.0.5"), or None where only 127.0.0.1 is sure to exist (not Linux)."""
+    if not platform.startswith("linux") or not worker.startswith("gw"):
+        return None
+    return f"127.0.0.{2 + int(worker[2:])}"
 
-        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+def pytest_configure(config) -> None:
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if not worker:
+        return
+    import torch  # in case a plugin imported it before this file was read
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    address = worker_loopback(worker)
+    if address:
+        from jupyter_client import localinterfaces
+
+        localinterfaces.local_ips()  # the machine's addresses, loaded once
+        localinterfaces.LOCALHOST = address  # where this process's kernels listen
+        localinterfaces.LOCAL_IPS.append(address)  # and that it is this machine
 
 
 def pytest_collection_modifyitems(items) -> None:

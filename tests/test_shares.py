@@ -69,3 +69,30 @@ def test_every_file_named_slowest_exists():
     """A renamed or removed file in `SLOWEST` would silently drop out of the order."""
     missing = [path for path in _root_conftest().SLOWEST if not (ROOT / path).is_file()]
     assert not missing, f"conftest.py SLOWEST names files that do not exist: {missing}"
+
+
+def test_each_worker_has_its_own_loopback_address_on_linux():
+    address = _root_conftest().worker_loopback
+    assert address("gw0", "linux") == "127.0.0.2" and address("gw13", "linux") == "127.0.0.15"
+    assert address("gw0", "darwin") is None and address("master", "linux") is None
+
+
+def test_this_workers_kernels_listen_on_its_own_address():
+    """A kernel started here (as nbval, nbclient and nbgrader start theirs) binds the
+    worker's address, so two workers' kernels cannot be handed the same port."""
+    import os
+    import sys
+
+    import pytest
+    from jupyter_client.manager import start_new_kernel
+
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if not worker or not sys.platform.startswith("linux"):
+        pytest.skip("runs under pytest-xdist on Linux only (make test)")
+    manager, client = start_new_kernel(kernel_name="python3", startup_timeout=60)
+    try:
+        assert manager.ip == _root_conftest().worker_loopback(worker)
+        assert client.execute_interactive("1 + 1", timeout=30)["content"]["status"] == "ok"
+    finally:
+        client.stop_channels()
+        manager.shutdown_kernel(now=True)
