@@ -295,6 +295,12 @@ for item in test.captions[:5]:
     print(f"{item['caption']:55s} | reference: {item['references'][0]}")
 
 # %% [markdown]
+# Above: the first five test captions, each beside one of its references. Read them as
+# a sample, not as a score. Where a caption differs from the reference shown, it is
+# either another way to say the same thing (every image has several references) or a
+# mistake. On shapes, semantic F1 counts the mistakes in colour and shape: a wrong shape,
+# a missed object, an object named twice. It ignores size words.
+#
 # ## What pretrained features and attention buy
 #
 # Three more models, trained on the same data:
