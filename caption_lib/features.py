@@ -2,8 +2,9 @@
 
 The encoder's frozen part never changes, so computing it again at every epoch is wasted
 work: the first time, `cached_features` runs it over all images (fast path: bf16 autocast
-and channels_last on CPU, AMP on CUDA) and stores the output as float16 in a `.npy` file;
-later epochs and chapters memory-map that file. What is stored depends on the recipe:
+and channels_last on CPU, AMP on CUDA, BatchNorm folded into the convolutions:
+`inference_copy`) and stores the output as float16 in a `.npy` file; later epochs and
+chapters memory-map that file. What is stored depends on the recipe:
 
     encoder frozen (the paper, ImageNet weights) -> layer4 output (N, 2048, 7, 7)
     layer4 fine-tuned                            -> layer3 output (N, 1024, 14, 14)
@@ -161,12 +162,14 @@ def extract_frozen(frozen: nn.Module, images: torch.Tensor, fast: bool = True,
     """Run a frozen part (an encoder's `.frozen`, or its `fold_batchnorm` copy) on one
     batch: (B, C, S, S) images or cached maps -> (B, C', h, w), fp32 result.
 
-    `fast`: bf16 autocast + channels_last on CPU (about 4-5x faster than fp32 here, cosine
-    similarity to fp32 above 0.999), autocast on CUDA. On a CPU the batch runs `piece`
+    `fast`: bf16 autocast + channels_last on CPU (several times faster than fp32:
+    `benchmarks/results/encoder.json`; cosine similarity to fp32 above 0.999, which
+    tests/test_features.py checks), autocast on CUDA. On a CPU the batch runs `piece`
     inputs at a time, by default as many as hold `CPU_PIXELS` pixels: 8 images of
     224x224, whose activations at layer1 (8, 256, 56, 56) stay nearer the caches than
-    32 images' (tens of MB); a cached 14x14 map runs whole (its products are small
-    already). `benchmarks/bench_encoder.py` measures both ways.
+    32 images' (tens of MB); a cached 14x14 map runs whole (in pieces of 8 it ran
+    slower: its products are small already). `benchmarks/bench_encoder.py` measures
+    images both ways.
     """
     device = images.device
     if fast:
