@@ -7,6 +7,7 @@ and `pick_device("auto")` is how callers choose one. The one place for each of:
     autocast        the library's mixed precision (bf16 autocast; fp16 on old GPUs)
     seed_everything, rng_state, set_rng_state   seeds, and the CPU + CUDA generator states
     atomic_write, atomic_folder   write a file / a folder so that a crash leaves the old one
+    atomic_copy     give a finished file a second name, as atomically
     workspace_dir   the folder for data sets, feature caches and runs
 """
 
@@ -122,6 +123,27 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_copy(source: str | Path, path: str | Path) -> None:
+    """Make `path` a copy of the finished file `source`, replacing `path` atomically.
+
+    A hard link where the file system has them: no bytes are written (a checkpoint is
+    hundreds of MB), and since `atomic_write` always writes a new file and renames it,
+    a later write of `source` leaves `path` as it was. Elsewhere, a copy (fsynced).
+    """
+    source, path = Path(source), Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(source, tmp)
+        except OSError:  # no hard links here (some network and FAT file systems)
+            shutil.copyfile(source, tmp)
+            _fsync(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -72,6 +72,7 @@ from caption_lib.model import (
     read_checkpoint,
 )
 from caption_lib.runtime import (
+    atomic_copy,
     autocast,
     flush_denormals,
     pick_device,
@@ -586,8 +587,8 @@ def _checkpoint(model: Captioner, out_dir: Path, run: _Run, config: TrainConfig,
         state["world_size"] = distributed.world_size()
     if distributed.is_main():
         model.save(out_dir / "last.pt", extra=state)
-        if is_best:
-            model.save(out_dir / "best.pt", extra=state)
+        if is_best:  # the same bytes: a second name, not a second write
+            atomic_copy(out_dir / "last.pt", out_dir / "best.pt")
     distributed.barrier()
 
 

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import caption_lib
+from caption_lib import runtime
 from caption_lib.errors import CaptionLibError
 from caption_lib.model import CaptionerConfig
-from caption_lib.runtime import atomic_write, rng_state, set_rng_state
+from caption_lib.runtime import atomic_copy, atomic_write, rng_state, set_rng_state
 from caption_lib.train import TrainConfig, recipe, run_dir_for
 
 PACKAGE = Path(caption_lib.__file__).parent
@@ -109,3 +110,22 @@ def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path):
         f.write(b"half")
         raise KeyboardInterrupt
     assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["x.txt"]
+
+
+@pytest.mark.parametrize("links", [True, False])
+def test_atomic_copy_keeps_its_bytes_when_the_source_is_rewritten(tmp_path, monkeypatch, links):
+    if not links:  # a file system without hard links: a plain copy
+        def no_link(*args):
+            raise OSError("hard links not supported")
+
+        monkeypatch.setattr(runtime.os, "link", no_link)
+    last, best = tmp_path / "last.pt", tmp_path / "best.pt"
+    with atomic_write(last) as f:
+        f.write(b"epoch 1")
+    atomic_copy(last, best)
+    with atomic_write(last) as f:  # the next epoch, not a better one
+        f.write(b"epoch 2")
+    assert best.read_bytes() == b"epoch 1" and last.read_bytes() == b"epoch 2"
+    atomic_copy(last, best)  # replaces an existing copy
+    assert best.read_bytes() == b"epoch 2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
