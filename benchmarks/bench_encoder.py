@@ -4,7 +4,7 @@ Prints one JSON object (and writes benchmarks/results/encoder.json):
 - extraction images/s of the frozen ResNet-50 (a batch of 32, 224x224): fp32; bf16
   autocast + channels_last on the whole batch; and what `features.cached_features` runs,
   the same with BatchNorm folded into the convolutions (`encoder.fold_batchnorm`) and the
-  batch in pieces of `features.CPU_PIXELS` pixels (8 images). The ratios of the three;
+  batch in pieces of `features.cpu_piece` images (8 at 224x224). The ratios of the three;
 - a training "epoch" of the paper's setting (frozen encoder, decoder 512/512/512, batch 32,
   captions of length 20, V=5000), measured over a few batches: reading cached features vs
   running the CNN (fp32, as the usual tutorials do) at every step; the ratio of the two.
@@ -25,7 +25,7 @@ import torch
 
 from caption_lib.decoder import DecoderWithAttention, caption_loss
 from caption_lib.encoder import EncoderCNN
-from caption_lib.features import CPU_PIXELS, extract_frozen, inference_copy
+from caption_lib.features import cpu_piece, extract_frozen, inference_copy
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -86,7 +86,7 @@ def main() -> dict:
     result = {
         "threads": torch.get_num_threads(),
         "extract_batch": len(images),
-        "extract_piece": CPU_PIXELS // (224 * 224),
+        "extract_piece": cpu_piece(224, 224),
         "extract_fp32_images_per_s": round(len(images) / fp32, 1),
         "extract_bf16_channels_last_images_per_s": round(len(images) / fast, 1),
         "extract_library_images_per_s": round(len(images) / library, 1),

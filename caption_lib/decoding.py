@@ -13,8 +13,9 @@ log p(y | a) = sum_t log p(y_t | y_<t, a) large:
 Both run over a BATCH of images at once: the B*k beams are one batch for the decoder's
 `step`, and the image projection W_a a (attention) is computed once per image and repeated
 for its beams. The features themselves are not repeated: the beams read them through
-`recurrent.RepeatedRows`, so each step's context reads one copy per image. If no beam emits <end> within `max_len` steps, the best unfinished beam is
-returned (the popular tutorial crashes there). Beam size 1 gives exactly greedy decoding.
+`recurrent.RepeatedRows`, so each step's context reads one copy per image. If no beam
+emits <end> within `max_len` steps, the best unfinished beam is returned (the popular
+tutorial crashes there). Beam size 1 gives exactly greedy decoding.
 
 The decoder is anything with the `DecoderWithAttention` decoding interface:
 `init_state(features) -> (h, c)`, `project(features)` (or `attention.project`), and
@@ -311,7 +312,7 @@ def beam_search(
         beams = _Beams.start(decoder, features, start_id, beam_size, alpha_len)
         greedy = _GreedyInBeam(beams, max_len, end_id) if keep_greedy and beam_size > 1 else None
         for t in range(max_len):
-            logits, state, alpha = beams.step(decoder, features, t)  # (B*k, V), ...
+            logits, state, alpha = beams.step(decoder, t)  # (B*k, V), ...
             logp = F.log_softmax(logits.float(), dim=-1)  # (B*k, V)
             if greedy is not None:
                 greedy.observe(logp, alpha, t)
@@ -385,16 +386,16 @@ class _Beams:
             best_finished=torch.full((B,), float("-inf"), device=device),
             finished=[[] for _ in range(B)])
 
-    def step(self, decoder: nn.Module, features: torch.Tensor, t: int) -> tuple:
+    def step(self, decoder: nn.Module, t: int) -> tuple:
         """`decoder.step` of the B*k beams: (B*k, V) logits, state, (B*k, P) alpha. At the
         first step an image's k beams are still identical: one row per image is computed
-        (`features` (B, P, E)) and repeated k times."""
+        (on the features themselves, (B, P, E)) and repeated k times."""
         if t > 0 or self.k == 1:
             return decoder.step(self.tokens, self.state, self.features, self.projected,
                                 **self.options)
         k = self.k
         logits, state, alpha = decoder.step(
-            self.tokens[::k], (self.state[0][::k], self.state[1][::k]), features,
+            self.tokens[::k], (self.state[0][::k], self.state[1][::k]), self.features.x,
             self.projected[::k] if self.projected is not None else None, **self.options)
         return (logits.repeat_interleave(k, dim=0),  # (B*k, V)
                 tuple(x.repeat_interleave(k, dim=0) for x in state),  # (B*k, H) x2

@@ -156,6 +156,11 @@ def cache_key(encoder: EncoderCNN, paths: Sequence[Path], image_size: int,
 CPU_PIXELS = 8 * 224 * 224  # input pixels per forward pass on a CPU (see `extract_frozen`)
 
 
+def cpu_piece(height: int, width: int) -> int:
+    """Inputs of height x width per forward pass on a CPU: as many as hold `CPU_PIXELS`."""
+    return max(1, CPU_PIXELS // (height * width))
+
+
 @torch.no_grad()
 def extract_frozen(frozen: nn.Module, images: torch.Tensor, fast: bool = True,
                    piece: int | None = None) -> torch.Tensor:
@@ -165,7 +170,7 @@ def extract_frozen(frozen: nn.Module, images: torch.Tensor, fast: bool = True,
     `fast`: bf16 autocast + channels_last on CPU (several times faster than fp32:
     `benchmarks/results/encoder.json`; cosine similarity to fp32 above 0.999, which
     tests/test_features.py checks), autocast on CUDA. On a CPU the batch runs `piece`
-    inputs at a time, by default as many as hold `CPU_PIXELS` pixels: 8 images of
+    inputs at a time, by default `cpu_piece` (as many as hold `CPU_PIXELS`): 8 images of
     224x224, whose activations at layer1 (8, 256, 56, 56) stay nearer the caches than
     32 images' (tens of MB); a cached 14x14 map runs whole (in pieces of 8 it ran
     slower: its products are small already). `benchmarks/bench_encoder.py` measures
@@ -174,7 +179,7 @@ def extract_frozen(frozen: nn.Module, images: torch.Tensor, fast: bool = True,
     device = images.device
     if fast:
         images = images.contiguous(memory_format=torch.channels_last)
-    piece = piece or max(1, CPU_PIXELS // (images.size(-2) * images.size(-1)))
+    piece = piece or cpu_piece(images.size(-2), images.size(-1))
     pieces = images.split(piece) if device.type == "cpu" else (images,)
     with autocast(device, "auto" if fast else "fp32"):
         out = torch.cat([frozen(part) for part in pieces])  # (B, C', h, w)

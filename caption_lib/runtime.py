@@ -108,6 +108,11 @@ def _fsync(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def _temporary(path: Path) -> Path:
+    """The hidden temporary name next to `path` that `atomic_write`/`atomic_copy` rename."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
 @contextmanager
 def atomic_write(path: str | Path, mode: str = "wb") -> Iterator:
     """Open a temporary file next to `path`; on success flush, fsync, rename it to `path`.
@@ -117,7 +122,7 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = _temporary(path)
     try:
         with open(tmp, mode) as f:
             yield f
@@ -136,7 +141,7 @@ def atomic_copy(source: str | Path, path: str | Path) -> None:
     a later write of `source` leaves `path` as it was. Elsewhere, a copy (fsynced).
     """
     source, path = Path(source), Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = _temporary(path)
     tmp.unlink(missing_ok=True)
     try:
         try:
