@@ -17,8 +17,9 @@ and ends through the no-<end> fallback. A batch of 32 images is captioned by:
   one batch per step).
 - "batched_no_greedy": the same with `keep_greedy=False`: the tutorial's algorithm
   exactly (by default `beam_search` also keeps the greedy caption in the running, which
-  costs extra decoder steps once the greedy prefix has fallen out of the beams; on this
-  random decoder it falls out early, so this is that guard's worst case).
+  costs one extra row per image in the decoder steps once the greedy prefix has fallen
+  out of the beams; on this random decoder it falls out early, so this is that guard's
+  worst case).
 - "batched_bf16": the same as "batched" with `precision="bf16"`: a bfloat16 copy of the
   decoder runs the steps (log-probabilities, scores and the attention's scores stay fp32).
   Its captions may differ from the fp32 ones where two words are nearly tied (the random

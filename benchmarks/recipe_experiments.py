@@ -91,6 +91,9 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "layer4.2-bn": ({"fine_tune": "layer4.2"}, {}),
     "layer4.1-uncalibrated": ({"fine_tune": "layer4.1"}, {}),
     "layer4.2-uncalibrated": ({"fine_tune": "layer4.2"}, {}),
+    # the doubly stochastic regulariser (lambda = alpha_c) off: its minimum, with fewer
+    # words than regions, is attention spread evenly, which works against grounding
+    "alpha-c-0": ({"alpha_c": 0.0}, {}),
 }
 # name -> a decoder trained alone on the frozen encoder of the book's default run (today's
 # recipe, finished by `make runs`; `train.same_features_runs`): how far that run's

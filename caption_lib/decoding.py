@@ -312,11 +312,15 @@ def beam_search(
         beams = _Beams.start(decoder, features, start_id, beam_size, alpha_len)
         greedy = _GreedyInBeam(beams, max_len, end_id) if keep_greedy and beam_size > 1 else None
         for t in range(max_len):
-            logits, state, alpha = beams.step(decoder, t)  # (B*k, V), ...
-            logp = F.log_softmax(logits.float(), dim=-1)  # (B*k, V)
+            riders = greedy.riders(beams) if greedy is not None else None
+            logits, state, alpha = beams.step(decoder, t, riders)  # (B*k [+ R], V), ...
+            logp = F.log_softmax(logits.float(), dim=-1)  # (B*k [+ R], V)
+            n = beams.tokens.size(0)  # B*k beam rows; the R riders' rows follow
             if greedy is not None:
-                greedy.observe(logp, alpha, t)
-            going = beams.extend(logp, state, alpha, end_id, t)
+                greedy.observe(logp[:n], alpha[:n], t)
+                greedy.ride(logp[n:], (state[0][n:], state[1][n:]), alpha[n:])
+            state = (state[0][:n], state[1][:n])  # (B*k, H) x2: the beams'
+            going = beams.extend(logp[:n], state, alpha[:n], end_id, t)
             if greedy is not None:
                 greedy.follow(beams, state, t)
             if not going:
@@ -386,10 +390,16 @@ class _Beams:
             best_finished=torch.full((B,), float("-inf"), device=device),
             finished=[[] for _ in range(B)])
 
-    def step(self, decoder: nn.Module, t: int) -> tuple:
-        """`decoder.step` of the B*k beams: (B*k, V) logits, state, (B*k, P) alpha. At the
-        first step an image's k beams are still identical: one row per image is computed
-        (on the features themselves, (B, P, E)) and repeated k times."""
+    def step(self, decoder: nn.Module, t: int, riders: _Riders | None = None) -> tuple:
+        """`decoder.step` of the B*k beams: (B*k, V) logits, state, (B*k, P) alpha; with
+        `riders`, their R rows follow the beams' in one batch: (B*k + R, ...). At the
+        first step an image's k beams are still identical (and nothing rides yet): one row
+        per image is computed (on the features themselves, (B, P, E)) and repeated k times."""
+        if riders is not None:
+            tokens = torch.cat([self.tokens, riders.tokens])  # (B*k + R,)
+            state = tuple(torch.cat([s, r]) for s, r in zip(self.state, riders.state))
+            return decoder.step(tokens, state, riders.features, riders.projected,
+                                **self.options)
         if t > 0 or self.k == 1:
             return decoder.step(self.tokens, self.state, self.features, self.projected,
                                 **self.options)
@@ -470,14 +480,30 @@ class _Beams:
                                    alphas=self.attn[row, :steps].cpu(), finished=False))
 
 
+@dataclass
+class _Riders:
+    """What the greedy captions riding along with the beams give one beam step: their
+    last words (R,) and states (R, H) x2, the features of the beams and riders
+    (`RepeatedRows`, B*k + R rows) and their projection (B*k + R, P, A) or None."""
+
+    tokens: torch.Tensor
+    state: State
+    features: RepeatedRows
+    projected: torch.Tensor | None
+
+
 class _GreedyInBeam:
     """The greedy caption of each image, read off the beams while it is one of them.
 
     Greedy decoding's prefix starts as beam 0 of its image. As long as it is a live beam,
     its next word is the argmax of that beam's row, which the search computed anyway; so
-    the greedy caption costs nothing. When its extension is not among the k kept beams (or
-    the search stops first), the prefix leaves with its state, and `finish` continues it
-    with greedy steps of its own (`continue_greedy`): in all, beam search with
+    the greedy caption costs nothing. When its extension is not among the k kept beams,
+    the prefix leaves with its state and "rides along": from the next step its row
+    follows the B*k beam rows in the same `decoder.step` (`riders`, `ride`), so the
+    decoder's weights are read once per step for both (the step's products are bound by
+    reading them at these sizes: 96 + 32 rows cost about 15 % less than two passes,
+    benchmarks/bench_beam.py). What is left when the search stops is finished with
+    greedy steps of its own (`finish`, `continue_greedy`). In all, beam search with
     `keep_greedy` costs less than beam search plus a separate `greedy_decode`, and returns
     the same greedy caption."""
 
@@ -488,7 +514,24 @@ class _GreedyInBeam:
         self.captions = _GreedyCaptions(B, max_len, end_id, device)
         self.row = torch.arange(B, device=device) * k  # (B,) its beam row; -1: not followed
         self.last = beams.tokens[self.row].clone()  # (B,) its last word
-        self.left: list[tuple[torch.Tensor, State, torch.Tensor, int]] = []
+        # the riders: images (R,), their states (R, H) x2, last words (R,), steps (R,)
+        self.images = torch.zeros(0, dtype=torch.long, device=device)  # (R,)
+        self.state: State | None = None
+        self.tokens = self.images.clone()  # (R,)
+        self.t = self.images.clone()  # (R,)
+        self._inputs: tuple | None = None  # (features, projected) of the current riders
+        self.joined = self.outlived = 0  # prefixes that left mid-search / outlived it
+
+    def riders(self, beams: _Beams) -> _Riders | None:
+        """The riders' part of the next beam step, or None when none rides."""
+        if not self.images.numel():
+            return None
+        if self._inputs is None:  # the set of riders changed: gather their inputs once
+            projected = beams.projected
+            if projected is not None:  # (B*k, P, A): an image's rows are alike
+                projected = torch.cat([projected, projected[self.images * self.k]])
+            self._inputs = (RepeatedRows(beams.features.x, self.k, self.images), projected)
+        return _Riders(self.tokens, self.state, *self._inputs)
 
     def observe(self, logp: torch.Tensor, alpha: torch.Tensor, t: int) -> None:
         """Step t of the followed prefixes: logp (B*k, V), alpha (B*k, P) of the beams."""
@@ -496,6 +539,17 @@ class _GreedyInBeam:
         if images.numel():
             rows = self.row[images]  # (R,)
             self.last[images] = self.captions.take(images, logp[rows], alpha[rows], t)
+
+    def ride(self, logp: torch.Tensor, state: State, alpha: torch.Tensor) -> None:
+        """The riders' step: logp (R, V), state (R, H) x2, alpha (R, P) of their rows.
+        A rider gets off when its caption has ended or has `max_len` words."""
+        if not self.images.numel():
+            return
+        self.tokens = self.captions.take(self.images, logp, alpha, self.t)  # (R,)
+        self.state, self.t = state, self.t + 1
+        keep = ~self.captions.done[self.images] & (self.t < self.captions.max_len)  # (R,)
+        if not bool(keep.all()):
+            self._board(keep, None)
 
     def follow(self, beams: _Beams, state: State, t: int) -> None:
         """After `beams.extend`: find each followed prefix among the kept beams, or let
@@ -505,29 +559,44 @@ class _GreedyInBeam:
         same = (beams.src.view(B, k) == self.row.unsqueeze(1)) \
             & (beams.tokens.view(B, k) == self.last.unsqueeze(1))  # (B, k)
         kept = same.any(dim=1) & followed  # (B,)
-        self._leave(followed & ~kept, state, self.row, t + 1)
+        self.joined += self._leave(followed & ~kept, state, self.row, t + 1)
         new_row = torch.arange(B, device=same.device) * k + same.int().argmax(dim=1)  # (B,)
         self.row = torch.where(kept, new_row, torch.full_like(new_row, -1))
 
-    def _leave(self, which: torch.Tensor, state: State, rows: torch.Tensor, t: int) -> None:
-        images = which.nonzero().squeeze(1)  # (R,)
-        if images.numel() and t < self.captions.max_len:
-            r = rows[images]  # (R,)
-            self.left.append((images, (state[0][r], state[1][r]), self.last[images], t))
+    def _leave(self, which: torch.Tensor, state: State, rows: torch.Tensor, t: int) -> int:
+        """The prefixes of images `which` (B,) bool, at beam `rows` (B,), leave the beams
+        after step t - 1 and ride from step t; returns how many."""
+        images = which.nonzero().squeeze(1)  # (R',)
+        if not images.numel() or t >= self.captions.max_len:
+            return 0
+        r = rows[images]  # (R',)
+        new = (images, (state[0][r], state[1][r]), self.last[images], torch.full_like(images, t))
+        self._board(torch.ones_like(self.images, dtype=torch.bool), new)
+        return images.numel()
+
+    def _board(self, keep: torch.Tensor, new: tuple | None) -> None:
+        """The riders become those of `keep` (R,) bool plus `new` (images, state, tokens, t)."""
+        images, tokens, t = self.images[keep], self.tokens[keep], self.t[keep]
+        state = (tuple(s[keep] for s in self.state) if self.state is not None
+                 else None)
+        if new is not None:
+            images, tokens, t = (torch.cat([a, b]) for a, b in
+                                 ((images, new[0]), (tokens, new[2]), (t, new[3])))
+            state = new[1] if state is None else tuple(
+                torch.cat([a, b]) for a, b in zip(state, new[1]))
+        self.images, self.state, self.tokens, self.t = images, state, tokens, t
+        self._inputs = None
 
     def finish(self, decoder: nn.Module, features: torch.Tensor, beams: _Beams) -> None:
-        """Continue every greedy caption that has not ended: those that left the beams,
-        and those still followed when the search stopped. `features` (B, P, E)."""
-        self._leave(self.row >= 0, beams.state, self.row, beams.history.size(1))
-        if not self.left:
+        """Continue every greedy caption that has not ended: the riders, and those still
+        followed when the search stopped. `features` (B, P, E)."""
+        self.outlived = self._leave(self.row >= 0, beams.state, self.row,
+                                    beams.history.size(1))
+        if not self.images.numel():
             return
-        images = torch.cat([images for images, _, _, _ in self.left])  # (R,)
-        state = tuple(torch.cat([s[i] for _, s, _, _ in self.left]) for i in range(2))
-        tokens = torch.cat([tokens for _, _, tokens, _ in self.left])  # (R,)
-        t = torch.cat([torch.full_like(i, t) for i, _, _, t in self.left])  # (R,)
         projected = beams.projected[::self.k] if beams.projected is not None else None
-        continue_greedy(decoder, features, projected, beams.options, self.captions, images,
-                        state, tokens, t)
+        continue_greedy(decoder, features, projected, beams.options, self.captions,
+                        self.images, self.state, self.tokens, self.t)
 
 
 def _add_greedy(finished: list[list[Hypothesis]], greedy: DecodeResult, normalise) -> None:

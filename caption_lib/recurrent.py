@@ -199,28 +199,42 @@ class StepInput:
 
 class RepeatedRows(StepInput):
     """`StepInput` for x (B, ...) standing for every row repeated k times in a row
-    (row r is x[r // k]): a beam search's k beams of one image share one copy of its
-    features. Decoding only (no gradient). `mix(alpha)` for all B*k rows reads x once per
-    image, (B, k, P) @ (B, P, E), rather than a (B*k, P, E) copy of it at every step;
-    `prefix` makes that copy, once, for the readers that need the rows themselves (a
-    decoder without attention, hard attention's picks)."""
+    (row r < B*k is x[r // k]), then, optionally, one row per image of `extra` (R,)
+    (row B*k + j is x[extra[j]]): a beam search's k beams of one image share one copy of
+    its features, and the greedy captions that left the beams ride along behind them
+    (`decoding._GreedyInBeam`). Decoding only (no gradient). `mix(alpha)` reads x once per
+    image for the B*k beam rows, (B, k, P) @ (B, P, E), rather than a (B*k, P, E) copy of
+    it at every step; the R extra rows are gathered once, when this object is made.
+    `prefix` makes the whole (B*k + R, ...) copy, once, for the readers that need the rows
+    themselves (a decoder without attention, hard attention's picks)."""
 
-    def __init__(self, x: torch.Tensor, k: int) -> None:
+    def __init__(self, x: torch.Tensor, k: int, extra: torch.Tensor | None = None) -> None:
         self.tracked, self.records = False, {}
         self.x, self.k = x, k  # (B, P, E)
-        self.repeated: torch.Tensor | None = None  # (B*k, P, E), made by the first `prefix`
+        self.extra = x[extra] if extra is not None and extra.numel() else None  # (R, P, E)
+        self.repeated: torch.Tensor | None = None  # (B*k + R, P, E), made by the first `prefix`
+
+    def rows(self) -> int:
+        """B*k + R."""
+        return self.x.size(0) * self.k + (self.extra.size(0) if self.extra is not None else 0)
 
     def prefix(self, rows: int) -> torch.Tensor:
         if self.repeated is None:
             self.repeated = self.x.repeat_interleave(self.k, dim=0)  # (B*k, ...)
+            if self.extra is not None:
+                self.repeated = torch.cat([self.repeated, self.extra])  # (B*k + R, ...)
         return first_rows(self.repeated, rows)  # (rows, ...)
 
     def mix(self, alpha: torch.Tensor) -> torch.Tensor:
         B, k = self.x.size(0), self.k
-        if alpha.size(0) != B * k:
-            raise ValueError(f"RepeatedRows.mix: alpha has {alpha.size(0)} rows, not B*k = {B * k}")
-        context = torch.bmm(alpha.view(B, k, -1), self.x)  # (B, k, E)
-        return context.view(B * k, -1)  # (B*k, E)
+        if alpha.size(0) != self.rows():
+            raise ValueError(f"RepeatedRows.mix: alpha has {alpha.size(0)} rows, not "
+                             f"B*k + R = {self.rows()}")
+        context = torch.bmm(alpha[:B * k].view(B, k, -1), self.x).view(B * k, -1)  # (B*k, E)
+        if self.extra is None:
+            return context
+        extra = torch.bmm(alpha[B * k:].unsqueeze(1), self.extra).squeeze(1)  # (R, E)
+        return torch.cat([context, extra])  # (B*k + R, E)
 
 
 class _SplitColumns(torch.autograd.Function):

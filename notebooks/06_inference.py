@@ -289,8 +289,9 @@ for h in result.beams[0]:
 # (`keep_greedy=False`) to show it. By default `beam_search` also ranks the greedy
 # caption among its finished ones, so its result never has a lower *length-normalised*
 # score {eq}`eq-length-norm` than greedy's. That costs little: while the greedy prefix is
-# one of the beams, its next word is the best word of that beam, already computed; only
-# after it falls out does it take decoding steps of its own. By the plain sum
+# one of the beams, its next word is the best word of that beam, already computed; after
+# it falls out, its row rides along behind the beams' rows in the same decoder steps (one
+# read of the weights per step for both). By the plain sum
 # {eq}`eq-seq-logp` it can still be less probable, because the normalised score may prefer
 # a longer caption.
 

@@ -354,8 +354,8 @@ if "ratio_no_greedy_over_batched" in records["beam.json"]:
         + ("equal" if records["beam.json"]["no_greedy_same_as_tutorial"] else "differ from")
         + " the tutorial-style search's here). By default `beam_search` also keeps the "
         "greedy caption in the running, so that its result never ranks below a finished "
-        "greedy caption; once the greedy prefix has left the "
-        "beams that takes decoder steps of its own. On the benchmark's random decoder the "
+        "greedy caption; once the greedy prefix has left the beams, its row rides along "
+        "with the beams' rows in every decoder step. On the benchmark's random decoder the "
         "search without it is "
         f"{records['beam.json']['ratio_no_greedy_over_batched']}× as fast; what the guard "
         "costs depends on how soon the greedy prefix leaves the beams."))

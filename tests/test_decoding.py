@@ -304,9 +304,8 @@ def _search_with_spies(monkeypatch, dec, feats, k, max_len, **kwargs):
         add(finished, greedy, normalise)
 
     def spy_finish(self, *args):
-        before = sum(len(images) for images, *_ in self.left)
         finish(self, *args)
-        seen["left"] = (before, sum(len(images) for images, *_ in self.left) - before)
+        seen["left"] = (self.joined, self.outlived)
 
     monkeypatch.setattr(decoding, "_add_greedy", spy_add)
     monkeypatch.setattr(decoding._GreedyInBeam, "finish", spy_finish)
@@ -353,6 +352,28 @@ def test_keep_greedy_reads_greedy_decodings_caption_off_the_beams(features, monk
         outlived += still_beams > 0
     assert never_left >= 5 and left_mid_search >= 5 and outlived >= 5, \
         (never_left, left_mid_search, outlived)
+
+
+def test_greedy_captions_that_leave_the_beams_ride_in_the_beam_steps(monkeypatch):
+    """A greedy prefix that falls out of the beams takes its next steps in the same
+    decoder.step calls as the beams (its rows after theirs), not in a second loop: a
+    search that runs to max_len makes exactly max_len step calls, and the greedy caption
+    it ranks is still greedy_decode's."""
+    dec = TableDecoder(vocab_size=9, seed=0, end_bias=-30.0)  # no <end>: all 8 steps run
+    x = torch.randn(6, 4, 3, generator=torch.Generator().manual_seed(7))  # (B, P, E)
+    calls, rows = [], []
+    step = TableDecoder.step
+
+    def spy(self, tokens, state, features, projected):
+        calls.append(1)
+        rows.append(tokens.size(0))
+        return step(self, tokens, state, features, projected)
+
+    monkeypatch.setattr(TableDecoder, "step", spy)
+    _, greedy, (left, _) = _search_with_spies(monkeypatch, dec, x, 2, 8)  # undoes the spy
+    assert left > 0, "no greedy prefix left the beams: the case is not tested"
+    assert len(calls) == 8 and max(rows) > 6 * 2, rows  # riders in the beams' steps
+    _same_greedy(greedy, greedy_decode(dec, x, START, END, max_len=8), True)
 
 
 # -- precision="bf16" --------------------------------------------------------------------

@@ -140,8 +140,26 @@ def test_repeated_rows_read_like_the_repeated_tensor():
     torch.testing.assert_close(reads.mix(alpha), StepInput(repeated).mix(alpha))
     assert reads.repeated is None  # mix made no copy
     assert torch.equal(reads.prefix(3 * k), repeated) and torch.equal(reads.prefix(5), repeated[:5])
-    with pytest.raises(ValueError, match="11 rows, not B\\*k = 12"):
+    with pytest.raises(ValueError, match="11 rows, not B\\*k \\+ R = 12"):
         reads.mix(alpha[:11])
+
+
+def test_repeated_rows_with_extra_rows_read_like_the_stacked_tensor():
+    """The riders of a beam search: rows of some images after the B*k beam rows."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 5, 7, generator=gen)  # (B, P, E)
+    k, extra = 2, torch.tensor([2, 0])  # (R,): images 2 and 0 ride
+    stacked = torch.cat([x.repeat_interleave(k, dim=0), x[extra]])  # (B*k + R, P, E)
+    alpha = torch.softmax(torch.randn(8, 5, generator=gen), dim=1)  # (B*k + R, P)
+    reads = RepeatedRows(x, k, extra)
+    assert reads.rows() == 8
+    torch.testing.assert_close(reads.mix(alpha), StepInput(stacked).mix(alpha))
+    assert reads.repeated is None
+    assert torch.equal(reads.prefix(8), stacked) and torch.equal(reads.prefix(7), stacked[:7])
+    with pytest.raises(ValueError, match="6 rows, not B\\*k \\+ R = 8"):
+        reads.mix(alpha[:6])
+    empty = RepeatedRows(x, k, torch.zeros(0, dtype=torch.long))  # nobody rides
+    assert empty.extra is None and empty.rows() == 6
 
 
 def test_a_decoder_step_on_repeated_rows_equals_the_step_on_the_copy():
