@@ -311,20 +311,7 @@ def beam_search(
     with _eval_mode(decoder):
         beams = _Beams.start(decoder, features, start_id, beam_size, alpha_len)
         greedy = _GreedyInBeam(beams, max_len, end_id) if keep_greedy and beam_size > 1 else None
-        for t in range(max_len):
-            riders = greedy.riders(beams) if greedy is not None else None
-            logits, state, alpha = beams.step(decoder, t, riders)  # (B*k [+ R], V), ...
-            logp = F.log_softmax(logits.float(), dim=-1)  # (B*k [+ R], V)
-            n = beams.tokens.size(0)  # B*k beam rows; the R riders' rows follow
-            if greedy is not None:
-                greedy.observe(logp[:n], alpha[:n], t)
-                greedy.ride(logp[n:], (state[0][n:], state[1][n:]), alpha[n:])
-            state = (state[0][:n], state[1][:n])  # (B*k, H) x2: the beams'
-            going = beams.extend(logp[:n], state, alpha[:n], end_id, t)
-            if greedy is not None:
-                greedy.follow(beams, state, t)
-            if not going:
-                break
+        _search(decoder, beams, greedy, max_len, end_id)
         beams.fall_back()
         if greedy is not None:
             greedy.finish(decoder, features, beams)
@@ -342,6 +329,26 @@ def beam_search(
         finished=torch.tensor([hyp.finished for hyp in best]),
         beams=finished if return_beams else None,
     )
+
+
+def _search(decoder: nn.Module, beams: _Beams, greedy: _GreedyInBeam | None, max_len: int,
+            end_id: int) -> None:
+    """The steps of `beam_search`: the B*k beams (and the R greedy captions riding with
+    them) through one `decoder.step` per step, until every image is done or max_len."""
+    for t in range(max_len):
+        riders = greedy.riders(beams) if greedy is not None else None
+        logits, state, alpha = beams.step(decoder, t, riders)  # (B*k [+ R], V), ...
+        logp = F.log_softmax(logits.float(), dim=-1)  # (B*k [+ R], V)
+        n = beams.tokens.size(0)  # B*k beam rows; the R riders' rows follow
+        if greedy is not None:
+            greedy.observe(logp[:n], alpha[:n], t)
+            greedy.ride(logp[n:], (state[0][n:], state[1][n:]), alpha[n:])
+        state = (state[0][:n], state[1][:n])  # (B*k, H) x2: the beams'
+        going = beams.extend(logp[:n], state, alpha[:n], end_id, t)
+        if greedy is not None:
+            greedy.follow(beams, state, t)
+        if not going:
+            return
 
 
 @dataclass

@@ -496,7 +496,8 @@ rows = [
      "one linear layer on dropout($h_t$)", "fewer parameters; $y_{t-1}$ and $\\hat z_t$ reach the output through $h_t$"),
     ("regulariser λ", "$\\lambda \\sum_i (1 - \\sum_t \\alpha_{ti})^2$ over 196 regions",
      f"the same sum over 49 regions; λ = {shapes_model.alpha_c} (shapes), {colab_model.alpha_c} (Flickr8k)",
-     "with many regions the sum outweighs the cross-entropy (chapter 5)"),
+     "with many regions the sum outweighs the cross-entropy; on shapes it costs grounding, "
+     "so the offline recipe leaves it out (chapter 5's settings table)"),
     ("attention mechanisms", "soft and hard", "soft (this chapter) and hard (the Hard attention chapter)", "—"),
     ("optimiser", "RMSProp (Flickr8k), Adam (Flickr30k, COCO)", "Adam, lr "
      f"{shapes_train.lr:g} (decoder) and {shapes_train.encoder_lr:g} (fine-tuned stage)",

@@ -286,7 +286,8 @@ for h in result.beams[0]:
 # beams ("a big ...", "a small ...") all outrank the greedy prefix ("a yellow ..."), that
 # prefix falls out of the beam, even when the caption it would have become is the most
 # probable of all. A larger $k$ makes this rarer. The cell below runs plain beam search
-# (`keep_greedy=False`) to show it. By default `beam_search` also ranks the greedy
+# (`keep_greedy=False`) and counts how often it happens (with an example when it does;
+# a count of 0 means this model's beams kept every greedy caption). By default `beam_search` also ranks the greedy
 # caption among its finished ones, so its result never has a lower *length-normalised*
 # score {eq}`eq-length-norm` than greedy's. That costs little: while the greedy prefix is
 # one of the beams, its next word is the best word of that beam, already computed; after
@@ -615,8 +616,10 @@ else:
     grey = own_dir / "grey.png"
     Image.open(fresh).convert("L").save(grey)
     own_images = [fresh, grey]
+own_words = {}  # file name -> the caption's words
 for path in own_images:
     words, alphas = caption_image(model, path, beam_size=BEAM_SIZE, device=device)
+    own_words[path.name] = words
     print(f"{path.name}: {' '.join(words)}")
     if words:
         display(plot_attention(path, words, alphas, title=f"{path.name}: {' '.join(words)}"))
@@ -626,17 +629,29 @@ for path in own_images:
 if "google.colab" not in sys.modules:
     scene = caption_lib.load_dataset(fresh_dir)[0].objects  # the generator's ground truth
     truth = ", ".join(f"{o['size']} {o['colour']} {o['shape']}" for o in scene)
-    grey_words = caption_image(model, grey, beam_size=BEAM_SIZE, device=device)[0]
+    pairs = {(o["colour"], o["shape"]) for o in scene}
+    said = caption_lib.shapes.parse_mentions(own_words[fresh.name])  # (colour, shape) named
+    right = [" ".join(m) for m in said if m in pairs]
+    wrong = [" ".join(m) for m in said if m not in pairs]
+    grey_words = own_words[grey.name]
     named = [w for w in grey_words if w in caption_lib.shapes.COLOURS]
+    shapes_named = [w for w in grey_words if w in caption_lib.shapes.SHAPES]
     print(f"scene of the new image: {truth}")
-    print(f"colour words in the grey copy's caption: {named or 'none'}")
+    print(f"new image's caption: in the scene {right or 'none'}; not in it {wrong or 'none'}")
+    print(f"grey copy's caption: colour words {named or 'none'}, shape words "
+          f"{shapes_named or 'none'}"
+          + ("; it ends on a size word, where a colour would come next"
+             if grey_words and grey_words[-1] in caption_lib.shapes.SIZES else ""))
 
 # %% [markdown]
-# Read the two captions against the scene. The grey copy has no colour in it, yet its
-# caption names colours whenever the list above is not empty: every training caption
-# names a colour, so the model always writes one, and on a grey picture that word is a
-# guess. Its shapes and sizes can still be right, because they do not depend on colour.
-# A model can only say what its training captions say.
+# Read the two captions against the scene (the lines above compare them). On the new
+# image, a (colour, shape) pair "not in" the scene is a mistake of the kind semantic F1
+# counts, such as the right colour on the wrong shape: the binding that three-object
+# scenes make hard (the failures above). The grey copy has no colour in it, and every
+# training caption names one right before each shape word. So the model either guesses a
+# colour, or, having never seen a caption go on without one, ends the sentence early
+# where the colour should come: a caption that stops after a size word names no object at
+# all. A model can only say what its training captions say.
 #
 # The same from the command line. `caption-lib caption` prints `IMAGE<TAB>caption` per
 # image; a file that is not a readable image (empty, truncated, another format, or a

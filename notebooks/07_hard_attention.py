@@ -361,7 +361,8 @@ print(f"highest BLEU-4: {best_context}; the three sampled runs span "
 # it lies below every sampled run, drawing decodes better for this model: the decoder
 # was trained on single drawn regions for half of its captions, and when its attention
 # is spread out, the expected context is a blurred average of many regions that those
-# captions never showed it. Arg-max, the deterministic hard decision, can fall below
+# captions never showed it; if it lies above every sampled run, the draws add noise to
+# each word that the expectation averages away. Arg-max, the deterministic hard decision, can fall below
 # both when the most likely region is often not the object (its grounding column). We
 # keep the expected context as the default, as the authors' code does, because it needs
 # no random draw: the same model writes the same caption every time; `test_context`
@@ -484,7 +485,8 @@ for name, model in (("soft", soft_model), ("hard", hard_model)):
 
 # %% [markdown]
 # Compare the two rows of maps with the printed lines. A caption with semantic F1 below 1
-# is wrong for this image (a repeated object, a missed one): trained for two epochs on
+# is wrong for this image (a repeated object, a missed one, a colour on the wrong
+# shape): trained for two epochs on
 # the same features, neither decoder is finished, and the figure shows a failure as it
 # is rather than a chosen success. The attention mass says how much of each map sits on
 # the objects the words name; where the hard model's number is the lower one, its maps
@@ -645,12 +647,13 @@ checks.passed("Exercise 2")
 # %% [markdown] tags=["remove-cell", "instructors-key"]
 # **Key, exercise 3.** The drawn index carries no gradient, so for a sampled caption the
 # attention weights only enter through the REINFORCE term ($\lambda_r$) and the entropy
-# term ($\lambda_e$, which pushes towards uniform) and the doubly stochastic regulariser.
+# term ($\lambda_e$, which pushes towards uniform), and by the doubly stochastic
+# regulariser where $\lambda > 0$ (the offline recipe has $\lambda = 0$).
 # With `lambda_r=0` only the expected-context captions (half of them, `expected_prob`
 # 0.5) train the attention by back-propagation, as soft attention does; the model still
 # learns where to look, more slowly. With `expected_prob=0` as well, nothing rewards a
-# good location: the attention is shaped only by the entropy term and the regulariser,
-# both of which favour spread-out weights, so expect grounding near the uniform level
+# good location: the attention is shaped only by the entropy term (and the regulariser,
+# if on), which favour spread-out weights, so expect grounding near the uniform level
 # (about the object's share of the 49 regions) while the decoder learns captions from the
 # randomly drawn regions and the mean-region start state.
 

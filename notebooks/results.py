@@ -455,13 +455,27 @@ def cpu_of(record: dict) -> str:
     return machine["cpu_model"] + (f" ({units})" if units else "")
 
 
+def base_changes(record: dict, changes: dict) -> dict:
+    """The settings in which the recipe a curve started from differs from today's
+    `recipe("shapes")` (besides the variant's own changes and the number of epochs):
+    the recipe has changed since some curves were measured."""
+    today = {**dataclasses.asdict(recipe("shapes")[0]), **dataclasses.asdict(recipe("shapes")[1])}
+    then = {**record["settings"]["model"], **record["settings"]["train"]}
+    own = ("epochs", "encoder_weights") + (("fine_tune",) if "starts_from" in record else ())
+    return {k: v for k, v in then.items()
+            if k in today and k not in changes and k not in own and v != today[k]}
+
+
 experiments = sorted(folder.glob("recipe_*.json")) if folder.is_dir() else []
 curves = {path.name: json.loads(path.read_text()) for path in experiments}  # read once
 for file_name, record in curves.items():
     if "epochs" not in record or not record["epochs"]:
         continue
     changes = {**record["settings"]["changes"]["model"], **record["settings"]["changes"]["train"]}
-    display(Markdown(f"**`{file_name}`**: changes {changes or 'none (the recipe as it is)'}"
+    then = base_changes(record, changes)
+    display(Markdown(f"**`{file_name}`**: changes {changes or 'none (the recipe as it was)'}"
+                     + (f"; the recipe it started from had {then} (today's differs)" if then
+                        else "")
                      + f"; CPU: {cpu_of(record)}"
                      + (f"; {record['source']}" if "source" in record else "")
                      + (f"; starts from {record['starts_from']}" if "starts_from" in record

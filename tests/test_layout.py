@@ -47,16 +47,17 @@ def test_argparse_only_in_the_cli():
 def test_run_folders_of_todays_recipes_keep_their_names(tmp_path, monkeypatch):
     """Trained runs in a workspace are found by these names: a config change that renames
     them would retrain the book (values from `run_dir_for` before `max_len` was retired;
-    flickr8k and coco renamed on purpose when their `alpha_c` went from 1.0 to 0.02, issue 18)."""
+    flickr8k and coco renamed on purpose when their `alpha_c` went from 1.0 to 0.02, issue 18;
+    shapes when its `alpha_c` went from 0.02 to 0, issue 19)."""
     monkeypatch.setenv("CAPTION_LIB_HOME", str(tmp_path))
     names = {name: run_dir_for("/data/shapes", *recipe(name)).name
              for name in ("shapes", "flickr8k", "coco")}
-    assert names == {"shapes": "shapes-6499d7d982", "flickr8k": "shapes-b7ca3639d1",
+    assert names == {"shapes": "shapes-8f8fb88cf0", "flickr8k": "shapes-b7ca3639d1",
                      "coco": "shapes-a1c328a289"}
     model_config, config = recipe("shapes")
     config.epochs = 2
     model_config.fine_tune = False
-    assert run_dir_for("/data/shapes", model_config, config).name == "shapes-2d19d2a13f"
+    assert run_dir_for("/data/shapes", model_config, config).name == "shapes-bd3218b3ea"
 
 
 def test_configs_are_checked_when_built():
