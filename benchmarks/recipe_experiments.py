@@ -98,6 +98,8 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     # words than regions, is attention spread evenly, which works against grounding
     "alpha-c-0": ({"alpha_c": 0.0}, {}),
     "alpha-c-0.005": ({"alpha_c": 0.005}, {}),  # a quarter of the recipe's 0.02
+    "dropout-0": ({"dropout": 0.0}, {}),  # no dropout on h_t before the output layer
+    "decoder-lr2x": ({}, {"lr": 8e-4}),  # the fine-tuned stage's rate stays 2e-4
 }
 # name -> a decoder trained alone on the frozen encoder of the book's default run (today's
 # recipe, finished by `make runs`; `train.same_features_runs`): how far that run's
