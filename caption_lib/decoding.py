@@ -523,7 +523,7 @@ class _GreedyInBeam:
         self.last = beams.tokens[self.row].clone()  # (B,) its last word
         # the riders: images (R,), their states (R, H) x2, last words (R,), steps (R,)
         self.images = torch.zeros(0, dtype=torch.long, device=device)  # (R,)
-        self.state: State | None = None
+        self.state: State = (beams.state[0][:0], beams.state[1][:0])  # (R, H) x2
         self.tokens = self.images.clone()  # (R,)
         self.t = self.images.clone()  # (R,)
         self._inputs: tuple | None = None  # (features, projected) of the current riders
@@ -556,7 +556,7 @@ class _GreedyInBeam:
         self.state, self.t = state, self.t + 1
         keep = ~self.captions.done[self.images] & (self.t < self.captions.max_len)  # (R,)
         if not bool(keep.all()):
-            self._board(keep, None)
+            self._keep_only(keep)
 
     def follow(self, beams: _Beams, state: State, t: int) -> None:
         """After `beams.extend`: find each followed prefix among the kept beams, or let
@@ -577,22 +577,18 @@ class _GreedyInBeam:
         if not images.numel() or t >= self.captions.max_len:
             return 0
         r = rows[images]  # (R',)
-        new = (images, (state[0][r], state[1][r]), self.last[images], torch.full_like(images, t))
-        self._board(torch.ones_like(self.images, dtype=torch.bool), new)
+        self.images = torch.cat([self.images, images])  # (R + R',)
+        self.state = tuple(torch.cat([mine, new[r]]) for mine, new in zip(self.state, state))
+        self.tokens = torch.cat([self.tokens, self.last[images]])  # (R + R',)
+        self.t = torch.cat([self.t, torch.full_like(images, t)])  # (R + R',)
+        self._inputs = None  # the set of riders changed
         return images.numel()
 
-    def _board(self, keep: torch.Tensor, new: tuple | None) -> None:
-        """The riders become those of `keep` (R,) bool plus `new` (images, state, tokens, t)."""
-        images, tokens, t = self.images[keep], self.tokens[keep], self.t[keep]
-        state = (tuple(s[keep] for s in self.state) if self.state is not None
-                 else None)
-        if new is not None:
-            images, tokens, t = (torch.cat([a, b]) for a, b in
-                                 ((images, new[0]), (tokens, new[2]), (t, new[3])))
-            state = new[1] if state is None else tuple(
-                torch.cat([a, b]) for a, b in zip(state, new[1]))
-        self.images, self.state, self.tokens, self.t = images, state, tokens, t
-        self._inputs = None
+    def _keep_only(self, keep: torch.Tensor) -> None:
+        """Only the riders of `keep` (R,) bool ride on."""
+        self.images, self.tokens, self.t = self.images[keep], self.tokens[keep], self.t[keep]
+        self.state = (self.state[0][keep], self.state[1][keep])  # (R'', H) x2
+        self._inputs = None  # the set of riders changed
 
     def finish(self, decoder: nn.Module, features: torch.Tensor, beams: _Beams) -> None:
         """Continue every greedy caption that has not ended: the riders, and those still

@@ -244,8 +244,7 @@ plt.show()
 # it (`caption_lib.encoder.fold_batchnorm`): in eval mode a BatchNorm is a fixed affine
 # map per channel, y = s x + t, so conv-then-BatchNorm is one convolution with weights
 # scaled by s and bias t (plus s times the old bias). That saves a pass over every
-# activation, and on a CPU those passes cost as much as the convolutions. The results
-# page shows the measured speed-ups (`encoder.json`). The cache is
+# activation; the results page shows what it buys, measured (`encoder.json`). The cache is
 # keyed by everything its content depends on (weights, stage, image size, the image
 # files), so a change anywhere makes a new entry. Timings below are from this build's
 # machine; they are not checked.

@@ -455,11 +455,13 @@ def cpu_of(record: dict) -> str:
     return machine["cpu_model"] + (f" ({units})" if units else "")
 
 
-def base_changes(record: dict, changes: dict) -> dict:
-    """The settings in which the recipe a curve started from differs from today's
-    `recipe("shapes")` (besides the variant's own changes and the number of epochs):
+shapes_today = {k: v for part in recipe("shapes") for k, v in dataclasses.asdict(part).items()}
+
+
+def base_changes(record: dict, changes: dict, today: dict = shapes_today) -> dict:
+    """The settings in which the recipe a curve started from differs from `today`
+    (`recipe("shapes")`), besides the variant's own changes and the number of epochs:
     the recipe has changed since some curves were measured."""
-    today = {**dataclasses.asdict(recipe("shapes")[0]), **dataclasses.asdict(recipe("shapes")[1])}
     then = {**record["settings"]["model"], **record["settings"]["train"]}
     own = ("epochs", "encoder_weights") + (("fine_tune",) if "starts_from" in record else ())
     return {k: v for k, v in then.items()
