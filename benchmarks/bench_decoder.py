@@ -98,7 +98,7 @@ def mask_forward(dec: DecoderWithAttention, features: torch.Tensor, captions: to
     regions, keys = StepInput(features), StepInput(dec.project(features))  # (B, P, E), (B, P, A)
     hiddens, alphas = [], []
     for t in range(T):
-        state, alpha = dec._cell(loop, word_gates[:, t], state, regions, keys)
+        state, alpha, _ = dec._cell(loop, word_gates[:, t], state, regions, keys)
         hiddens.append(state[0])  # (B, H)
         alphas.append(alpha)  # (B, P)
     logits = dec.fc(dec.dropout(torch.stack(hiddens, dim=1)))  # (B, T, V)

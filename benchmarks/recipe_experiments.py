@@ -100,6 +100,13 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "alpha-c-0.005": ({"alpha_c": 0.005}, {}),  # a quarter of the recipe's 0.02
     "dropout-0": ({"dropout": 0.0}, {}),  # no dropout on h_t before the output layer
     "decoder-lr2x": ({}, {"lr": 8e-4}),  # the fine-tuned stage's rate stays 2e-4
+    "aux-regions": ({}, {}),  # + the per-region object loss (AUX_REGIONS)
+    "aux-regions-0.3": ({}, {}),
+    # the paper's deep output layer (Eq. 7), measured on the recipe with one output layer;
+    # the recipe has it since (`CaptionerConfig.deep_output`); "single-output" goes back
+    "deep-output": ({"deep_output": True}, {}),
+    "single-output": ({"deep_output": False}, {}),
+    "deep-output-aux": ({"deep_output": True}, {}),  # + the per-region object loss
 }
 # name -> a decoder trained alone on the frozen encoder of the book's default run (today's
 # recipe, finished by `make runs`; `train.same_features_runs`): how far that run's
@@ -128,6 +135,14 @@ ZERO_RESIDUAL = {"zero-res", "zero-res-lr2x"}
 # the time); the vocabulary, the caches and validation are the whole data set's as usual
 CURRICULUM = {"curriculum2": 2, "curriculum3": 3}
 BN_IMAGES = 1024
+# Not in the paper: offline there is no ImageNet pre-training, so the fine-tuned stage
+# learns what a region holds only through attention and the LSTM. "aux-regions" gives it
+# a direct signal from the scene's own labels: a linear layer of the decoder reads each of
+# the 49 region vectors and predicts the object whose box overlaps that cell (colour x
+# shape x size, 24 classes, or background), cross-entropy averaged over the regions, added
+# to the caption loss with weight AUX_REGIONS[name]; training only (the validation loss
+# and decoding do not use it). `aux_region_loss` installs it in this process.
+AUX_REGIONS = {"aux-regions": 1.0, "aux-regions-0.3": 0.3, "deep-output-aux": 1.0}
 
 
 def configs(name: str, epochs: int, data: Path | None = None):
@@ -156,6 +171,8 @@ def _changes(name: str) -> tuple[dict, dict]:
         train = {**train, "curriculum": f"epochs 1-{CURRICULUM[name]} on single-object scenes"}
     if name in ZERO_RESIDUAL:
         model = {**model, "layer4 bottlenecks' last BatchNorm scale (bn3.weight)": "0 at the start"}
+    if name in AUX_REGIONS:
+        train = {**train, "per-region object loss (not in the paper)": AUX_REGIONS[name]}
     return model, train
 
 
@@ -280,6 +297,60 @@ def curriculum_batches(epochs: int):
     return batches
 
 
+def region_targets(objects: list[dict], grid: int = 7) -> torch.Tensor:
+    """(grid * grid,) int64: per region, 1 + the class of the object whose box overlaps the
+    cell (colour x shape x size; a later object wins a shared cell), 0 for background."""
+    from caption_lib.shapes import COLOURS, SHAPES, SIZES, object_cell_mask
+
+    target = torch.zeros(grid * grid, dtype=torch.long)  # (P,)
+    for o in objects:
+        label = 1 + (COLOURS.index(o["colour"]) * len(SHAPES) + SHAPES.index(o["shape"])) \
+            * len(SIZES) + SIZES.index(o["size"])
+        target[object_cell_mask(o, grid).flatten()] = label
+    return target
+
+
+def aux_region_loss(weight: float) -> None:
+    """Install the per-region object loss (`AUX_REGIONS`) in this process: every decoder
+    gets a `region_head` (saved with it, so resuming continues it), every training batch
+    remembers its images' region targets, and `Captioner.cached_loss` adds the weighted
+    loss while the model trains."""
+    import torch.nn.functional as F
+
+    from caption_lib.decoder import DecoderWithAttention
+    from caption_lib.shapes import COLOURS, SHAPES, SIZES
+
+    classes = 1 + len(COLOURS) * len(SHAPES) * len(SIZES)
+    init, batch = DecoderWithAttention.__init__, caption_lib.train.CachedSplit.batch
+    current: dict = {}
+
+    def decoder_init(self, vocab_size, encoder_dim=2048, *args, **kwargs):
+        init(self, vocab_size, encoder_dim, *args, **kwargs)
+        self.region_head = torch.nn.Linear(encoder_dim, classes)
+
+    def split_batch(self, pairs, weights=None):
+        if not hasattr(self, "region_targets"):
+            self.region_targets = torch.stack([region_targets(r.objects) for r in self.records])
+        current["targets"] = self.region_targets[torch.tensor(sorted({i for i, _ in pairs}))]
+        return batch(self, pairs, weights)
+
+    def cached_loss(self, cached, captions, lengths, owner=None, weights=None,
+                    precision="auto", encoder=None):
+        features = self.encode_cached(cached, precision, encoder)  # (B, P, E)
+        extra = 0.0
+        if self.training and "targets" in current:
+            logits = self.decoder.region_head(features)  # (B, P, classes)
+            extra = weight * F.cross_entropy(logits.flatten(0, 1), current["targets"].flatten())
+        if owner is not None:
+            features = features.index_select(0, owner)  # (N, P, E)
+        loss, parts = self.loss(features, captions, lengths, weights=weights)
+        return loss + extra, parts
+
+    DecoderWithAttention.__init__ = decoder_init
+    caption_lib.train.CachedSplit.batch = split_batch
+    Captioner.cached_loss = cached_loss
+
+
 def derive_cache(cls: type[EncoderCNN], model_config, records: list) -> None:
     """Fill the cache of `cls`'s encoder from the stage's input cache (layer3) by running
     only the frozen blocks of the split stage: the same values up to bf16/fp16 rounding,
@@ -349,6 +420,8 @@ def run_variant(name: str, epochs: int, data: Path, extend: bool = False, tag: s
         caption_lib.train._scheduler = cosine_over(epochs)
     if name in CURRICULUM:  # the experiment's epoch batches replace the trainer's
         caption_lib.train._epoch_batches = curriculum_batches(CURRICULUM[name])
+    if name in AUX_REGIONS:  # the experiment's loss replaces the trainer's in this process
+        aux_region_loss(AUX_REGIONS[name])
     if name in UNCALIBRATED:  # the trainer's calibration switched off in this process
         caption_lib.train.calibrate_frozen = lambda *args, **kwargs: 0
     result = {"variant": name, "data": str(data),

@@ -6,13 +6,17 @@ at the image through soft attention (`caption_lib.attention`), and updates an LS
     alpha_t, z_t = f_att(a, h_{t-1})                   (where to look, and what it sees)
     beta_t       = sigmoid(f_beta(h_{t-1}))            (gate: how much of the image to use)
     h_t, c_t     = LSTM([E y_{t-1}; beta_t * z_t], (h_{t-1}, c_{t-1}))
-    p(y_t | ...) = softmax(W_o dropout(h_t))           (the output / vocabulary layer)
+    p(y_t | ...) = softmax(L_o dropout(tanh(E y_{t-1} + L_h h_t + L_z z_t)))   (deep output)
+               or softmax(W_o dropout(h_t))        (deep_output=False)
 
-The output layer differs from the paper's. Xu et al. use a "deep output" (Sec. 3.1.2):
-p(y_t | a, y_{<t}) ∝ exp(L_o(E y_{t-1} + L_h h_t + L_z z_t)), the embedded previous word,
-the state and the context combined before the vocabulary layer L_o. This module uses one
-linear layer W_o on the dropped-out state, as most re-implementations do; the previous
-word and the context still reach the output through h_t.
+The deep output is the paper's (Sec. 3.1.2, Eq. 7): the embedded previous word, the state
+and the gated context z_t = beta_t * sum_i alpha_ti a_i are combined before the vocabulary
+layer L_o, so the word can be read off the region the decoder looks at now. Eq. 7 writes no
+non-linearity; like the readout of the attention decoders of that time (dl4mt / Nematus:
+tanh of the three terms, then dropout), a tanh and dropout come before L_o. With
+`deep_output=False` the output is one linear layer W_o on the dropped-out state, as most
+re-implementations do (the previous word and the context then reach the output only
+through h_t); `CaptionerConfig.deep_output` chooses, the book's recipes use the deep output.
 
 The initial state comes from the mean region feature through two linear layers
 (h_0 = f_init,h(mean_i a_i), c_0 = f_init,c(mean_i a_i)). Training maximises the
@@ -26,8 +30,8 @@ alternative, running every step for the whole batch and relying on the loss mask
 gives the same numbers; shrinking was measurably faster on the book's benchmark (about 8%
 with lengths 10-20, more when lengths vary more; `benchmarks/bench_decoder.py`).
 
-Speed: W_a a is projected once per sequence, and the output layer (H -> V, the biggest
-matrix) is applied to all hidden states at once after the loop. Inside the loop
+Speed: W_a a is projected once per sequence, and the output layer (the biggest matrix,
+-> V) is applied to all steps at once after the loop. Inside the loop
 (`prepare`): the three products of h_{t-1} (attention query, gate, W_hh h) are one
 product; the word's share of the LSTM input is computed for all steps at once; and the
 per-step weights get their gradients from one product per loop (`caption_lib.recurrent`);
@@ -88,6 +92,8 @@ class DecoderWithAttention(nn.Module):
         dropout: dropout probability on h_t before the output layer.
         use_attention: False gives the "Show and Tell"-like baseline used for comparison:
             the context is the mean region feature at every step and alpha is uniform 1/P.
+        deep_output: True: the paper's deep output layer (Eq. 7; `out_h` L_h (H -> D),
+            `out_z` L_z (E -> D), `fc` L_o (D -> V)); False: `fc` W_o (H -> V) on h_t.
     """
 
     def __init__(
@@ -99,6 +105,7 @@ class DecoderWithAttention(nn.Module):
         attention_dim: int = 512,
         dropout: float = 0.5,
         use_attention: bool = True,
+        deep_output: bool = False,
     ) -> None:
         super().__init__()
         self.vocab_size = vocab_size
@@ -113,7 +120,11 @@ class DecoderWithAttention(nn.Module):
         self.f_beta = nn.Linear(decoder_dim, encoder_dim)  # gate beta
         self.lstm = nn.LSTMCell(embed_dim + encoder_dim, decoder_dim)
         self.dropout = nn.Dropout(dropout)
-        self.fc = nn.Linear(decoder_dim, vocab_size)  # W_o, the output layer (no deep output)
+        self.deep_output = deep_output
+        if deep_output:
+            self.out_h = nn.Linear(decoder_dim, embed_dim)  # L_h
+            self.out_z = nn.Linear(encoder_dim, embed_dim)  # L_z
+        self.fc = nn.Linear(embed_dim if deep_output else decoder_dim, vocab_size)  # L_o or W_o
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -174,15 +185,26 @@ class DecoderWithAttention(nn.Module):
         return (query if a else None), torch.sigmoid(gate), from_h
 
     def write(self, loop: LoopWeights, word_gates: torch.Tensor, from_h: torch.Tensor,
-              gate: torch.Tensor, context: torch.Tensor, c: torch.Tensor) -> State:
+              z: torch.Tensor, c: torch.Tensor) -> State:
         """The LSTM update from the word's pre-activations (b, 4H, `input_gates`), W_hh h
-        and the gate (from `read`), the context z_t (b, E) and the cell c_{t-1} (b, H).
+        (from `read`), the gated context z_t = beta_t * context (b, E) and the cell
+        c_{t-1} (b, H).
 
-        Soft attention passes the expected context sum_i alpha_i a_i; hard attention
+        Soft attention's context is the expected one, sum_i alpha_i a_i; hard attention
         (`caption_lib.hard_attention`) passes one sampled region a_{s_t}.
         """
-        gates = word_gates + from_h + loop.from_context(gate * context)  # (b, 4H)
+        gates = word_gates + from_h + loop.from_context(z)  # (b, 4H)
         return lstm_cell(gates, c)  # (b, H), (b, H)
+
+    def output(self, embedded: torch.Tensor, hidden: torch.Tensor, z: torch.Tensor
+               ) -> torch.Tensor:
+        """Next-word logits (..., V) from E y_{t-1} (..., D), h_t (..., H) and the gated
+        context z_t (..., E): the deep output L_o dropout(tanh(E y + L_h h + L_z z)), or
+        W_o dropout(h) (`deep_output=False`, which reads h only)."""
+        if not self.deep_output:
+            return self.fc(self.dropout(hidden))  # (..., V)
+        deep = torch.tanh(embedded + self.out_h(hidden) + self.out_z(z))  # (..., D)
+        return self.fc(self.dropout(deep))  # (..., V)
 
     def _attend(self, regions: StepInput, query: torch.Tensor | None,
                 keys: StepInput | None, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,13 +217,16 @@ class DecoderWithAttention(nn.Module):
         return regions.mix(alpha), alpha  # (b, E), (b, P)
 
     def _cell(self, loop: LoopWeights, word_gates: torch.Tensor, state: State,
-              regions: StepInput, keys: StepInput | None) -> tuple[State, torch.Tensor]:
+              regions: StepInput, keys: StepInput | None
+              ) -> tuple[State, torch.Tensor, torch.Tensor]:
         """One step of the loop for the b = len(state[0]) first captions: (h, c), alpha
-        from the word's pre-activations (b, 4H); `regions`, `keys`: the features (B, P, E)
-        and their projection (B, P, A) of the whole (sorted) batch."""
+        (b, P) and the gated context z_t (b, E) from the word's pre-activations (b, 4H);
+        `regions`, `keys`: the features (B, P, E) and their projection (B, P, A) of the
+        whole (sorted) batch."""
         query, gate, from_h = self.read(loop, state[0])  # (b, A), (b, E), (b, 4H)
         context, alpha = self._attend(regions, query, keys, state[0].size(0))  # (b, E), (b, P)
-        return self.write(loop, word_gates, from_h, gate, context, state[1]), alpha
+        z = gate * context  # (b, E)
+        return self.write(loop, word_gates, from_h, z, state[1]), alpha, z
 
     # -- training: teacher forcing over the whole caption -------------------------------
 
@@ -235,26 +260,32 @@ class DecoderWithAttention(nn.Module):
         loop = self.prepare()
         # unbound once: indexing word_gates[:, t] at each step would cost a backward that
         # writes a zero-filled (B, T, 4H) tensor per step
-        word_gates = self.input_gates(loop, self.embedding(captions[:, :steps])).unbind(1)
+        embedded = self.embedding(captions[:, :steps])  # (B, T, D)
+        word_gates = self.input_gates(loop, embedded).unbind(1)
         h, c = self.init_state(features)  # (B, H), (B, H)
         projected = self.project(features)  # (B, P, A) or None
         # read through prefixes of the sorted batch; their gradients are made once, after
         # the loop (a slice's backward would zero-fill the whole (B, P, E) at every step)
         regions = StepInput(features)  # (B, P, E)
         keys = StepInput(projected) if projected is not None else None  # (B, P, A)
-        hiddens, alphas = [], []  # per step (b, H), (b, P)
+        hiddens, alphas, zs = [], [], []  # per step (b, H), (b, P), (b, E)
         for t, b in enumerate(running):
             if b == 0:
                 break
-            (h, c), alpha = self._cell(loop, first_rows(word_gates[t], b), (h[:b], c[:b]),
-                                       regions, keys)
+            (h, c), alpha, z = self._cell(loop, first_rows(word_gates[t], b), (h[:b], c[:b]),
+                                          regions, keys)
             hiddens.append(h)
             alphas.append(alpha)
+            zs.append(z)
         restore = torch.argsort(order)  # (B,) back to the caller's order
         hidden = stack_steps(hiddens, features, B, steps, self.decoder_dim
                              ).index_select(0, restore)  # (B, T, H)
         alphas = stack_steps(alphas, features, B, steps, P).index_select(0, restore)  # (B, T, P)
-        logits = self.fc(self.dropout(hidden))  # (B, T, V), all steps in one matmul
+        if self.deep_output:  # the word and the context reach the output too
+            embedded = embedded.index_select(0, restore)  # (B, T, D)
+            zs = stack_steps(zs, features, B, steps, self.encoder_dim
+                             ).index_select(0, restore)  # (B, T, E)
+        logits = self.output(embedded, hidden, zs)  # (B, T, V), all steps in one matmul
         return logits, alphas
 
     # -- decoding: one word at a time ---------------------------------------------------
@@ -280,11 +311,11 @@ class DecoderWithAttention(nn.Module):
         if projected is None:
             projected = self.project(regions.prefix(tokens.size(0)))  # (B, P, A) or None
         loop = loop if loop is not None else self.prepare()
-        word_gates = self.input_gates(loop, self.embedding(tokens))  # (B, 4H)
+        embedded = self.embedding(tokens)  # (B, D)
+        word_gates = self.input_gates(loop, embedded)  # (B, 4H)
         keys = StepInput(projected) if projected is not None else None  # (B, P, A)
-        state, alpha = self._cell(loop, word_gates, state, regions, keys)
-        logits = self.fc(self.dropout(state[0]))  # (B, V)
-        return logits, state, alpha
+        state, alpha, z = self._cell(loop, word_gates, state, regions, keys)
+        return self.output(embedded, state[0], z), state, alpha  # (B, V), ...
 
 
 @dataclass

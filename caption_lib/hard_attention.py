@@ -147,10 +147,12 @@ class HardAttentionDecoder(DecoderWithAttention):
         else:
             sampled = torch.ones(B, dtype=torch.bool, device=features.device)  # (B,)
         loop = self.prepare()
-        word_gates = self.input_gates(loop, self.embedding(captions[:, :steps])).unbind(1)  # T x (B, 4H)
+        embedded = self.embedding(captions[:, :steps])  # (B, T, D)
+        word_gates = self.input_gates(loop, embedded).unbind(1)  # T x (B, 4H)
         h, c = self.init_state(features)  # (B, H), (B, H)
         projected = self.project(features)  # (B, P, A)
         hidden = features.new_zeros(B, steps, self.decoder_dim)  # (B, T, H)
+        zs = features.new_zeros(B, steps, self.encoder_dim if self.deep_output else 0)  # (B, T, E)
         alphas = features.new_zeros(B, steps, P)  # (B, T, P)
         log_alpha = features.new_zeros(B, steps)  # (B, T) log alpha_{t, s_t}
         entropies = features.new_zeros(B, steps)  # (B, T) H(alpha_t)
@@ -167,14 +169,17 @@ class HardAttentionDecoder(DecoderWithAttention):
             else:
                 s = forced[:b, t]  # (b,)
             context = torch.where(sampled[:b, None], pick(features[:b], s), context)  # (b, E)
-            h, c = self.write(loop, word_gates[t][:b], from_h, gate, context, c[:b])  # (b, H) x2
+            z = gate * context  # (b, E)
+            h, c = self.write(loop, word_gates[t][:b], from_h, z, c[:b])  # (b, H) x2
             hidden[:b, t], alphas[:b, t], where[:b, t] = h, alpha, s
+            if self.deep_output:
+                zs[:b, t] = z
             chosen = alpha.gather(1, s.unsqueeze(1)).squeeze(1)  # (b,) alpha_{t, s_t}
             log_alpha[:b, t] = torch.log(chosen.clamp_min(_TINY))
             entropies[:b, t] = entropy(alpha)  # (b,)
         keep = sampled.to(features.dtype)  # (B,) expected-context captions: no s~
         restore = torch.argsort(order)  # (B,) back to the caller's order
-        logits = self.fc(self.dropout(hidden))  # (B, T, V)
+        logits = self.output(embedded, hidden, zs)  # (B, T, V)
         return HardPass(logits[restore], alphas[restore], where[restore],
                         (log_alpha.sum(dim=1) * keep)[restore],
                         (entropies.sum(dim=1) * keep)[restore], sampled[restore])

@@ -60,6 +60,9 @@ class CaptionerConfig:
     grid: None (the network's 7x7 regions); any other grid is refused here, because the
         attention figures and the grounding metric assume the 7x7 grid of the book.
     alpha_c: weight of the doubly stochastic attention regulariser in the loss.
+    deep_output: the paper's deep output layer (Eq. 7: L_o(E y_{t-1} + L_h h_t + L_z z_t),
+        with a tanh and dropout before L_o; the book's recipes) or, False, one linear layer
+        on h_t (most re-implementations; checkpoints written before the option).
     attention: "soft" (Sec. 4.2, the expected context) or "hard" (Sec. 4.1, one sampled
         region per word, trained with REINFORCE; see `caption_lib.hard_attention`).
     lambda_r, lambda_e: hard attention's weights of the REINFORCE and entropy terms.
@@ -81,6 +84,7 @@ class CaptionerConfig:
     attention_dim: int = 512
     dropout: float = 0.5
     alpha_c: float = 1.0
+    deep_output: bool = False
     use_attention: bool = True
     attention: str = "soft"
     lambda_r: float = 1.0
@@ -100,6 +104,9 @@ class CaptionerConfig:
             raise CaptionLibError(f"CaptionerConfig.dropout={self.dropout!r}: use 0 <= dropout < 1")
         if self.alpha_c < 0:
             raise CaptionLibError(f"CaptionerConfig.alpha_c={self.alpha_c!r}: must be >= 0")
+        if not isinstance(self.deep_output, bool):
+            raise CaptionLibError(f"CaptionerConfig.deep_output={self.deep_output!r}: "
+                                  "use True or False")
         if self.grid not in (None, 7):
             raise CaptionLibError(f"CaptionerConfig.grid={self.grid!r}: only the 7x7 grid (None) "
                                   "is supported end to end (attention plots, grounding)")
@@ -180,7 +187,8 @@ class Captioner(nn.Module):
         self.encoder = encoder or build_encoder(config)
         dims = {"encoder_dim": self.encoder.encoder_dim, "embed_dim": config.embed_dim,
                 "decoder_dim": config.decoder_dim, "attention_dim": config.attention_dim,
-                "dropout": config.dropout, "use_attention": config.use_attention}
+                "dropout": config.dropout, "use_attention": config.use_attention,
+                "deep_output": config.deep_output}
         if config.attention == "hard":
             self.decoder = HardAttentionDecoder(len(vocab), expected_prob=config.expected_prob,
                                                 test_context=config.test_context, **dims)

@@ -726,14 +726,19 @@ def _recipe(name: str) -> tuple[CaptionerConfig, TrainConfig]:
     # grounded better than 0.005 and 0.02 after every epoch (benchmarks/results/
     # recipe_alpha-c-0__xeon-amx.json, recipe_alpha-c-0.005__xeon-amx.json,
     # recipe_today__xeon-amx.json, the last run when the recipe had 0.02)
+    # deep_output: the paper's output layer (Eq. 7); on shapes, from the same seed, it ended
+    # 8 epochs at validation F1 0.876 and grounding 0.741 against 0.852 and 0.588 with one
+    # layer on h_t (benchmarks/results/recipe_deep-output__xeon-amx.json against
+    # recipe_alpha-c-0__xeon-amx.json)
     if name == "shapes":
         return (CaptionerConfig(encoder_weights="DEFAULT", fine_tune="auto", embed_dim=256,
                                 decoder_dim=256, attention_dim=256, dropout=0.3,
-                                alpha_c=0.0),
+                                alpha_c=0.0, deep_output=True),
                 TrainConfig(epochs=8, batch_size=32, lr=4e-4, encoder_lr=2e-4, min_freq=1,
                             captions_per_image=1, val_images=150, bn_images=256))
     if name == "flickr8k":
-        return (CaptionerConfig(encoder_weights="DEFAULT", fine_tune="auto", alpha_c=0.02),
+        return (CaptionerConfig(encoder_weights="DEFAULT", fine_tune="auto", alpha_c=0.02,
+                                deep_output=True),
                 TrainConfig(epochs=20, batch_size=64, min_freq=5, captions_per_image=0,
                             val_images=0))
     if name == "coco":  # Karpathy's COCO split; restval folded into train (113,287 images)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from caption_lib import DecoderWithAttention, caption_loss
@@ -39,8 +40,9 @@ def test_forward_shapes_and_alphas_zero_at_padded_steps():
     assert h.shape == c.shape == (3, H)
 
 
-def test_step_loop_reproduces_forward_in_eval_mode():
-    dec = _decoder().eval()
+@pytest.mark.parametrize("deep_output", [False, True])
+def test_step_loop_reproduces_forward_in_eval_mode(deep_output):
+    dec = _decoder(deep_output=deep_output).eval()
     features, captions, lengths = _batch()
     with torch.no_grad():
         logits, alphas = dec(features, captions, lengths)
@@ -118,15 +120,17 @@ def test_baseline_without_attention():
     torch.testing.assert_close(step_logits, logits[:, 0], atol=1e-6, rtol=0)
 
 
-def test_decoder_gradcheck_on_small_doubles():
-    dec = _decoder(dropout=0.0).double()
+@pytest.mark.parametrize("deep_output", [False, True])
+def test_decoder_gradcheck_on_small_doubles(deep_output):
+    dec = _decoder(dropout=0.0, deep_output=deep_output).double()
     features, captions, lengths = _batch(B=2, L=4)
     features = features.double().requires_grad_()
     assert torch.autograd.gradcheck(lambda f: dec(f, captions, lengths)[0], (features,))
 
 
-def test_batch_order_does_not_matter():
-    dec = _decoder().eval()
+@pytest.mark.parametrize("deep_output", [False, True])
+def test_batch_order_does_not_matter(deep_output):
+    dec = _decoder(deep_output=deep_output).eval()
     features, captions, lengths = _batch()
     perm = torch.tensor([2, 0, 1])
     with torch.no_grad():
@@ -134,3 +138,18 @@ def test_batch_order_does_not_matter():
         logits_p, alphas_p = dec(features[perm], captions[perm], lengths[perm])
     torch.testing.assert_close(logits_p, logits[perm], atol=1e-6, rtol=0)
     torch.testing.assert_close(alphas_p, alphas[perm], atol=1e-6, rtol=0)
+
+
+def test_deep_output_reads_the_word_and_the_context_directly():
+    """The paper's deep output (Eq. 7): its layers and sizes, and the word at step t
+    depends on the context z_t through L_z, not only through h_t (zeroing L_z changes it)."""
+    dec = _decoder(deep_output=True).eval()
+    assert dec.out_h.weight.shape == (D, H) and dec.out_z.weight.shape == (D, E)
+    assert dec.fc.weight.shape == (V, D)
+    assert not hasattr(_decoder(), "out_z") and _decoder().fc.weight.shape == (V, H)
+    features, captions, lengths = _batch()
+    with torch.no_grad():
+        logits, _ = dec(features, captions, lengths)
+        dec.out_z.weight.zero_()
+        without, _ = dec(features, captions, lengths)
+    assert not torch.allclose(logits, without)

@@ -210,12 +210,14 @@ def test_sampling_respects_region_and_step_masks():
     assert all(torch.isfinite(p.grad).all() for p in decoder.parameters() if p.grad is not None)
 
 
-def test_expected_context_captions_train_exactly_like_soft_attention():
+@pytest.mark.parametrize("deep_output", [False, True])
+def test_expected_context_captions_train_exactly_like_soft_attention(deep_output):
     torch.manual_seed(7)
     hard = HardAttentionDecoder(V, encoder_dim=E, embed_dim=4, decoder_dim=5,
-                                attention_dim=4, dropout=0.0, expected_prob=1.0)
+                                attention_dim=4, dropout=0.0, expected_prob=1.0,
+                                deep_output=deep_output)
     soft = DecoderWithAttention(V, encoder_dim=E, embed_dim=4, decoder_dim=5,
-                                attention_dim=4, dropout=0.0)
+                                attention_dim=4, dropout=0.0, deep_output=deep_output)
     soft.load_state_dict({k: v for k, v in hard.state_dict().items() if k != "baseline"})
     features, captions = torch.randn(3, P, E), torch.randint(3, V, (3, 6))
     lengths = torch.tensor([6, 4, 5])
@@ -247,8 +249,8 @@ def test_test_time_contexts():
         argmax_logits, _, alpha = hard.step(tokens, state, features)
         loop = hard.prepare()
         _, gate, from_h = hard.read(loop, state[0])
-        h = hard.write(loop, hard.input_gates(loop, hard.embedding(tokens)), from_h, gate,
-                       pick(features, alpha.argmax(dim=1)), state[1])[0]
+        h = hard.write(loop, hard.input_gates(loop, hard.embedding(tokens)), from_h,
+                       gate * pick(features, alpha.argmax(dim=1)), state[1])[0]
         assert torch.allclose(argmax_logits, hard.fc(h))
         hard.test_context = "sample"
         draws = {tuple(hard.step(tokens, state, features)[0].argmax(1).tolist())

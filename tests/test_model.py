@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -168,3 +169,25 @@ def test_calibrated_frozen_statistics_are_checkpointed(vocab, tmp_path):
         assert torch.equal(loaded.encode(images), model.encode(images))
     assert "encoder_frozen_batchnorm" not in read_checkpoint(
         Captioner(vocab, config).save(tmp_path / "plain.pt"))  # nothing calibrated
+
+
+def test_deep_output_round_trips_and_old_configs_read_as_the_single_layer(vocab, tmp_path):
+    """A deep-output model's checkpoint loads with its L_h, L_z; a config written before
+    the option (no "deep_output" key) reads as the single output layer; a bad value is
+    refused in one line."""
+    torch.manual_seed(0)
+    deep = Captioner(vocab, dataclasses.replace(CONFIG, deep_output=True)).eval()
+    assert deep.decoder.fc.weight.shape == (len(vocab), CONFIG.embed_dim)
+    loaded = Captioner.load(deep.save(tmp_path / "deep.pt")).eval()
+    assert loaded.config.deep_output and hasattr(loaded.decoder, "out_z")
+    cached, captions, lengths = _inputs(vocab)
+    with torch.no_grad():
+        a = deep.forward_cached(cached, captions, lengths)[0]
+        b = loaded.forward_cached(cached, captions, lengths)[0]
+    assert torch.equal(a, b)
+    old = json.loads(CONFIG.to_json())
+    del old["deep_output"]
+    assert CaptionerConfig.from_json(json.dumps(old)).deep_output is False
+    with pytest.raises(CaptionLibError) as info:
+        CaptionerConfig(deep_output="yes")
+    assert "deep_output='yes'" in str(info.value) and "\n" not in str(info.value)

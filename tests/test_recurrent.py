@@ -193,7 +193,7 @@ def _per_step_reference(dec: DecoderWithAttention, features, captions, lengths):
     embedded = dec.embedding(captions[:, :T])  # (B, T, D)
     h, c = dec.init_state(features)
     projected = dec.project(features)
-    hiddens, alphas = [], []
+    hiddens, alphas, zs = [], [], []
     for t in range(T):
         if dec.attention is not None:
             context, alpha = dec.attention(features, h, projected=projected)  # (B, E), (B, P)
@@ -203,16 +203,24 @@ def _per_step_reference(dec: DecoderWithAttention, features, captions, lengths):
         h, c = dec.lstm(torch.cat([embedded[:, t], gate * context], dim=1), (h, c))
         hiddens.append(h)
         alphas.append(alpha)
+        zs.append(gate * context)  # the gated context z_t
     real = (torch.arange(T).unsqueeze(0) < (lengths - 1).unsqueeze(1)).float()  # (B, T)
     alphas = torch.stack(alphas, dim=1) * real.unsqueeze(2)  # (B, T, P)
-    return dec.fc(torch.stack(hiddens, dim=1)), alphas
+    hidden = torch.stack(hiddens, dim=1)  # (B, T, H)
+    if not dec.deep_output:
+        return dec.fc(hidden), alphas
+    # the paper's Eq. 7: L_o(E y_{t-1} + L_h h_t + L_z z_t), a tanh before L_o
+    deep = torch.tanh(embedded + dec.out_h(hidden) + dec.out_z(torch.stack(zs, dim=1)))
+    return dec.fc(deep), alphas
 
 
-@pytest.mark.parametrize("use_attention", [True, False])
-def test_decoder_values_and_gradients_equal_the_per_step_formulation(use_attention):
+@pytest.mark.parametrize("use_attention,deep_output", [(True, False), (False, False),
+                                                       (True, True), (False, True)])
+def test_decoder_values_and_gradients_equal_the_per_step_formulation(use_attention, deep_output):
     torch.manual_seed(1)
     dec = DecoderWithAttention(11, encoder_dim=8, embed_dim=5, decoder_dim=6,
-                               attention_dim=7, dropout=0.0, use_attention=use_attention)
+                               attention_dim=7, dropout=0.0, use_attention=use_attention,
+                               deep_output=deep_output)
     features = torch.randn(4, 9, 8, requires_grad=True)  # as when the encoder is tuned
     lengths = torch.tensor([6, 3, 5, 6])
     captions = torch.randint(1, 11, (4, 6)) * (torch.arange(6) < lengths.unsqueeze(1))
