@@ -24,6 +24,11 @@ repetitions, interleaved so that machine noise hits all of them alike):
   padded steps only masked (to decide masking vs shrinking by measurement; on "variable").
 - "caption_lib_bf16": `DecoderWithAttention` under CPU bf16 autocast (on "variable").
 
+Every variant has the tutorial's output layer, one linear layer on h_t
+(`deep_output=False`), so that all compute the same maths; the paper's deep output, which
+the book's recipes use, adds two small products per step (L_h h_t and L_z z_t, both to the
+embedding size), applied to all steps at once after the loop.
+
 How close to the machine's peak: the FLOPs of each step's matrix products are counted
 (`_gemm.count_gflop`, forward and backward) and a 2048 x 2048 fp32 / bf16 matrix product
 is timed in the same interleaved loop; `ratio_of_gemm_peak` is the step's GFLOP/s over

@@ -89,7 +89,7 @@ class DecoderWithAttention(nn.Module):
         embed_dim: D, size of a word embedding.
         decoder_dim: H, size of the LSTM state.
         attention_dim: A, size of the attention space.
-        dropout: dropout probability on h_t before the output layer.
+        dropout: dropout probability before the output layer (on h_t, or on the deep output).
         use_attention: False gives the "Show and Tell"-like baseline used for comparison:
             the context is the mean region feature at every step and alpha is uniform 1/P.
         deep_output: True: the paper's deep output layer (Eq. 7; `out_h` L_h (H -> D),
@@ -242,7 +242,7 @@ class DecoderWithAttention(nn.Module):
         Returns:
             logits (B, L-1, V): step t predicts captions[:, t+1] from captions[:, :t+1];
             alphas (B, L-1, P): attention weights, 0 at padded steps. Padded steps are not
-            computed: their logits are just the output bias; `caption_loss` leaves them out.
+            computed: their logits are those of a zero state; `caption_loss` leaves them out.
         """
         if captions.dim() != 2 or features.dim() != 3 or features.size(0) != captions.size(0):
             raise ValueError(f"expected features (B, P, E) and captions (B, L), got "

@@ -628,7 +628,7 @@ def _format(entry: dict) -> str:
 # added later is left out at this default, a field removed is put back at its last value
 _HASH_ADDED = {"restval": "train", "best_by": "bleu4", "encoder_epochs": 0}
 _HASH_ADDED_MODEL = {"attention": "soft", "lambda_r": 1.0, "lambda_e": 0.01, "baseline_decay": 0.9,
-                     "expected_prob": 0.5, "test_context": "expected"}
+                     "expected_prob": 0.5, "test_context": "expected", "deep_output": False}
 _HASH_REMOVED_MODEL = {"max_len": 20}
 
 

@@ -122,24 +122,38 @@ print(f"caption_lib {caption_lib.__version__} on {device}")
 # and reports that it makes the attention maps sharper. (`caption_lib` uses one gate per
 # feature, as the common implementations do; the paper's text reads as a scalar.)
 #
-# **The word.** The next-word distribution is a softmax over the vocabulary of a linear
-# map of the (dropped-out) state, $p(y_t \mid a, y_{<t}) = \mathrm{softmax}(L_o\,
-# \mathrm{dropout}(h_t))$ — the simple form used by most implementations; the paper's
-# "deep output" also adds terms in $E y_{t-1}$ and $\hat z_t$.
+# **The word.** The paper's output layer is a "deep output" (Sec. 3.1.2, Eq. 7): the
+# previous word, the new state and the gated context are each mapped to the embedding size
+# $D$ and added before the vocabulary layer $L_o$,
 #
-# In `DecoderWithAttention`: `embedding` ($E$), `attention`, `f_beta`, `lstm`, `init_h`,
-# `init_c`, `dropout` and `fc` ($L_o$).
+# $$
+# p(y_t \mid a, y_{<t}) = \mathrm{softmax}\Big(L_o\, \mathrm{dropout}\big(\tanh(E y_{t-1}
+# + L_h h_t + L_z \hat z_t)\big)\Big).
+# $$ (eq-deep-output)
+#
+# So the word can be read off the region the decoder looks at *now* ($\hat z_t$), not only
+# through the LSTM's memory. Eq. 7 writes no non-linearity; like the readout of the
+# attention decoders of that time (dl4mt / Nematus: a tanh of the three terms, then
+# dropout), `caption_lib` puts a tanh and dropout before $L_o$. Most re-implementations use
+# the simpler $\mathrm{softmax}(W_o\, \mathrm{dropout}(h_t))$ instead; `deep_output=False`
+# gives that. The book's recipes use the deep output: on shapes it grounds the words far
+# better (chapter 5's settings table has the measurement).
+#
+# In `DecoderWithAttention(..., deep_output=True)`: `embedding` ($E$), `attention`,
+# `f_beta`, `lstm`, `init_h`, `init_c`, `dropout`, `out_h` ($L_h$), `out_z` ($L_z$) and
+# `fc` ($L_o$).
 
 # %%
 # NBVAL_CHECK_OUTPUT
 V, E = 20, 2048
 torch.manual_seed(SEED)
 decoder = DecoderWithAttention(V, encoder_dim=E, embed_dim=EMBED_DIM, decoder_dim=DECODER_DIM,
-                               attention_dim=ATTENTION_DIM, dropout=0.5)
+                               attention_dim=ATTENTION_DIM, dropout=0.5, deep_output=True)
 D, H = EMBED_DIM, DECODER_DIM
 assert decoder.lstm.weight_ih.shape == (4 * H, D + E)
 assert decoder.lstm.weight_hh.shape == (4 * H, H)
-assert decoder.fc.weight.shape == (V, H)
+assert decoder.out_h.weight.shape == (D, H) and decoder.out_z.weight.shape == (D, E)
+assert decoder.fc.weight.shape == (V, D)
 for name, module in decoder.named_children():
     print(f"{name:10s} {module}")
 
@@ -186,7 +200,7 @@ for t in range(5):
 # `running[t]` captions, and returns logits and weights in the caller's order; the loss
 # masks the padded steps all the same. Two other choices matter far more for speed: the
 # regions are projected to attention space **once per caption** (chapter 3), and the
-# output layer — the biggest matrix, $H \times V$ — runs **once on all steps** after the
+# output layer — the biggest matrix, $D \times V$ — runs **once on all steps** after the
 # loop instead of once per step. The benchmark also times the tutorial's formulation
 # (projection and output layer inside the loop, written out in the benchmark, not copied).
 #
@@ -245,7 +259,8 @@ else:
 
 # %%
 decoder = DecoderWithAttention(len(vocab), encoder_dim=E, embed_dim=EMBED_DIM,
-                               decoder_dim=DECODER_DIM, attention_dim=ATTENTION_DIM)
+                               decoder_dim=DECODER_DIM, attention_dim=ATTENTION_DIM,
+                               deep_output=True)
 decoder.eval()  # no dropout, so that the walk-through and `forward` agree exactly
 B, L = captions.shape
 T, P, A, V = L - 1, 49, ATTENTION_DIM, len(vocab)
@@ -254,7 +269,7 @@ features = torch.randn(B, P, E)  # the encoder's regions a
 embedded = decoder.embedding(captions[:, :T])  # E y_{t-1} for all steps at once
 h, c = decoder.init_state(features)  # eq. (eq-init)
 projected = decoder.attention.project(features)  # W_a a, once per caption
-hiddens, alphas = [], []
+hiddens, alphas, zs = [], [], []
 for t in range(T):
     context, alpha = decoder.attention(features, h, projected=projected)  # chapter 3
     gate = torch.sigmoid(decoder.f_beta(h))  # beta_t, eq. (eq-beta)
@@ -262,13 +277,17 @@ for t in range(T):
     h, c = decoder.lstm(x, (h, c))  # eqs. (eq-lstm-gates)-(eq-lstm-hidden)
     hiddens.append(h)
     alphas.append(alpha)
+    zs.append(gate * context)  # the gated context z_t, for the output layer
 hidden = torch.stack(hiddens, dim=1)  # all states
-logits = decoder.fc(decoder.dropout(hidden))  # L_o on all steps at once
+z_all = torch.stack(zs, dim=1)  # all gated contexts
+deep = torch.tanh(embedded + decoder.out_h(hidden) + decoder.out_z(z_all))  # eq. (eq-deep-output)
+logits = decoder.fc(decoder.dropout(deep))  # L_o on all steps at once
 
 assert embedded.shape == (B, T, D) and projected.shape == (B, P, A)
 assert context.shape == (B, E) and alpha.shape == (B, P) and gate.shape == (B, E)
 assert x.shape == (B, D + E) and h.shape == c.shape == (B, H)
-assert hidden.shape == (B, T, H) and logits.shape == (B, T, V)
+assert hidden.shape == (B, T, H) and z_all.shape == (B, T, E) and deep.shape == (B, T, D)
+assert logits.shape == (B, T, V)
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -276,7 +295,7 @@ for name, tensor in [("features a", features), ("captions", captions),
                      ("embedded", embedded), ("h, c", h), ("projected", projected),
                      ("context (one step)", context), ("alpha (one step)", alpha),
                      ("gate beta", gate), ("LSTM input x", x), ("hidden (all steps)", hidden),
-                     ("logits", logits)]:
+                     ("z (all steps)", z_all), ("deep output", deep), ("logits", logits)]:
     print(f"{name:20s} {tuple(tensor.shape)}")
 
 # %% [markdown]
@@ -492,8 +511,11 @@ rows = [
     ("gate β", "one scalar per step, $\\sigma(f_\\beta(h_{t-1}))$ (Sec. 4.2.1)",
      f"a vector of {beta_size} values per step, one per feature",
      "a per-feature gate, as most re-implementations use; the scalar is its special case"),
-    ("output layer", "deep output: $L_o(E y_{t-1} + L_h h_t + L_z \\hat z_t)$ (Sec. 3.1.2)",
-     "one linear layer on dropout($h_t$)", "fewer parameters; $y_{t-1}$ and $\\hat z_t$ reach the output through $h_t$"),
+    ("output layer", "deep output: $L_o(E y_{t-1} + L_h h_t + L_z \\hat z_t)$ (Sec. 3.1.2, Eq. 7)",
+     f"the same, with a tanh and dropout before $L_o$ (`deep_output={shapes_model.deep_output}` "
+     "in the recipes; `False`: one linear layer on dropout($h_t$))",
+     "Eq. 7 writes no non-linearity; the attention decoders of the time put a tanh there. "
+     "On shapes the deep output grounds far better (chapter 5)"),
     ("regulariser λ", "$\\lambda \\sum_i (1 - \\sum_t \\alpha_{ti})^2$ over 196 regions",
      f"the same sum over 49 regions; λ = {shapes_model.alpha_c} (shapes), {colab_model.alpha_c} (Flickr8k)",
      "with many regions the sum outweighs the cross-entropy; on shapes it costs grounding, "
@@ -527,6 +549,9 @@ display(Markdown(header + "\n".join(f"| {' | '.join(r)} |" for r in rows)))
 # - The decoder is an LSTM ({eq}`eq-lstm-gates`–{eq}`eq-lstm-hidden`) whose input is the
 #   previous word and the gated context $\beta_t \odot \hat z_t$ ({eq}`eq-beta`); its
 #   state starts from the mean region ({eq}`eq-init`).
+# - The word comes from the paper's deep output ({eq}`eq-deep-output`): the previous
+#   word, the state and the gated context together, so it can be read off the region in
+#   view.
 # - Teacher forcing trains all $L - 1$ steps of a caption in one pass; padded steps are
 #   masked out of the loss ({eq}`eq-loss`), together with the doubly stochastic
 #   regulariser that spreads attention over the image.

@@ -438,7 +438,7 @@ print({k: round(v, 3) if isinstance(v, float) else v for k, v in chosen.scores.i
 # ### Decoding in bf16
 #
 # Much of a search's time goes into matrix products, the largest of them the context's
-# and $h_{t-1}$'s shares of the LSTM gates and the output layer $W_o$. `precision="bf16"`
+# and $h_{t-1}$'s shares of the LSTM gates and the output layer $L_o$. `precision="bf16"`
 # (`beam_search`, `greedy_decode`, `evaluate(..., decode_precision=...)`, and
 # `caption-lib evaluate/caption --precision bf16`) runs them on a bfloat16 copy of the
 # decoder; the log-probabilities, the beams' scores and the attention's scores $e_{ti}$

@@ -48,16 +48,20 @@ def test_run_folders_of_todays_recipes_keep_their_names(tmp_path, monkeypatch):
     """Trained runs in a workspace are found by these names: a config change that renames
     them would retrain the book (values from `run_dir_for` before `max_len` was retired;
     flickr8k and coco renamed on purpose when their `alpha_c` went from 1.0 to 0.02, issue 18;
-    shapes when its `alpha_c` went from 0.02 to 0, issue 19)."""
+    shapes when its `alpha_c` went from 0.02 to 0, and all three when they took the paper's
+    deep output layer, issue 19; a config without it keeps its folder)."""
     monkeypatch.setenv("CAPTION_LIB_HOME", str(tmp_path))
     names = {name: run_dir_for("/data/shapes", *recipe(name)).name
              for name in ("shapes", "flickr8k", "coco")}
-    assert names == {"shapes": "shapes-8f8fb88cf0", "flickr8k": "shapes-b7ca3639d1",
-                     "coco": "shapes-a1c328a289"}
+    assert names == {"shapes": "shapes-aaab42becd", "flickr8k": "shapes-e0bc755ee5",
+                     "coco": "shapes-17cd6f5ea7"}
     model_config, config = recipe("shapes")
     config.epochs = 2
     model_config.fine_tune = False
-    assert run_dir_for("/data/shapes", model_config, config).name == "shapes-bd3218b3ea"
+    assert run_dir_for("/data/shapes", model_config, config).name == "shapes-e8aa6c50df"
+    model_config, config = recipe("shapes")
+    model_config.deep_output = False  # the recipe before the deep output: its old folder
+    assert run_dir_for("/data/shapes", model_config, config).name == "shapes-8f8fb88cf0"
 
 
 def test_configs_are_checked_when_built():
