@@ -200,12 +200,14 @@ for step, pairs in enumerate(epoch[:3], start=1):
     demo_losses.append(total / tokens)
     print(f"step {step}: loss {demo_losses[-1]:.3f} over {tokens:.0f} words")
 assert all(math.isfinite(x) for x in demo_losses)
-assert demo_losses == sorted(demo_losses, reverse=True), "the loss falls step by step"
+assert demo_losses[-1] < demo_losses[0], "three steps lower the loss"
 
 # %% [markdown]
 # The loss starts near $\log V$, the cross-entropy of a uniform guess over the vocabulary
-# (printed below), and falls with every step. `train` repeats exactly this, epoch after
-# epoch, with validation and checkpoints around it.
+# (printed below), and is lower after the third step than after the first. It need not
+# fall at every step: each step scores other captions, and one batch can be harder than
+# the one before. `train` repeats exactly this, epoch after epoch, with validation and
+# checkpoints around it.
 
 # %%
 # NBVAL_IGNORE_OUTPUT

@@ -441,8 +441,8 @@ else:
 # regions would score: at that level the hard model has not learnt where to look, and
 # below it its attention avoids the objects it names, so the words come from elsewhere
 # (the start state is the mean of all regions, and the LSTM's memory carries what
-# earlier steps saw). This chapter does not measure why a short REINFORCE run can end
-# below the uniform level; exercise 3 is a way in. Why hard attention can lose on this data set within a short budget: its
+# earlier steps saw). Where a short REINFORCE run ends below the uniform level, this
+# chapter does not measure why; exercise 3 is a way in. Why hard attention can lose on this data set within a short budget: its
 # gradient for the attention is a noisy estimate (the variance row), while soft
 # attention's is exact, and a shapes caption names several small objects whose positions
 # the decoder must find word by word — a drawn wrong region costs a wrong word at once.
