@@ -272,9 +272,12 @@ def test_hard_needs_attention_and_soft_run_folders_stay():
     with pytest.raises(CaptionLibError, match="use_attention"):
         CaptionerConfig(attention="hard", use_attention=False)
     soft, config = tiny_configs()
-    # a soft run keeps the folder it had before the hard-attention fields existed (and
-    # before TrainConfig's restval, best_by and encoder_epochs, at their defaults)
-    old = {k: v for k, v in dataclasses.asdict(soft).items() if k not in HARD_FIELDS}
+    soft = dataclasses.replace(soft, deep_output=False)  # one output layer, as before
+    # a soft run keeps the folder it had before the hard-attention fields and the deep
+    # output existed (and before TrainConfig's restval, best_by and encoder_epochs, at
+    # their defaults)
+    old = {k: v for k, v in dataclasses.asdict(soft).items()
+           if k not in HARD_FIELDS and k != "deep_output"}
     key = json.dumps([str(Path("d").resolve()), {**old, "max_len": 20},
                       {k: v for k, v in dataclasses.asdict(config).items()
                        if k not in ("restval", "best_by", "encoder_epochs")}],
