@@ -30,8 +30,8 @@ alternative, running every step for the whole batch and relying on the loss mask
 gives the same numbers; shrinking was measurably faster on the book's benchmark (about 8%
 with lengths 10-20, more when lengths vary more; `benchmarks/bench_decoder.py`).
 
-Speed: W_a a is projected once per sequence, and the output layer (the biggest matrix,
--> V) is applied to all steps at once after the loop. Inside the loop
+Speed: W_a a is projected once per sequence, and the output layer (its last matrix, to
+the V words, is the biggest) is applied to all steps at once after the loop. Inside the loop
 (`prepare`): the three products of h_{t-1} (attention query, gate, W_hh h) are one
 product; the word's share of the LSTM input is computed for all steps at once; and the
 per-step weights get their gradients from one product per loop (`caption_lib.recurrent`);

@@ -630,6 +630,9 @@ _HASH_ADDED = {"restval": "train", "best_by": "bleu4", "encoder_epochs": 0}
 _HASH_ADDED_MODEL = {"attention": "soft", "lambda_r": 1.0, "lambda_e": 0.01, "baseline_decay": 0.9,
                      "expected_prob": 0.5, "test_context": "expected", "deep_output": False}
 _HASH_REMOVED_MODEL = {"max_len": 20}
+# what a field added to the configs later was before it existed (its default then): for
+# reading settings recorded by older runs and experiments (the results page's curves)
+ADDED_DEFAULTS = {**_HASH_ADDED, **_HASH_ADDED_MODEL}
 
 
 def run_dir_for(data_dir: str | Path, model_config: CaptionerConfig, config: TrainConfig) -> Path:

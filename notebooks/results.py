@@ -58,7 +58,7 @@ from IPython.display import Markdown, display
 import caption_lib
 from caption_lib.evaluate import evaluate
 from caption_lib.model import Captioner
-from caption_lib.train import ensure_trained, recipe
+from caption_lib.train import ADDED_DEFAULTS, ensure_trained, recipe
 
 device = caption_lib.pick_device("auto")
 caption_lib.seed_everything(SEED)
@@ -458,15 +458,11 @@ def cpu_of(record: dict) -> str:
 shapes_today = {k: v for part in recipe("shapes") for k, v in dataclasses.asdict(part).items()}
 
 
-# settings added to the configs after some curves were written: the value they had before
-ADDED_SETTINGS = {"deep_output": False}
-
-
 def base_changes(record: dict, changes: dict, today: dict = shapes_today) -> dict:
     """The settings in which the recipe a curve started from differs from `today`
     (`recipe("shapes")`), besides the variant's own changes and the number of epochs:
     the recipe has changed since some curves were measured."""
-    then = {**ADDED_SETTINGS, **record["settings"]["model"], **record["settings"]["train"]}
+    then = {**ADDED_DEFAULTS, **record["settings"]["model"], **record["settings"]["train"]}
     own = ("epochs", "encoder_weights") + (("fine_tune",) if "starts_from" in record else ())
     return {k: v for k, v in then.items()
             if k in today and k not in changes and k not in own and v != today[k]}
