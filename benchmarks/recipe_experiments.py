@@ -107,6 +107,8 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "deep-output": ({"deep_output": True}, {}),
     "single-output": ({"deep_output": False}, {}),
     "deep-output-aux": ({"deep_output": True}, {}),  # + the per-region object loss
+    "ema": ({}, {}),  # today's run, also evaluated with averaged weights (EMA)
+    "ema-short": ({}, {}),  # the same with shorter averages
 }
 # name -> a decoder trained alone on the frozen encoder of the book's default run (today's
 # recipe, finished by `make runs`; `train.same_features_runs`): how far that run's
@@ -143,6 +145,16 @@ BN_IMAGES = 1024
 # to the caption loss with weight AUX_REGIONS[name]; training only (the validation loss
 # and decoding do not use it). `aux_region_loss` installs it in this process.
 AUX_REGIONS = {"aux-regions": 1.0, "aux-regions-0.3": 0.3, "deep-output-aux": 1.0}
+# Polyak averaging, not in the paper: validation F1 swings from epoch to epoch while the
+# loss falls (recipe_today__xeon-amx-deep-output.json), the mark of weights that move
+# between nearby minima. "ema" trains exactly today's run (its own curve is that run's) and
+# keeps, beside it, exponential moving averages of the trainable weights with each decay
+# per optimiser step (about 94 steps an epoch); after every epoch each average is copied
+# into the model, the fine-tuned stage's BatchNorm statistics are re-estimated for it on
+# `bn_images` training images (as the trainer does for its own weights), and it is
+# evaluated like the run. The averages live in this process (`ema_weights`): the curve must
+# be trained in one call (no --extend).
+EMA = {"ema": (0.99, 0.995, 0.998), "ema-short": (0.97, 0.98)}
 
 
 def configs(name: str, epochs: int, data: Path | None = None):
@@ -173,6 +185,8 @@ def _changes(name: str) -> tuple[dict, dict]:
         model = {**model, "layer4 bottlenecks' last BatchNorm scale (bn3.weight)": "0 at the start"}
     if name in AUX_REGIONS:
         train = {**train, "per-region object loss (not in the paper)": AUX_REGIONS[name]}
+    if name in EMA:
+        train = {**train, "weight averages (EMA, not in the paper), decays": list(EMA[name])}
     return model, train
 
 
@@ -351,6 +365,60 @@ def aux_region_loss(weight: float) -> None:
     Captioner.cached_loss = cached_loss
 
 
+def ema_weights(decays: tuple[float, ...]) -> dict:
+    """Install the averages (`EMA`) in this process: the trainer's optimiser gets a step
+    hook that moves every average towards the model's trainable weights, avg <- d avg +
+    (1 - d) w, starting from the initial weights. Returns {decay: {name: tensor}}."""
+    averages: dict[float, dict[str, torch.Tensor]] = {d: {} for d in decays}
+    make = caption_lib.train._optimizer
+
+    def optimizer(model, config):
+        opt = make(model, config)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        for d in decays:
+            for n, p in named:
+                averages[d].setdefault(n, p.detach().clone())
+
+        def hook(*_):
+            with torch.no_grad():
+                for d in decays:
+                    torch._foreach_lerp_([averages[d][n] for n, _ in named],
+                                         [p.detach() for _, p in named], 1.0 - d)
+        opt.register_step_post_hook(hook)
+        return opt
+
+    caption_lib.train._optimizer = optimizer
+    return averages
+
+
+def evaluate_average(model, average: dict, data: Path, records: list, config) -> dict:
+    """Validation scores of `model` with the `average` weights, BatchNorm re-estimated."""
+    from caption_lib.encoder import recalibrate_batchnorm
+    from caption_lib.features import workspace_features
+
+    state = {n: p.detach().clone() for n, p in model.named_parameters() if n in average}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in average:
+                p.copy_(average[n])
+    train_records = split_records(records, "train")
+    store = workspace_features(model.encoder, train_records, progress=False)
+    g = torch.Generator().manual_seed(config.seed)
+    idx = torch.randperm(len(train_records), generator=g)[:config.bn_images]
+    recalibrate_batchnorm(model.encoder, (store[idx[k:k + 64]] for k in range(0, len(idx), 64)))
+    val = evaluate(model, data, split="val", meteor=False, progress=False)
+    report = grounding_report([c["caption"].split() for c in val.captions], val.alphas,
+                              [r.objects for r in split_records(records, "val")])
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in state:
+                p.copy_(state[n])
+    return {"val_semantic_f1_all": round(val.scores["semantic_f1"], 4),
+            "val_grounding_mass": round(report["mass"], 4),
+            "val_grounding_argmax": round(report["argmax"], 4),
+            "val_bleu4_all": round(val.scores["bleu4"], 2)}
+
+
 def derive_cache(cls: type[EncoderCNN], model_config, records: list) -> None:
     """Fill the cache of `cls`'s encoder from the stage's input cache (layer3) by running
     only the frozen blocks of the split stage: the same values up to bf16/fp16 rounding,
@@ -422,6 +490,12 @@ def run_variant(name: str, epochs: int, data: Path, extend: bool = False, tag: s
         caption_lib.train._epoch_batches = curriculum_batches(CURRICULUM[name])
     if name in AUX_REGIONS:  # the experiment's loss replaces the trainer's in this process
         aux_region_loss(AUX_REGIONS[name])
+    averages = None
+    if name in EMA:  # the averages follow the trainer's steps in this process
+        if extend:
+            raise SystemExit(f"--extend {name}: the averages live in one process; train "
+                             "it again with the epochs wanted")
+        averages = ema_weights(EMA[name])
     if name in UNCALIBRATED:  # the trainer's calibration switched off in this process
         caption_lib.train.calibrate_frozen = lambda *args, **kwargs: 0
     result = {"variant": name, "data": str(data),
@@ -464,6 +538,10 @@ def run_variant(name: str, epochs: int, data: Path, extend: bool = False, tag: s
                       "val_bleu4_all": round(val.scores["bleu4"], 2),
                       "eval_seconds": round(time.perf_counter() - start, 1),
                       "load_average": round(os.getloadavg()[0], 2)})
+        if averages is not None:
+            entry["ema"] = {str(d): evaluate_average(run.model, a, data, records, config)
+                            for d, a in averages.items()}
+            print(name, epoch, {d: e["val_semantic_f1_all"] for d, e in entry["ema"].items()})
         result["epochs"].append(entry)
         print(f"{name} epoch {epoch}: val F1 {entry['val_semantic_f1_all']:.3f} "
               f"(trainer's {entry.get('val_semantic_f1', float('nan')):.3f}), grounding "
