@@ -109,6 +109,8 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "deep-output-aux": ({"deep_output": True}, {}),  # + the per-region object loss
     "ema": ({}, {}),  # today's run, also evaluated with averaged weights (EMA)
     "ema-short": ({}, {}),  # the same with shorter averages
+    # the recipe has averaged weights since (TrainConfig.ema_decay); "no-ema" goes back
+    "no-ema": ({}, {"ema_decay": 0.0}),
 }
 # name -> a decoder trained alone on the frozen encoder of the book's default run (today's
 # recipe, finished by `make runs`; `train.same_features_runs`): how far that run's
@@ -153,7 +155,13 @@ AUX_REGIONS = {"aux-regions": 1.0, "aux-regions-0.3": 0.3, "deep-output-aux": 1.
 # into the model, the fine-tuned stage's BatchNorm statistics are re-estimated for it on
 # `bn_images` training images (as the trainer does for its own weights), and it is
 # evaluated like the run. The averages live in this process (`ema_weights`): the curve must
-# be trained in one call (no --extend).
+# be trained in one call (no --extend). The library has the option since
+# (`TrainConfig.ema_decay`, `caption_lib.averaging`); the two curves were written before
+# it, with averages that started from the initial weights (w_avg <- d w_avg + (1 - d) w,
+# by `lerp_`); the library's are bias-corrected (`caption_lib.averaging`): the initial
+# weights keep no share. Their share had fallen to 0.99^470 < 1 % by epoch 5 (94 steps an
+# epoch), so the two agree from there on; early epochs of an "ema" curve run today are
+# higher than these.
 EMA = {"ema": (0.99, 0.995, 0.998), "ema-short": (0.97, 0.98)}
 
 
@@ -367,52 +375,42 @@ def aux_region_loss(weight: float) -> None:
 
 def ema_weights(decays: tuple[float, ...]) -> dict:
     """Install the averages (`EMA`) in this process: the trainer's optimiser gets a step
-    hook that moves every average towards the model's trainable weights, avg <- d avg +
-    (1 - d) w, starting from the initial weights. Returns {decay: {name: tensor}}."""
-    averages: dict[float, dict[str, torch.Tensor]] = {d: {} for d in decays}
+    hook that updates one `caption_lib.averaging.WeightAverage` per decay. The experiment
+    trains one epoch per `train` call, each with a model loaded from `last.pt`: the
+    averages carry over from call to call here. Returns {decay: WeightAverage}."""
+    from caption_lib.averaging import WeightAverage
+
+    averages: dict[float, WeightAverage] = {}
     make = caption_lib.train._optimizer
 
     def optimizer(model, config):
         opt = make(model, config)
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         for d in decays:
-            for n, p in named:
-                averages[d].setdefault(n, p.detach().clone())
-
-        def hook(*_):
-            with torch.no_grad():
-                for d in decays:
-                    torch._foreach_lerp_([averages[d][n] for n, _ in named],
-                                         [p.detach() for _, p in named], 1.0 - d)
-        opt.register_step_post_hook(hook)
+            fresh = WeightAverage(model, d)  # this call's model; the averages so far
+            if d in averages:
+                fresh.averages, fresh.steps = averages[d].averages, averages[d].steps
+            averages[d] = fresh
+        opt.register_step_post_hook(lambda *_: [a.update() for a in averages.values()])
         return opt
 
     caption_lib.train._optimizer = optimizer
     return averages
 
 
-def evaluate_average(model, average: dict, data: Path, records: list, config) -> dict:
+def evaluate_average(model, average, data: Path, records: list, config) -> dict:
     """Validation scores of `model` with the `average` weights, BatchNorm re-estimated."""
     from caption_lib.encoder import recalibrate_batchnorm
     from caption_lib.features import workspace_features
 
-    state = {n: p.detach().clone() for n, p in model.named_parameters() if n in average}
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n in average:
-                p.copy_(average[n])
     train_records = split_records(records, "train")
     store = workspace_features(model.encoder, train_records, progress=False)
     g = torch.Generator().manual_seed(config.seed)
     idx = torch.randperm(len(train_records), generator=g)[:config.bn_images]
-    recalibrate_batchnorm(model.encoder, (store[idx[k:k + 64]] for k in range(0, len(idx), 64)))
-    val = evaluate(model, data, split="val", meteor=False, progress=False)
+    with average.applied():
+        recalibrate_batchnorm(model.encoder, (store[idx[k:k + 64]] for k in range(0, len(idx), 64)))
+        val = evaluate(model, data, split="val", meteor=False, progress=False)
     report = grounding_report([c["caption"].split() for c in val.captions], val.alphas,
                               [r.objects for r in split_records(records, "val")])
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n in state:
-                p.copy_(state[n])
     return {"val_semantic_f1_all": round(val.scores["semantic_f1"], 4),
             "val_grounding_mass": round(report["mass"], 4),
             "val_grounding_argmax": round(report["argmax"], 4),

@@ -20,6 +20,7 @@ module, in three layers (a module only imports from its own layer or the ones ab
     running it (chapter 5, the command line)
         runtime      devices, precision, seeds and RNG states, atomic writes, workspace
         features     the feature cache of the encoder's frozen part
+        averaging    an exponential moving average of the weights (validated and saved)
         train        the training loop (`train_one_epoch`) and `train`, resume, recipes
         evaluate     decode a split and score it (validation and test: one loop)
         distributed  data-parallel helpers (torchrun, DDP): no-ops for one process

@@ -127,7 +127,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     model_config, config = recipe(name)
     overrides = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
                  "seed": args.seed, "restval": args.restval,
-                 "encoder_epochs": args.encoder_epochs}
+                 "encoder_epochs": args.encoder_epochs, "ema_decay": args.ema_decay}
     for key, value in overrides.items():
         if value is not None:
             setattr(config, key, value)
@@ -157,6 +157,9 @@ def _add_train(sub: Sub) -> None:
     p.add_argument("--encoder-epochs", type=int, metavar="N",
                    help="a fine-tuned encoder stage trains for the first N epochs only, the "
                         "decoder alone after them (0: every epoch)")
+    p.add_argument("--ema-decay", type=float, metavar="D",
+                   help="validate and save an exponential moving average of the weights "
+                        "with decay D per step (0: off; the shapes recipe's is 0.99)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -169,6 +169,10 @@ display(Code(inspect.getsource(train_one_epoch), language="python"))
 # - `clip_grad_norm_` rescales the gradient when its norm exceeds `grad_clip`:
 #   LSTMs occasionally produce a very large one.
 # - `step()` is Adam's update; a cosine schedule would also step here, once per batch.
+# - `average.update()`: with `ema_decay` (the offline recipe sets it; see the table above)
+#   an exponential moving average of every trained weight follows it after each step
+#   (`caption_lib.averaging`); validation and both checkpoints use the average, and
+#   training goes on from the trained weights. The demo below passes none.
 # - The returned sum of cross-entropies and the number of real tokens give the epoch's
 #   training loss (their ratio) that the history reports.
 #

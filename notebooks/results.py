@@ -416,19 +416,30 @@ if beam_record and decoder_record:
 # experiment measured it, otherwise the trainer's own validation images), attention
 # grounding where measured, and the seconds an epoch took on the machine that ran it (a
 # shared machine's seconds are contended; "CPU seconds" is the process's own CPU time).
-# Below, per variant, what it changes, its curve, and a sentence that reads it.
+# Below, per variant, what it changes, its curve, and a sentence that reads it. The
+# `ema` curves are each one run evaluated twice after every epoch: with the weights it
+# trained (the first columns) and with exponential moving averages of them, one column
+# per decay (`TrainConfig.ema_decay`).
 
 # %% tags=["hide-input"]
 # NBVAL_IGNORE_OUTPUT
+def averaged(record: dict) -> list[str]:
+    """The decays of the weight averages a curve also evaluated ("ema" variants)."""
+    return list(record["epochs"][0].get("ema", {}))
+
+
 def curve_rows(record: dict) -> list[list]:
     """One row per epoch: F1 (whole val split where measured, else the trainer's), grounding,
-    seconds and CPU seconds (blank where not recorded)."""
+    seconds and CPU seconds (blank where not recorded), then F1 / grounding of each weight
+    average the curve evaluated."""
     rows = []
     for e in record["epochs"]:
         f1 = e.get("val_semantic_f1_all", e.get("val_semantic_f1"))
         rows.append([e["epoch"], f"{f1:.3f}",
                      f"{e['val_grounding_mass']:.3f}" if "val_grounding_mass" in e else "",
-                     e.get("seconds", ""), e.get("cpu_seconds", "")])
+                     e.get("seconds", ""), e.get("cpu_seconds", "")]
+                    + [f"{e['ema'][d]['val_semantic_f1_all']:.3f} / "
+                       f"{e['ema'][d]['val_grounding_mass']:.3f}" for d in averaged(record)])
     return rows
 
 
@@ -442,6 +453,11 @@ def curve_reading(record: dict) -> str:
     cpu = [e["cpu_seconds"] for e in record["epochs"][:best + 1] if "cpu_seconds" in e]
     if len(cpu) == best + 1:
         text += f" ({sum(cpu):.0f} CPU seconds)"
+    for d in averaged(record):
+        mean = [e["ema"][d]["val_semantic_f1_all"] for e in record["epochs"]]
+        top = max(range(len(mean)), key=mean.__getitem__)
+        text += (f"; its weights averaged with decay {d}: best F1 {mean[top]:.3f} at epoch "
+                 f"{top + 1}, {mean[-1] - f1[-1]:+.3f} over the run's own at the last epoch")
     return text + "." + (f" {record['note']}" if "note" in record else "")
 
 
@@ -483,7 +499,8 @@ for file_name, record in curves.items():
                      + (f"; starts from {record['starts_from']}" if "starts_from" in record
                         else "")))
     display(table(["epoch", "val semantic F1", "val grounding (mass)", "seconds",
-                   "CPU seconds"], curve_rows(record)))
+                   "CPU seconds"] + [f"averaged, d = {d}: F1 / grounding"
+                                     for d in averaged(record)], curve_rows(record)))
     display(Markdown(curve_reading(record)))
 
 # %% [markdown]

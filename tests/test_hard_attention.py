@@ -275,12 +275,12 @@ def test_hard_needs_attention_and_soft_run_folders_stay():
     soft = dataclasses.replace(soft, deep_output=False)  # one output layer, as before
     # a soft run keeps the folder it had before the hard-attention fields and the deep
     # output existed (and before TrainConfig's restval, best_by and encoder_epochs, at
-    # their defaults)
+    # their defaults; ema_decay, at 0, too)
     old = {k: v for k, v in dataclasses.asdict(soft).items()
            if k not in HARD_FIELDS and k != "deep_output"}
     key = json.dumps([str(Path("d").resolve()), {**old, "max_len": 20},
                       {k: v for k, v in dataclasses.asdict(config).items()
-                       if k not in ("restval", "best_by", "encoder_epochs")}],
+                       if k not in ("restval", "best_by", "encoder_epochs", "ema_decay")}],
                      sort_keys=True)
     assert run_dir_for("d", soft, config).name == f"d-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
     hard = dataclasses.replace(soft, attention="hard")
