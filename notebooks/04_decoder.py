@@ -524,6 +524,11 @@ rows = [
     ("optimiser", "RMSProp (Flickr8k), Adam (Flickr30k, COCO)", "Adam, lr "
      f"{shapes_train.lr:g} (decoder) and {shapes_train.encoder_lr:g} (fine-tuned stage)",
      "the common choice today; one optimiser for every data set"),
+    ("weights validated and kept", "the trained ones, with early stopping on BLEU (Sec. 4.3)",
+     f"offline: an average of the last steps' weights (`ema_decay={shapes_train.ema_decay}`), "
+     f"with early stopping as well; Flickr8k: the trained ones (`ema_decay={colab_train.ema_decay}`)",
+     "on shapes the trained weights' F1 swings from epoch to epoch and their average's "
+     "does not (chapter 5's settings table)"),
     ("sizes (embedding / LSTM / attention)", "not all stated", f"{shapes_model.embed_dim} / "
      f"{shapes_model.decoder_dim} / {shapes_model.attention_dim} (shapes), {colab_model.embed_dim} / "
      f"{colab_model.decoder_dim} / {colab_model.attention_dim} (Flickr8k)",

@@ -53,6 +53,7 @@ SEED = 0
 import dataclasses
 import inspect
 import math
+from collections import Counter
 
 import matplotlib.pyplot as plt
 
@@ -126,7 +127,8 @@ for name, value in {**dataclasses.asdict(model_config), **dataclasses.asdict(con
 # | setting | why |
 # |---|---|
 # | optimiser: Adam, `lr` for the decoder, a smaller `encoder_lr` for the fine-tuned stage | the usual choice for this model; the pretrained-or-random stage below the decoder should move more slowly than the decoder on top of it. Raising the stage's rate alone, to 3 or 5 times the recipe's, learned no faster from the same seed (`benchmarks/results/recipe_encoder-lr3x.json`, `recipe_encoder-lr5x.json`); doubling the decoder's rate alone learned far slower (`recipe_decoder-lr2x__xeon-amx.json`) |
-# | `deep_output = True`: the paper's output layer (Eq. 7, chapter 4) | from the same seed, eight epochs with the deep output ended at a higher validation F1 and a far higher grounding than with one linear layer on $h_t$, and grounded better after every epoch (`recipe_deep-output__xeon-amx.json` against `recipe_alpha-c-0__xeon-amx.json`; the results page shows both curves). With $\hat z_t$ in the output, a colour or shape word can be read off the region in view instead of only through the LSTM's memory of the words before it. The curves cited in the rows below were measured before the recipe had it, with one output layer, except where a row says it is today's recipe |
+# | `ema_decay = 0.99` offline (0, off, on Flickr8k): validation, `best.pt` and everything the later chapters load use an average of the weights | not in the paper: Polyak averaging, in a bias-corrected exponential form (`caption_lib.averaging`). After every step, each trained weight's average moves a hundredth of the way towards it, so the average holds about the last hundred steps; training itself goes on from the weights it trained. One run of the recipe with the deep output, evaluated after every epoch both with its own weights and with their average, showed why: its own validation F1 swung from one epoch to the next while the loss fell, and the average's rose after every epoch up to the ninth, above the run's own from the fifth epoch on and clearly above it after the eighth (`recipe_ema__xeon-amx.json`, decays `0.99`, `0.995` and `0.998`; `0.97` and `0.98`, in `recipe_ema-short__xeon-amx.json`, ended the eighth epoch close to `0.99`; the results page shows every column). The Flickr8k recipe leaves it off: it is not measured there |
+# | `deep_output = True`: the paper's output layer (Eq. 7, chapter 4) | from the same seed, eight epochs with the deep output ended at a higher validation F1 and a far higher grounding than with one linear layer on $h_t$, and grounded better after every epoch (`recipe_deep-output__xeon-amx.json` against `recipe_alpha-c-0__xeon-amx.json`; the results page shows both curves). With $\hat z_t$ in the output, a colour or shape word can be read off the region in view instead of only through the LSTM's memory of the words before it. The curves cited in the rows below were measured before the recipe had it, with one output layer, except where a row says otherwise |
 # | `grad_clip` | LSTMs occasionally produce very large gradients; clipping the global norm keeps one bad batch from undoing the run |
 # | $\lambda$ (`alpha_c`): 0 offline; 0.02, close to 1/49, on Flickr8k | the regulariser's minimum, for a caption of about ten words over 49 regions, is attention spread evenly (every region at about ten forty-ninths of a step), and a shapes caption names a few small objects: from the same seed, $\lambda = 0$ grounded better after every epoch than $\lambda = 0.005$ and $0.02$, and its F1 after the eighth was no lower (`recipe_alpha-c-0__xeon-amx.json`, `recipe_alpha-c-0.005__xeon-amx.json`, and `recipe_today__xeon-amx.json`, measured when the recipe had 0.02; the results page shows the curves). So the offline book differs from the paper here. On Flickr8k the paper credits the regulariser with better captions (Sec. 4.2.1); the sum over regions with $\lambda = 1$ is many times the cross-entropy at 49 regions, so the Colab recipe weighs it 0.02, which is 1 on the *mean* over regions, sgrvinod's tutorial's choice |
 # | `dropout` below the paper's | a small model on a simple language needs less of it. With none at all, from the same seed, F1 rose faster in the middle epochs but ended the eighth close to the recipe's, with no better grounding (`recipe_dropout-0__xeon-amx.json`, run at 1 thread beside `decoder-lr2x`), so the recipe keeps its dropout |
@@ -135,7 +137,7 @@ for name, value in {**dataclasses.asdict(model_config), **dataclasses.asdict(con
 # | `bn_images` for the BatchNorm statistics | a few hundred images give every channel tens of thousands of positions, plenty for a mean and a variance, at a cost of seconds per epoch |
 # | `fine_tune = "auto"`: all of `layer4` | fine-tuning only its last block, or its last two, on cached outputs of the blocks before, costs less per epoch. From the same seed, the last-block run kept up per CPU second at first and then levelled off lower (`benchmarks/results/recipe_layer4.2-bn.json`); the two-block run was stopped after three epochs (`recipe_layer4.1-bn.json`). The results page shows every curve and compares them at equal CPU time |
 # | `encoder_epochs = 0`: the fine-tuned stage trains in every epoch | with `encoder_epochs = N` the stage is frozen after epoch N, its output is cached once, and the later epochs train the decoder alone, each in a fraction of a fine-tuning epoch's time. From the same seed with N = 4 those epochs added little F1 each, about what fine-tuning adds in the same seconds, and the curve flattened: after four epochs the features, not the decoder, limit the model (`recipe_enc4.json`); a fresh decoder trained alone on the features of the finished run levels off too (`recipe_decoder-on-today.json`), and two decoder-only epochs after the recipe's eight did not raise F1 beyond its epoch-to-epoch noise (`recipe_enc8.json`). The option (`caption-lib train --encoder-epochs N`) is for runs whose stage has already learned enough |
-# | `epochs = 8` | what the book's build can afford on a 2-core CPU. Today's recipe, continued to sixteen epochs from the same seed, did not pass the eighth epoch's validation F1: the later epochs swing below it while the validation loss goes on falling, unsteadily, and the grounding stays about where it is (`recipe_today__xeon-amx-deep-output.json`). The recipe before the deep output went on improving, but unsteadily: its validation F1 climbed above its eighth epoch's, swung by several points from one epoch to the next, and its last epoch ended below its best one (`recipe_alpha-c-0__xeon-amx.json` to sixteen epochs; `recipe_today__xeon-amx.json`, with $\lambda = 0.02$, to twenty; the results page shows the curves). Starting with two epochs on the single-object scenes alone (a curriculum; those epochs are shorter) learned no faster per second (`recipe_curriculum2__xeon-amx.json`) |
+# | `epochs = 8` | what the book's build can afford on a 2-core CPU. The recipe with the deep output and without the average, continued to sixteen epochs from the same seed, did not pass the eighth epoch's validation F1: the later epochs swing below it while the validation loss goes on falling, unsteadily, and the grounding stays about where it is (`recipe_today__xeon-amx-deep-output.json`). The average of the same run's weights gained little after the eighth epoch in the two epochs measured beyond it (`recipe_ema__xeon-amx.json`). The recipe before the deep output went on improving, but unsteadily: its validation F1 climbed above its eighth epoch's, swung by several points from one epoch to the next, and its last epoch ended below its best one (`recipe_alpha-c-0__xeon-amx.json` to sixteen epochs; `recipe_today__xeon-amx.json`, with $\lambda = 0.02$, to twenty; the results page shows the curves). Starting with two epochs on the single-object scenes alone (a curriculum; those epochs are shorter) learned no faster per second (`recipe_curriculum2__xeon-amx.json`) |
 # | `batch_size` images per step, `captions_per_image = 1` | an epoch sees every image once with one of its references drawn at random, and each epoch draws others. The encoder stage runs once per image however many of its references a batch uses, so more references cost decoder time only. From the same seed, two or all references per image learned more per epoch, but not clearly more per CPU second (`recipe_today.json`, `recipe_caps2.json`, `recipe_caps-all.json`) |
 #
 # ## The training loop
@@ -226,7 +228,9 @@ del fresh, optimizer, store, split
 # run with the same settings is loaded instead of trained again, and an interrupted one
 # continues where it stopped. Each epoch prints the training loss, the validation loss
 # (teacher forcing), and BLEU-4 and semantic F1 of *greedy decoding* on the validation
-# images — no teacher forcing there.
+# images — no teacher forcing there. With the offline recipe's `ema_decay`, everything
+# validated and both checkpoints are the *averaged* weights (the settings table says
+# why); the training loss is that of the weights being trained, measured as they train.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -263,7 +267,9 @@ display(plot_history(result.history, title=f"Training on {DATASET}"))
 # ## Resuming
 #
 # Every epoch ends with `last.pt`: the model, the optimiser's state, the schedule, the
-# history and the state of the random number generator. `train(..., resume=True)`
+# history and the state of the random number generator. With `ema_decay`, the model in
+# the file is the average, and the weights training goes on from are stored beside it
+# (`trained_weights`), with the number of steps averaged so far (`average_steps`). `train(..., resume=True)`
 # continues from it, and the next epochs are exactly those an uninterrupted run would
 # have produced (the tests check it, loss for loss). `ensure_trained` above resumed
 # automatically; from the command line:
@@ -302,14 +308,24 @@ assert test.scores["bleu4"] > 10
 assert "semantic_f1" not in test.scores or test.scores["semantic_f1"] > 0.25
 for item in test.captions[:5]:
     print(f"{item['caption']:55s} | reference: {item['references'][0]}")
+scenes = {str(r.image): r.objects for r in records if r.split == "test"}
+for k, item in enumerate(test.captions[:5], start=1):  # shapes: what each names vs the scene
+    if scenes.get(item["image"]):
+        named = Counter(caption_lib.parse_mentions(item["caption"]))
+        truth = Counter((o["colour"], o["shape"]) for o in scenes[item["image"]])
+        print(f"caption {k}: " + ("names the scene's objects" if named == truth else
+                                  f"names {sorted((named - truth).elements())}, misses "
+                                  f"{sorted((truth - named).elements())}"))
 
 # %% [markdown]
-# Above: the first five test captions, each beside one of its references. Read them as
-# a sample, not as a score. Where a caption differs from the reference shown, it is
-# either another way to say the same thing (every image has several references) or a
-# mistake. On shapes, semantic F1 counts the mistakes in colour and shape: a wrong shape,
-# a missed object, an object named twice. It ignores size words, and the words that place
-# the objects ("above", "below", "and").
+# Above: the first five test captions, each beside one of its references, and on shapes
+# a line per caption that compares the (colour, shape) pairs it names with the objects in
+# the picture. Read them as a sample, not as a score. Where a caption differs from the
+# reference shown, it is either another way to say the same thing (every image has
+# several references) or a mistake; the lines below the captions say which. On shapes,
+# semantic F1 counts the mistakes in colour and shape: a wrong shape, a missed object, an
+# object named twice. It ignores size words, and the words that place the objects
+# ("above", "below", "and").
 #
 # ## What pretrained features and attention buy
 #
@@ -448,9 +464,11 @@ if COMPARE and DATASET == "shapes":
 # - Padding is masked out of the loss; the frozen encoder's output comes from the cache.
 # - Validation uses real greedy decoding; the learning rate and early stopping follow
 #   progress (a better validation BLEU-4 or a lower validation loss); `best.pt` keeps the
-#   epoch of the best BLEU-4, `last.pt` the latest.
+#   epoch of the best BLEU-4, `last.pt` the latest. Offline, what is validated and kept
+#   is an average of the weights over the last steps (`ema_decay`; not in the paper).
 # - Checkpoints hold state dicts, configs and the vocabulary as JSON; resuming restores
-#   the optimiser and the random generator, so it reproduces the uninterrupted run.
+#   the optimiser, the random generator and (with averaging) the trained weights, so it
+#   reproduces the uninterrupted run.
 
 # %% [markdown]
 # ## Exercises

@@ -52,12 +52,14 @@ GRAD_SAMPLES = 16  # gradient estimates drawn to measure the estimator's varianc
 # NBVAL_IGNORE_OUTPUT
 import inspect
 import itertools
+from collections import Counter
 
 import torch
 from IPython.display import Markdown, display
 
 import caption_lib
 from caption_lib.data import load_dataset, pad_captions, split_records
+from caption_lib.shapes import parse_mentions
 from caption_lib.evaluate import evaluate
 from caption_lib.features import workspace_features
 from caption_lib.hard_attention import (
@@ -278,7 +280,8 @@ print(f"encoder: {runs['hard'].model.encoder.weights_used.split(' of ')[0]} of c
 # %% [markdown]
 # The training loss of the hard model is the cross-entropy under *drawn* contexts for
 # half of its captions, so it sits above the soft one by construction; the validation
-# columns (real greedy decoding) are the comparable ones.
+# columns (real greedy decoding, of each run's averaged weights, as in chapter 5) are the
+# comparable ones.
 #
 # ## How noisy is the gradient? Measured on the trained model
 #
@@ -467,15 +470,25 @@ test_records = split_records(load_dataset(data_dir), "test")
 image = next((r for r in test_records if r.objects and len(r.objects) >= 2), test_records[0])
 index = test_records.index(image)
 print(f"reference: {image.captions[0]}")
+mass_here = {}
 for name, model in (("soft", soft_model), ("hard", hard_model)):
     result = ours[name][1]
     words, alphas = result.captions[index]["caption"].split(), result.alphas[index]
     if not (words and image.objects):  # nothing to measure against
         print(f"{name}: {' '.join(words)!r} (semantic F1 and grounding: n/a)")
         continue
-    here = grounding_report([words], [alphas], [image.objects])
+    mass_here[name] = grounding_report([words], [alphas], [image.objects])["mass"]
     print(f"{name}: {' '.join(words)!r}; semantic F1 {semantic_f1([words], [image.objects]):.2f}, "
-          f"attention mass on the named objects {here['mass']:.2f}")
+          f"attention mass on the named objects {mass_here[name]:.2f}")
+    named = Counter(parse_mentions(words))
+    truth = Counter((o["colour"], o["shape"]) for o in image.objects)
+    print(f"      named but not in the scene: {sorted((named - truth).elements()) or 'none'}; "
+          f"in the scene but not named: {sorted((truth - named).elements()) or 'none'}")
+if len(mass_here) == 2:
+    higher = max(mass_here, key=mass_here.get)
+    print(f"on this image the {higher} model puts more of its attention on the objects it names"
+          if abs(mass_here["soft"] - mass_here["hard"]) >= 0.01 else
+          "on this image both models put about as much attention on the objects they name")
 for name, model in (("soft", soft_model), ("hard", hard_model)):
     result = ours[name][1]
     words, alphas = result.captions[index]["caption"].split(), result.alphas[index]
@@ -486,13 +499,14 @@ for name, model in (("soft", soft_model), ("hard", hard_model)):
 # %% [markdown]
 # Compare the two rows of maps with the printed lines. A caption with semantic F1 below 1
 # is wrong for this image (a repeated object, a missed one, a colour on the wrong
-# shape): trained for two epochs on
-# the same features, neither decoder is finished, and the figure shows a failure as it
-# is rather than a chosen success. The attention mass says how much of each map sits on
-# the objects the words name; where the hard model's number is the lower one, its maps
-# spread over the background instead of following the objects: the REINFORCE gradient
-# has not yet taught it where to look as exactly as back-propagation taught the soft
-# model. The grounding rows of the table are the same measure over the whole test set:
+# shape; the lines under each caption name its wrong and its missing pairs): trained for
+# two epochs on the same features, neither decoder is finished, and the figure shows a
+# failure as it is rather than a chosen success. The attention mass says how much of
+# each map sits on the objects the words name. It does not say the words are right: a
+# caption that names one object three times can look at that object three times and
+# score a high mass. Where the hard model's number is the lower one, its maps spread
+# over the background instead of following the objects: the REINFORCE gradient has not
+# yet taught it where to look as exactly as back-propagation taught the soft model. The grounding rows of the table are the same measure over the whole test set:
 # the share of attention on the object a shape word names (mass), and how often the most
 # attended region lies on it (arg-max).
 #

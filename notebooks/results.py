@@ -510,7 +510,8 @@ for file_name, record in curves.items():
 # curve had not reached the budget or stopped before it), one table per CPU the curves
 # were measured on: a CPU second of one machine is not one of another. A curve that
 # starts from a finished run (`decoder-on-today`) is left out: the run's own seconds are
-# not in it.
+# not in it. An `ema` curve gets one more row per weight average ("averaged d = ..."):
+# the same epochs and seconds, scored with the average.
 
 # %% tags=["hide-input"]
 # NBVAL_IGNORE_OUTPUT
@@ -542,9 +543,17 @@ def budget_reading(timed: list, budgets: list) -> str:
             "seed, so a small lead is not evidence that one variant learns faster.")
 
 
+def averaged_curve(record: dict, decay: str) -> dict:
+    """The same epochs, with the F1 of the weight average of `decay` as the curve's F1."""
+    return {**record, "epochs": [{**e, "val_semantic_f1_all": e["ema"][decay]["val_semantic_f1_all"]}
+                                 for e in record["epochs"]]}
+
+
 budgets = [300, 600, 900, 1200]
 timed = [(n, r) for n, r in curves.items() if r.get("epochs") and "cpu_seconds" in r["epochs"][0]
          and "starts_from" not in r]  # a curve that starts from a finished run is not a recipe
+timed += [(f"{n}, averaged d = {d}", averaged_curve(r, d)) for n, r in list(timed)
+          for d in averaged(r)]  # their updates are inside the run's seconds
 for cpu in sorted({cpu_of(r) for _, r in timed}):
     same = [(n, r) for n, r in timed if cpu_of(r) == cpu]
     display(Markdown(f"CPU: {cpu}"))
