@@ -416,10 +416,13 @@ if beam_record and decoder_record:
 # experiment measured it, otherwise the trainer's own validation images), attention
 # grounding where measured, and the seconds an epoch took on the machine that ran it (a
 # shared machine's seconds are contended; "CPU seconds" is the process's own CPU time).
-# Below, per variant, what it changes, its curve, and a sentence that reads it. The
-# `ema` curves are each one run evaluated twice after every epoch: with the weights it
-# trained (the first columns) and with exponential moving averages of them, one column
-# per decay (`TrainConfig.ema_decay`).
+# Below, per variant, what it changes, its curve, and a sentence that reads it. Curves
+# measured since the recipe averages its weights (`TrainConfig.ema_decay`) are scores of
+# the averaged weights; the older ones, flagged `had {'ema_decay': 0.0, ...}`, of the
+# weights the run trained. Some curves (`ema`, `ema-short`, `batch-16`) are each one run
+# evaluated more than once after every epoch: as its trainer validated it (the first
+# columns) and with further exponential moving averages of its weights, one column per
+# decay.
 
 # %% tags=["hide-input"]
 # NBVAL_IGNORE_OUTPUT
