@@ -316,13 +316,17 @@ if ema_path.is_file():
         fall = min(b - a for a, b in zip(values, values[1:]))
         return f"{fall:+.3f}" if fall < 0 else "none (it never fell)"
 
-    shapes_epochs = recipe("shapes")[1].epochs  # the offline recipe's last epoch
+    # the offline recipe's last epoch (a recipe changed by CAPTION_LIB_RECIPE_OVERRIDES
+    # may ask for more epochs than the curve has: then its last one)
+    shapes_epochs = min(recipe("shapes")[1].epochs, len(own))
+    which = ("the offline recipe's last" if shapes_epochs == recipe("shapes")[1].epochs
+             else "the curve's last")
     at_end = {d: values[shapes_epochs - 1] for d, values in averaged.items()}
     top = max(at_end, key=at_end.get)
     print("largest fall from one epoch to the next: own weights "
           f"{worst_fall(own)}; " + ", ".join(f"average d = {d} {worst_fall(v)}"
                                                  for d, v in averaged.items()))
-    print(f"after epoch {shapes_epochs} (the offline recipe's last): own weights "
+    print(f"after epoch {shapes_epochs} ({which}): own weights "
           f"{own[shapes_epochs - 1]:.3f}; " + ", ".join(f"average d = {d} {v:.3f}"
                                                        for d, v in at_end.items())
           + f"; highest: d = {top}")
