@@ -184,17 +184,31 @@ def _scene_pairs(objects: Sequence[dict]) -> Counter:
     return Counter((o["colour"], o["shape"]) for o in objects)
 
 
+def _said_and_truth(hypothesis: Tokens | str, objects: Sequence[dict]) -> tuple[Counter, Counter]:
+    """The (colour, shape) pairs a caption names and those its scene has, as multisets."""
+    from caption_lib.shapes import parse_mentions
+
+    words = hypothesis if isinstance(hypothesis, str) else list(hypothesis)
+    return Counter(parse_mentions(words)), _scene_pairs(objects)
+
+
+def mention_errors(hypothesis: Tokens | str, objects: Sequence[dict]
+                   ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """What one caption gets wrong about its scene, as `semantic_counts` counts it: the
+    (colour, shape) pairs it names that the scene lacks (false positives) and the scene's
+    pairs it does not name (false negatives), each sorted, repeats kept."""
+    said, truth = _said_and_truth(hypothesis, objects)
+    return sorted((said - truth).elements()), sorted((truth - said).elements())
+
+
 def semantic_counts(hypotheses: Sequence[Tokens], objects_per_image: Sequence[Sequence[dict]]
                     ) -> dict[str, int]:
     """True positives, false positives and false negatives of (colour, shape) mentions."""
-    from caption_lib.shapes import parse_mentions
-
     if len(hypotheses) != len(objects_per_image):
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(objects_per_image)} scenes")
     tp = fp = fn = 0
     for hyp, objects in zip(hypotheses, objects_per_image):
-        said = Counter(parse_mentions(list(hyp)))
-        truth = _scene_pairs(objects)
+        said, truth = _said_and_truth(hyp, objects)
         hit = sum((said & truth).values())
         tp += hit
         fp += sum(said.values()) - hit

@@ -54,7 +54,6 @@ import dataclasses
 import inspect
 import json
 import math
-from collections import Counter
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -67,6 +66,7 @@ import caption_lib
 from caption_lib.decoder import caption_loss, step_mask
 from caption_lib.evaluate import evaluate
 from caption_lib.features import workspace_features
+from caption_lib.metrics import mention_errors
 from caption_lib.model import Captioner
 from caption_lib.train import (CachedSplit, ensure_trained, recipe, same_features_runs,
                                train_one_epoch)
@@ -318,9 +318,9 @@ if ema_path.is_file():
 
     # the offline recipe's last epoch (a recipe changed by CAPTION_LIB_RECIPE_OVERRIDES
     # may ask for more epochs than the curve has: then its last one)
-    shapes_epochs = min(recipe("shapes")[1].epochs, len(own))
-    which = ("the offline recipe's last" if shapes_epochs == recipe("shapes")[1].epochs
-             else "the curve's last")
+    offline_epochs = recipe("shapes")[1].epochs
+    shapes_epochs = min(offline_epochs, len(own))
+    which = "the offline recipe's last" if shapes_epochs == offline_epochs else "the curve's last"
     at_end = {d: values[shapes_epochs - 1] for d, values in averaged.items()}
     top = max(at_end, key=at_end.get)
     print("largest fall from one epoch to the next: own weights "
@@ -394,11 +394,9 @@ for item in test.captions[:5]:
 scenes = {str(r.image): r.objects for r in records if r.split == "test"}
 for k, item in enumerate(test.captions[:5], start=1):  # shapes: what each names vs the scene
     if scenes.get(item["image"]):
-        named = Counter(caption_lib.parse_mentions(item["caption"]))
-        truth = Counter((o["colour"], o["shape"]) for o in scenes[item["image"]])
-        print(f"caption {k}: " + ("names the scene's objects" if named == truth else
-                                  f"names {sorted((named - truth).elements())}, misses "
-                                  f"{sorted((truth - named).elements())}"))
+        wrong, missed = mention_errors(item["caption"], scenes[item["image"]])
+        print(f"caption {k}: " + (f"names {wrong}, misses {missed}" if wrong or missed
+                                  else "names the scene's objects"))
 
 # %% [markdown]
 # Above: the first five test captions, each beside one of its references, and on shapes

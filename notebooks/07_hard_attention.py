@@ -52,14 +52,12 @@ GRAD_SAMPLES = 16  # gradient estimates drawn to measure the estimator's varianc
 # NBVAL_IGNORE_OUTPUT
 import inspect
 import itertools
-from collections import Counter
 
 import torch
 from IPython.display import Markdown, display
 
 import caption_lib
 from caption_lib.data import load_dataset, pad_captions, split_records
-from caption_lib.shapes import parse_mentions
 from caption_lib.evaluate import evaluate
 from caption_lib.features import workspace_features
 from caption_lib.hard_attention import (
@@ -69,7 +67,7 @@ from caption_lib.hard_attention import (
     reinforce_loss,
     update_baseline,
 )
-from caption_lib.metrics import grounding_report, semantic_f1
+from caption_lib.metrics import grounding_report, mention_errors, semantic_f1
 from caption_lib.model import Captioner
 from caption_lib.train import ensure_trained, recipe, same_features_runs
 from caption_lib.viz import plot_attention
@@ -480,10 +478,9 @@ for name, model in (("soft", soft_model), ("hard", hard_model)):
     mass_here[name] = grounding_report([words], [alphas], [image.objects])["mass"]
     print(f"{name}: {' '.join(words)!r}; semantic F1 {semantic_f1([words], [image.objects]):.2f}, "
           f"attention mass on the named objects {mass_here[name]:.2f}")
-    named = Counter(parse_mentions(words))
-    truth = Counter((o["colour"], o["shape"]) for o in image.objects)
-    print(f"      named but not in the scene: {sorted((named - truth).elements()) or 'none'}; "
-          f"in the scene but not named: {sorted((truth - named).elements()) or 'none'}")
+    wrong, missed = mention_errors(words, image.objects)
+    print(f"      named but not in the scene: {wrong or 'none'}; "
+          f"in the scene but not named: {missed or 'none'}")
 if len(mass_here) == 2:
     higher = max(mass_here, key=mass_here.get)
     print(f"on this image the {higher} model puts more of its attention on the objects it names"

@@ -15,6 +15,7 @@ from caption_lib.metrics import (
     coco_scores,
     grounding,
     grounding_report,
+    mention_errors,
     semantic_f1,
 )
 
@@ -202,3 +203,15 @@ def test_grounding_selection_skips_and_average():
         grounding([words2], [a2], [scene], method="max")
     with pytest.raises(ValueError, match="attention"):
         grounding([words2], [torch.zeros(2, 49)], [scene])
+
+
+def test_mention_errors_name_what_semantic_f1_counts():
+    scene = [{"colour": "red", "shape": "circle"}, {"colour": "blue", "shape": "square"}]
+    caption = "a red circle and a red circle and a green square"
+    wrong, missed = mention_errors(caption, scene)
+    assert wrong == [("green", "square"), ("red", "circle")]  # the repeat is a false positive
+    assert missed == [("blue", "square")]
+    assert mention_errors(caption.split(), scene) == (wrong, missed)  # tokens as well
+    assert mention_errors("a blue square left of a red circle", scene) == ([], [])
+    # one TP, two FP, one FN: the same counts as F1 = 2 / (2 + 2 + 1)
+    assert semantic_f1([caption.split()], [scene]) == pytest.approx(2 / 5)
