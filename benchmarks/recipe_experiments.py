@@ -114,11 +114,19 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     # twice the steps per epoch at the same cost per image; also averaged with 0.995, the
     # recipe's horizon in images (200 steps of 16 = 100 of 32)
     "batch-16": ({}, {"batch_size": 16}),
+    # one more trained block before layer4, at the 14x14 resolution where the objects are
+    # still several regions apart: the frozen part ends after layer3[4] (its cache, the
+    # same shape as layer3's, is made once from the images)
+    "layer3.5": ({"fine_tune": "layer3.5"}, {}),
 }
 # name -> a decoder trained alone on the frozen encoder of the book's default run (today's
 # recipe, finished by `make runs`; `train.same_features_runs`): how far that run's
 # features take a fresh decoder, i.e. whether the features or the decoder limit the run
-ON_DEFAULT_RUN = {"decoder-on-today": "soft"}
+# (its attention, changes to its CaptionerConfig)
+ON_DEFAULT_RUN = {"decoder-on-today": ("soft", {}),
+                  # twice the recipe's decoder sizes: does the decoder's capacity limit F1?
+                  "decoder512-on-today": ("soft", {"embed_dim": 512, "decoder_dim": 512,
+                                                   "attention_dim": 512})}
 # Training from a block ("layer4.1") calibrates the BatchNorm statistics of the stage's
 # frozen blocks on `bn_images` training images (`features.calibrate_frozen`, run by the
 # trainer). "-uncalibrated" switches that off (the frozen blocks keep their untrained
@@ -176,8 +184,10 @@ def configs(name: str, epochs: int, data: Path | None = None):
         default = run_dir_for(data, model_config, config)
         if not (default / "best.pt").is_file():
             raise SystemExit(f"{name}: no default run in {default} (run `make runs` first)")
-        return same_features_runs(default, model_config, config, epochs,
-                                  decoders=(ON_DEFAULT_RUN[name],))[ON_DEFAULT_RUN[name]]
+        decoder, changes = ON_DEFAULT_RUN[name]
+        model_config, config = same_features_runs(default, model_config, config, epochs,
+                                                  decoders=(decoder,))[decoder]
+        return dataclasses.replace(model_config, **changes), config
     model_changes, train_changes = VARIANTS[name]
     model_config = dataclasses.replace(model_config, **model_changes)
     config = dataclasses.replace(config, **{"epochs": epochs, **train_changes})
@@ -187,8 +197,9 @@ def configs(name: str, epochs: int, data: Path | None = None):
 def _changes(name: str) -> tuple[dict, dict]:
     """What the variant changes, as the results page shows it (no machine's paths)."""
     if name in ON_DEFAULT_RUN:
+        decoder, changes = ON_DEFAULT_RUN[name]
         return {"encoder": "the default run's best.pt, frozen", "decoder": "a fresh "
-                f"{ON_DEFAULT_RUN[name]}-attention decoder"}, {}
+                f"{decoder}-attention decoder", **changes}, {}
     model, train = VARIANTS[name]
     if name in CURRICULUM:
         train = {**train, "curriculum": f"epochs 1-{CURRICULUM[name]} on single-object scenes"}
@@ -573,7 +584,9 @@ def step_ratio(names: list[str], repeats: int) -> dict:
         model_config, config = configs(name, 1)
         model = Captioner(vocab, dataclasses.replace(model_config, encoder_weights=None)).train()
         C = model.encoder.cached_channels
-        side = 14 if model.encoder.cached_stage == "layer3" else 7
+        # the cached map's side for 224x224 images: 14 after any block of layer3 ("layer3",
+        # "layer3.4"), 7 after one of layer4 ("layer4.0")
+        side = {"layer2": 28, "layer3": 14, "layer4": 7}[model.encoder.cached_stage.split(".")[0]]
         cached = torch.randn(B, C, side, side).half()  # (B, C, h, w) as stored
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
         steps[name] = (model, cached, optimizer, config)

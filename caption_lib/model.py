@@ -212,10 +212,12 @@ class Captioner(nn.Module):
         when not the model's own (the trainer's copy of a stage it stopped training)."""
         encoder = encoder or self.encoder
         device = next(self.decoder.parameters()).device
-        x = cached.to(device, torch.float32, non_blocking=True)  # (B, C, h, w)
         if not encoder.trained_stages:
+            x = cached.to(device, torch.float32, non_blocking=True)  # (B, C, h, w)
             return encoder.forward_cached(x)  # (B, 49, 2048)
-        x = x.contiguous(memory_format=torch.channels_last)
+        # one copy: to fp32 and channels_last at once
+        x = cached.to(device, torch.float32, non_blocking=True,
+                      memory_format=torch.channels_last)  # (B, C, h, w)
         with autocast(device, precision):
             return encoder.forward_cached(x).float()  # (B, 49, 2048)
 
