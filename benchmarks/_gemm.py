@@ -32,18 +32,23 @@ def count_gflop(fn: Callable[[], object]) -> float:
 
 class Gemm:
     """An n x n matrix product in `dtype`; `seconds()` times one (call it interleaved with
-    the steps being measured, so that a shared machine's load hits both alike)."""
+    the steps being measured, so that a shared machine's load hits both alike).
 
-    def __init__(self, n: int = 2048, dtype: torch.dtype = torch.float32):
+    `rows`: instead, a (rows, n) input times an (n, n) weight in a decoder step's layout,
+    x W^T: a loop step's products have only a batch of rows (the recurrence must finish
+    step t before step t + 1), and what such a product reaches by itself bounds the step."""
+
+    def __init__(self, n: int = 2048, dtype: torch.dtype = torch.float32, rows: int | None = None):
         gen = torch.Generator().manual_seed(0)
-        self.a = torch.randn(n, n, generator=gen).to(dtype)  # (n, n)
-        self.b = torch.randn(n, n, generator=gen).to(dtype)  # (n, n)
-        self.gflop = 2 * n ** 3 / 1e9
+        self.a = torch.randn(rows or n, n, generator=gen).to(dtype)  # (rows, n)
+        weight = torch.randn(n, n, generator=gen).to(dtype)  # (n, n)
+        self.b = weight.t() if rows else weight  # x W^T for a step's product
+        self.gflop = 2 * (rows or n) * n * n / 1e9
         self.seconds()  # warm-up
 
     def seconds(self) -> float:
         start = time.perf_counter()
-        torch.mm(self.a, self.b)  # (n, n)
+        torch.mm(self.a, self.b)  # (rows, n)
         return time.perf_counter() - start
 
 

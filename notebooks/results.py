@@ -253,8 +253,8 @@ def ratios(record: dict, prefix: str = "") -> dict[str, float]:
     found = {}
     for key, value in record.items():
         name = f"{prefix}{key}"
-        if key in ("issue_goal", "ratio_of_gemm_peak"):
-            continue  # goals and shares of the GEMM peak: the next table
+        if key in ("issue_goal", "ratio_of_gemm_peak", "step_product_ratio_of_gemm_peak"):
+            continue  # goals and shares of the GEMM peak: the next table and its reading
         if isinstance(value, dict):
             found.update(ratios(value, f"{name}."))
         elif isinstance(value, (int, float)) and re.search(r"ratio|speedup|_over_", name):
@@ -404,7 +404,15 @@ if beam_record and decoder_record:
         f"table above is not met at this FLOP count. Raising the share means bigger products "
         f"per step, and a step's products have only one batch of rows ({rows_per_step[0]} "
         f"captions, or {rows_per_step[1]} beams): the recurrence must finish step t before step t + 1 can start. "
-        f"Measured on: {cpu.get('model', 'an unrecorded CPU')}"
+        + (f"One product of a training step's shape by itself, {rows_per_step[0]} rows times a "
+           f"{decoder_record['sizes']['encoder_dim']} × {decoder_record['sizes']['encoder_dim']} "
+           f"weight, ran at {decoder_record['step_product_gflops_median']:g} GFLOP/s, "
+           f"{100 * decoder_record['step_product_ratio_of_gemm_peak']:.0f} % of the square "
+           f"product's rate in the same run: the loop's products run at about that share or "
+           f"less (as the running captions end, the later steps have fewer rows), and the "
+           f"elementwise work between them counts no FLOPs at all. "
+           if "step_product_ratio_of_gemm_peak" in decoder_record else "")
+        + f"Measured on: {cpu.get('model', 'an unrecorded CPU')}"
         + (f" ({', '.join(cpu['flags'])})" if cpu.get("flags") else "") + "."))
 
 # %% [markdown]
