@@ -118,6 +118,9 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     # still several regions apart: the frozen part ends after layer3[4] (its cache, the
     # same shape as layer3's, is made once from the images)
     "layer3.5": ({"fine_tune": "layer3.5"}, {}),
+    # today's recipe from another training seed (decoder init, data order, dropout; the
+    # random encoder, init_seed, and so the feature cache stay): the spread between seeds
+    "seed-1": ({}, {"seed": 1}),
 }
 # name -> a decoder trained alone on the frozen encoder of the book's default run (today's
 # recipe, finished by `make runs`; `train.same_features_runs`): how far that run's

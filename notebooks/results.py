@@ -515,6 +515,65 @@ for file_name, record in curves.items():
     display(Markdown(curve_reading(record)))
 
 # %% [markdown]
+# ### How much the seed alone moves a curve
+#
+# Every curve above is one run from one seed. Where the same settings were also trained
+# from another training seed (`seed-1`: another decoder initialisation, data order and
+# dropout; the same random encoder and feature cache), the two curves side by side show
+# how far a curve moves for no reason but the seed: a difference between two variants
+# smaller than this is not evidence that one learns faster.
+
+# %% tags=["hide-input"]
+# NBVAL_IGNORE_OUTPUT
+def same_but_seed(a: dict, b: dict) -> bool:
+    """Whether two curves have the same settings except the training seed (and epochs)."""
+    def settings(record: dict) -> dict:
+        both = {**ADDED_DEFAULTS, **record["settings"]["model"], **record["settings"]["train"]}
+        return {k: v for k, v in both.items() if k not in ("seed", "epochs")}
+    return (a["settings"]["train"]["seed"] != b["settings"]["train"]["seed"]
+            and settings(a) == settings(b) and "starts_from" not in a and "starts_from" not in b)
+
+
+def f1_of(e: dict) -> float:
+    return e.get("val_semantic_f1_all", e.get("val_semantic_f1"))
+
+
+seed_spread = []  # (file a, file b, largest F1 difference, largest grounding difference)
+names = [n for n, r in curves.items() if r.get("epochs")]
+for i, a in enumerate(names):
+    for b in names[i + 1:]:
+        if not same_but_seed(curves[a], curves[b]):
+            continue
+        a, b = sorted((a, b), key=lambda n: curves[n]["settings"]["train"]["seed"])
+        pairs = list(zip(curves[a]["epochs"], curves[b]["epochs"]))
+        rows = [[ea["epoch"], f"{f1_of(ea):.3f}", f"{f1_of(eb):.3f}", f"{f1_of(eb) - f1_of(ea):+.3f}",
+                 f"{ea['val_grounding_mass']:.3f}", f"{eb['val_grounding_mass']:.3f}",
+                 f"{eb['val_grounding_mass'] - ea['val_grounding_mass']:+.3f}"] for ea, eb in pairs]
+        seeds = [curves[n]["settings"]["train"]["seed"] for n in (a, b)]
+        display(Markdown(f"**`{a}`** (seed {seeds[0]}) and **`{b}`** (seed {seeds[1]}): "
+                         "validation F1 and grounding (mass) after each epoch"))
+        minus = f"seed {seeds[1]} − seed {seeds[0]}"
+        display(table(["epoch", f"F1, seed {seeds[0]}", f"F1, seed {seeds[1]}", minus,
+                       f"grounding, seed {seeds[0]}", f"grounding, seed {seeds[1]}", minus],
+                      rows))
+        f1_gap = max(abs(f1_of(eb) - f1_of(ea)) for ea, eb in pairs)
+        ground_gap = max(abs(eb["val_grounding_mass"] - ea["val_grounding_mass"]) for ea, eb in pairs)
+        last_a, last_b = pairs[-1]
+        seed_spread.append((a, b, f1_gap, ground_gap))
+        display(Markdown(
+            f"The two seeds' F1 differed by up to {f1_gap:.3f} after the same epoch and their "
+            f"grounding by up to {ground_gap:.3f}; after the last epoch both had, F1 "
+            f"{f1_of(last_a):.3f} and {f1_of(last_b):.3f}, grounding "
+            f"{last_a['val_grounding_mass']:.3f} and {last_b['val_grounding_mass']:.3f}. The "
+            "grounding moves more with the seed than F1 does."
+            if ground_gap > f1_gap else
+            f"The two seeds' F1 differed by up to {f1_gap:.3f} after the same epoch and their "
+            f"grounding by up to {ground_gap:.3f}; after the last epoch both had, F1 "
+            f"{f1_of(last_a):.3f} and {f1_of(last_b):.3f}."))
+if not seed_spread:
+    display(Markdown("No two curves here differ in the seed alone."))
+
+# %% [markdown]
 # The variants differ in what an epoch costs, so the fair comparison is at equal CPU time.
 # The tables below give, for a few CPU budgets, the validation F1 of each variant's last
 # epoch that ended within the budget (curves with CPU seconds recorded; blank where the
@@ -550,8 +609,11 @@ def budget_reading(timed: list, budgets: list) -> str:
                          f"{scores[0][0] - scores[1][0]:+.3f} over `{scores[1][1]}`")
     if not parts:
         return "Too few curves with CPU seconds to compare."
+    spread = (f" (the recipe from two seeds differed by up to {max(g[2] for g in seed_spread):.3f}"
+              " in F1 after the same epoch, above)" if seed_spread else "")
     return ("At equal CPU time: " + "; ".join(parts) + ". Each curve is one run from one "
-            "seed, so a small lead is not evidence that one variant learns faster.")
+            f"seed, so a lead smaller than what the seed alone moves a curve{spread} is not "
+            "evidence that one variant learns faster.")
 
 
 def averaged_curve(record: dict, decay: str) -> dict:
