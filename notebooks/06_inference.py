@@ -292,7 +292,7 @@ for h in result.beams[0]:
 # score {eq}`eq-length-norm` than greedy's. That costs little: while the greedy prefix is
 # one of the beams, its next word is the best word of that beam, already computed; after
 # it falls out, its row rides along behind the beams' rows in the same decoder steps (one
-# read of the weights per step for both). By the plain sum
+# read of the weights per step for both; the second cell below times it). By the plain sum
 # {eq}`eq-seq-logp` it can still be less probable, because the normalised score may prefer
 # a longer caption.
 
@@ -317,6 +317,37 @@ for k in (K, 2 * K):
               f"({plain[k].scores[i]:.2f})")
 print(f"mean caption length: greedy {mean_len(greedy_first):.2f}, "
       f"beam (sum) {mean_len(plain[K]):.2f}, beam (per word) {mean_len(beam_first):.2f} words")
+
+# %% [markdown]
+# What keeping the greedy caption in the running costs on this model: the same search
+# over the same images with and without it, each timed three times (the fastest run
+# counts: it is the one the machine disturbed least).
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+guard_seconds = {}
+for keep in (True, False):
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        beam_search(model, first, vocab, beam_size=K, keep_greedy=keep)
+        times.append(time.perf_counter() - start)
+    guard_seconds[keep] = min(times)
+print(f"this model, k={K}, {len(first)} images: {1000 * guard_seconds[True]:.0f} ms with the "
+      f"greedy caption kept, {1000 * guard_seconds[False]:.0f} ms without "
+      f"({guard_seconds[True] / guard_seconds[False]:.2f}x the time)")
+beam_bench = Path("../benchmarks/results/beam.json")  # in the repository, next to notebooks/
+if beam_bench.is_file():
+    bench = json.loads(beam_bench.read_text())
+    print(f"the benchmark's untrained decoder (Colab sizes, {bench['sizes']['images']} images): "
+          f"{bench['ratio_no_greedy_over_batched']:.2f}x the time (beam.json)")
+
+# %% [markdown]
+# What the guard costs depends on how soon the greedy prefix leaves the beams: only then
+# does its row ride along. The second line is the results page's beam-search benchmark,
+# run on an untrained decoder, whose word probabilities are nearly flat, so that other
+# beams can outrank the greedy prefix from the first steps on; read it as the cost when
+# the guard has much to do.
 
 # %% [markdown]
 # ## Attention you can see
