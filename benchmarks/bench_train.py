@@ -39,7 +39,7 @@ def main() -> dict:
     model = Captioner(Vocabulary(words), model_config).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     B, L = 32, 13
-    side = {"layer2": 28, "layer3": 14, "layer4": 7}[model.encoder.cached_stage.split(".")[0]]  # 224 px
+    side = model.encoder.cached_side(224)
     cached = torch.randn(B, model.encoder.cached_channels, side, side).half()  # (B, C, h, w)
     captions = torch.randint(4, len(model.vocab), (B, L))  # (B, L)
     captions[:, 0] = model.vocab.start_id

@@ -587,9 +587,7 @@ def step_ratio(names: list[str], repeats: int) -> dict:
         model_config, config = configs(name, 1)
         model = Captioner(vocab, dataclasses.replace(model_config, encoder_weights=None)).train()
         C = model.encoder.cached_channels
-        # the cached map's side for 224x224 images: 14 after any block of layer3 ("layer3",
-        # "layer3.4"), 7 after one of layer4 ("layer4.0")
-        side = {"layer2": 28, "layer3": 14, "layer4": 7}[model.encoder.cached_stage.split(".")[0]]
+        side = model.encoder.cached_side(224)  # 14 after a block of layer3, 7 of layer4
         cached = torch.randn(B, C, side, side).half()  # (B, C, h, w) as stored
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
         steps[name] = (model, cached, optimizer, config)

@@ -50,6 +50,7 @@ STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
 # children of torchvision's resnet50 after dropping avgpool and fc, by stage
 _STAGE_OF_CHILD = ("stem", "stem", "stem", "stem", "layer1", "layer2", "layer3", "layer4")
 _CHANNELS = {"stem": 64, "layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048}
+_STRIDES = {"image": 1, "stem": 4, "layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
 _BLOCKS = {"layer1": 3, "layer2": 4, "layer3": 6, "layer4": 3}  # bottleneck blocks per stage
 
 
@@ -179,6 +180,11 @@ class EncoderCNN(nn.Module):
     def cached_channels(self) -> int:
         """Channels C of the cached tensor (B, C, h, w)."""
         return _CHANNELS.get(self.cached_stage.partition(".")[0], 3)
+
+    def cached_side(self, image_size: int = 224) -> int:
+        """Side h = w of the cached tensor (B, C, h, w) for square images of `image_size`
+        (224: 14 after any block of layer3, 7 after one of layer4)."""
+        return image_size // _STRIDES[self.cached_stage.partition(".")[0]]
 
     def train(self, mode: bool = True) -> EncoderCNN:
         """Like nn.Module.train, but the frozen part always stays in eval mode."""

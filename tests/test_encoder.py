@@ -94,6 +94,13 @@ def test_block_values_name_what_trains():
     assert inner.cached_stage == "layer3.4" and inner.cached_channels == 1024
 
 
+@pytest.mark.parametrize("fine_tune", [False, "layer4", "layer4.1", "layer3.5", "layer3", "all"])
+def test_cached_side_is_what_the_frozen_part_returns(fine_tune):
+    model = EncoderCNN(weights=None, fine_tune=fine_tune)
+    cached = model.extract(torch.randn(1, 3, 64, 64))  # (1, C, h, w)
+    assert cached.shape[1:] == (model.cached_channels, model.cached_side(64), model.cached_side(64))
+
+
 @pytest.mark.parametrize("bad", ["layer4.3", "layer4.", "layer4.x", "layer4.-1", "stem.0",
                                  "layer4[1:]", 4])
 def test_bad_fine_tune_values_are_one_clear_error(bad):
