@@ -121,6 +121,7 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     # today's recipe from another training seed (decoder init, data order, dropout; the
     # random encoder, init_seed, and so the feature cache stay): the spread between seeds
     "seed-1": ({}, {"seed": 1}),
+    "seed-2": ({}, {"seed": 2}),
 }
 # name -> a decoder trained alone on the frozen encoder of the book's default run (today's
 # recipe, finished by `make runs`; `train.same_features_runs`): how far that run's

@@ -518,60 +518,62 @@ for file_name, record in curves.items():
 # ### How much the seed alone moves a curve
 #
 # Every curve above is one run from one seed. Where the same settings were also trained
-# from another training seed (`seed-1`: another decoder initialisation, data order and
-# dropout; the same random encoder and feature cache), the two curves side by side show
+# from other training seeds (`seed-1`, `seed-2`: another decoder initialisation, data order
+# and dropout; the same random encoder and feature cache), the curves side by side show
 # how far a curve moves for no reason but the seed: a difference between two variants
-# smaller than this is not evidence that one learns faster.
+# smaller than this is not evidence that one learns faster. "Spread" is the highest
+# minus the lowest of the seeds after the same epoch.
 
 # %% tags=["hide-input"]
 # NBVAL_IGNORE_OUTPUT
-def same_but_seed(a: dict, b: dict) -> bool:
-    """Whether two curves have the same settings except the training seed (and epochs)."""
-    def settings(record: dict) -> dict:
+def seed_groups(curves: dict) -> list[list[str]]:
+    """Curves whose settings differ in the training seed alone (and the epochs asked
+    for), two or more seeds per group, each group ordered by seed."""
+    groups: dict[str, list[str]] = {}
+    for name, record in curves.items():
+        if not record.get("epochs") or "starts_from" in record:
+            continue
         both = {**ADDED_DEFAULTS, **record["settings"]["model"], **record["settings"]["train"]}
-        return {k: v for k, v in both.items() if k not in ("seed", "epochs")}
-    return (a["settings"]["train"]["seed"] != b["settings"]["train"]["seed"]
-            and settings(a) == settings(b) and "starts_from" not in a and "starts_from" not in b)
+        key = json.dumps({k: v for k, v in both.items() if k not in ("seed", "epochs")},
+                         sort_keys=True, default=str)
+        groups.setdefault(key, []).append(name)
+    def seed(name: str) -> int:
+        return curves[name]["settings"]["train"]["seed"]
+    return [sorted(g, key=seed) for g in groups.values() if len({seed(n) for n in g}) > 1]
 
 
 def f1_of(e: dict) -> float:
     return e.get("val_semantic_f1_all", e.get("val_semantic_f1"))
 
 
-seed_spread = []  # (file a, file b, largest F1 difference, largest grounding difference)
-names = [n for n, r in curves.items() if r.get("epochs")]
-for i, a in enumerate(names):
-    for b in names[i + 1:]:
-        if not same_but_seed(curves[a], curves[b]):
-            continue
-        a, b = sorted((a, b), key=lambda n: curves[n]["settings"]["train"]["seed"])
-        pairs = list(zip(curves[a]["epochs"], curves[b]["epochs"]))
-        rows = [[ea["epoch"], f"{f1_of(ea):.3f}", f"{f1_of(eb):.3f}", f"{f1_of(eb) - f1_of(ea):+.3f}",
-                 f"{ea['val_grounding_mass']:.3f}", f"{eb['val_grounding_mass']:.3f}",
-                 f"{eb['val_grounding_mass'] - ea['val_grounding_mass']:+.3f}"] for ea, eb in pairs]
-        seeds = [curves[n]["settings"]["train"]["seed"] for n in (a, b)]
-        display(Markdown(f"**`{a}`** (seed {seeds[0]}) and **`{b}`** (seed {seeds[1]}): "
-                         "validation F1 and grounding (mass) after each epoch"))
-        minus = f"seed {seeds[1]} − seed {seeds[0]}"
-        display(table(["epoch", f"F1, seed {seeds[0]}", f"F1, seed {seeds[1]}", minus,
-                       f"grounding, seed {seeds[0]}", f"grounding, seed {seeds[1]}", minus],
-                      rows))
-        f1_gap = max(abs(f1_of(eb) - f1_of(ea)) for ea, eb in pairs)
-        ground_gap = max(abs(eb["val_grounding_mass"] - ea["val_grounding_mass"]) for ea, eb in pairs)
-        last_a, last_b = pairs[-1]
-        seed_spread.append((a, b, f1_gap, ground_gap))
-        display(Markdown(
-            f"The two seeds' F1 differed by up to {f1_gap:.3f} after the same epoch and their "
-            f"grounding by up to {ground_gap:.3f}; after the last epoch both had, F1 "
-            f"{f1_of(last_a):.3f} and {f1_of(last_b):.3f}, grounding "
-            f"{last_a['val_grounding_mass']:.3f} and {last_b['val_grounding_mass']:.3f}. The "
-            "grounding moves more with the seed than F1 does."
-            if ground_gap > f1_gap else
-            f"The two seeds' F1 differed by up to {f1_gap:.3f} after the same epoch and their "
-            f"grounding by up to {ground_gap:.3f}; after the last epoch both had, F1 "
-            f"{f1_of(last_a):.3f} and {f1_of(last_b):.3f}."))
+def spread(values: list[float]) -> float:
+    return max(values) - min(values)
+
+
+seed_spread = []  # (files, largest F1 spread, largest grounding spread) per group
+for group in seed_groups(curves):
+    seeds = [curves[n]["settings"]["train"]["seed"] for n in group]
+    epochs = list(zip(*(curves[n]["epochs"] for n in group)))  # the epochs all seeds have
+    f1 = [[f1_of(e) for e in row] for row in epochs]
+    ground = [[e["val_grounding_mass"] for e in row] for row in epochs]
+    display(Markdown(", ".join(f"**`{n}`** (seed {s})" for n, s in zip(group, seeds))
+                     + ": validation F1 and grounding (mass) after each epoch"))
+    display(table(["epoch", *(f"F1, seed {s}" for s in seeds), "F1 spread",
+                   *(f"grounding, seed {s}" for s in seeds), "grounding spread"],
+                  [[row[0]["epoch"], *(f"{v:.3f}" for v in f), f"{spread(f):.3f}",
+                    *(f"{v:.3f}" for v in g), f"{spread(g):.3f}"]
+                   for row, f, g in zip(epochs, f1, ground)]))
+    f1_gap, ground_gap = max(map(spread, f1)), max(map(spread, ground))
+    seed_spread.append((group, f1_gap, ground_gap))
+    display(Markdown(
+        f"Across {len(seeds)} seeds the F1 after the same epoch spread by up to {f1_gap:.3f} "
+        f"and the grounding by up to {ground_gap:.3f}; after epoch {len(epochs)} F1 ran from "
+        f"{min(f1[-1]):.3f} to {max(f1[-1]):.3f} and grounding from {min(ground[-1]):.3f} to "
+        f"{max(ground[-1]):.3f}."
+        + (" The grounding moves more with the seed than F1 does." if ground_gap > f1_gap
+           else "")))
 if not seed_spread:
-    display(Markdown("No two curves here differ in the seed alone."))
+    display(Markdown("No curves here differ in the seed alone."))
 
 # %% [markdown]
 # The variants differ in what an epoch costs, so the fair comparison is at equal CPU time.
@@ -609,8 +611,8 @@ def budget_reading(timed: list, budgets: list) -> str:
                          f"{scores[0][0] - scores[1][0]:+.3f} over `{scores[1][1]}`")
     if not parts:
         return "Too few curves with CPU seconds to compare."
-    spread = (f" (the recipe from two seeds differed by up to {max(g[2] for g in seed_spread):.3f}"
-              " in F1 after the same epoch, above)" if seed_spread else "")
+    spread = (f" (the recipe's F1 spread by up to {max(g[1] for g in seed_spread):.3f} across "
+              "seeds after the same epoch, above)" if seed_spread else "")
     return ("At equal CPU time: " + "; ".join(parts) + ". Each curve is one run from one "
             f"seed, so a lead smaller than what the seed alone moves a curve{spread} is not "
             "evidence that one variant learns faster.")
