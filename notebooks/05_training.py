@@ -73,6 +73,7 @@ from caption_lib.train import (CachedSplit, ensure_trained, recipe, same_feature
 from caption_lib.viz import plot_history
 
 device = caption_lib.pick_device("auto")
+BENCHMARKS = Path("../benchmarks/results")  # the experiments' curves, next to notebooks/
 caption_lib.seed_everything(SEED)
 if DATASET == "shapes":
     data_dir = caption_lib.ensure_shapes()
@@ -150,9 +151,9 @@ for name, value in {**dataclasses.asdict(model_config), **dataclasses.asdict(con
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-seed_files = [Path("../benchmarks/results") / name for name in  # relative to notebooks/
-              ("recipe_today__xeon-amx-ema.json", "recipe_seed-1__xeon-amx.json",
-               "recipe_seed-2__xeon-amx.json")]
+seed_files = [BENCHMARKS / name for name in ("recipe_today__xeon-amx-ema.json",
+                                              "recipe_seed-1__xeon-amx.json",
+                                              "recipe_seed-2__xeon-amx.json")]
 seed_records = [json.loads(f.read_text()) for f in seed_files if f.is_file()]
 if len(seed_records) > 1:
     seeds = [r["settings"]["train"]["seed"] for r in seed_records]
@@ -330,7 +331,7 @@ display(plot_history(result.history, title=f"Training on {DATASET}"))
 # NBVAL_IGNORE_OUTPUT
 from matplotlib.figure import Figure
 
-ema_path = Path("../benchmarks/results/recipe_ema__xeon-amx.json")  # relative to notebooks/
+ema_path = BENCHMARKS / "recipe_ema__xeon-amx.json"
 if ema_path.is_file():
     ema_curve = json.loads(ema_path.read_text())["epochs"]
     own = [e["val_semantic_f1_all"] for e in ema_curve]

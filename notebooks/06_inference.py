@@ -292,7 +292,7 @@ for h in result.beams[0]:
 # score {eq}`eq-length-norm` than greedy's. That costs little: while the greedy prefix is
 # one of the beams, its next word is the best word of that beam, already computed; after
 # it falls out, its row rides along behind the beams' rows in the same decoder steps (one
-# read of the weights per step for both; the second cell below times it). By the plain sum
+# read of the weights per step for both; a cell further down times it). By the plain sum
 # {eq}`eq-seq-logp` it can still be less probable, because the normalised score may prefer
 # a longer caption.
 

@@ -434,6 +434,11 @@ if beam_record and decoder_record:
 
 # %% tags=["hide-input"]
 # NBVAL_IGNORE_OUTPUT
+def f1_of(e: dict) -> float:
+    """An epoch's validation F1: on the whole split where measured, else the trainer's."""
+    return e.get("val_semantic_f1_all", e.get("val_semantic_f1"))
+
+
 def averaged(record: dict) -> list[str]:
     """The decays of the weight averages a curve also evaluated ("ema" variants)."""
     return list(record["epochs"][0].get("ema", {}))
@@ -445,8 +450,7 @@ def curve_rows(record: dict) -> list[list]:
     average the curve evaluated."""
     rows = []
     for e in record["epochs"]:
-        f1 = e.get("val_semantic_f1_all", e.get("val_semantic_f1"))
-        rows.append([e["epoch"], f"{f1:.3f}",
+        rows.append([e["epoch"], f"{f1_of(e):.3f}",
                      f"{e['val_grounding_mass']:.3f}" if "val_grounding_mass" in e else "",
                      e.get("seconds", ""), e.get("cpu_seconds", "")]
                     + [f"{e['ema'][d]['val_semantic_f1_all']:.3f} / "
@@ -456,7 +460,7 @@ def curve_rows(record: dict) -> list[list]:
 
 def curve_reading(record: dict) -> str:
     """One sentence: the best F1 of the curve, at which epoch, and after how many seconds."""
-    f1 = [e.get("val_semantic_f1_all", e.get("val_semantic_f1")) for e in record["epochs"]]
+    f1 = [f1_of(e) for e in record["epochs"]]
     best = max(range(len(f1)), key=f1.__getitem__)
     seconds = sum(e.get("seconds", 0) for e in record["epochs"][:best + 1])
     text = (f"Best validation F1 {f1[best]:.3f} at epoch {best + 1} of {len(f1)}, "
@@ -485,11 +489,17 @@ def cpu_of(record: dict) -> str:
 shapes_today = {k: v for part in recipe("shapes") for k, v in dataclasses.asdict(part).items()}
 
 
+def settings_of(record: dict) -> dict:
+    """Every setting a curve was trained with, model and training in one dict (settings
+    added to the library since it was measured at their defaults, `ADDED_DEFAULTS`)."""
+    return {**ADDED_DEFAULTS, **record["settings"]["model"], **record["settings"]["train"]}
+
+
 def base_changes(record: dict, changes: dict, today: dict = shapes_today) -> dict:
     """The settings in which the recipe a curve started from differs from `today`
     (`recipe("shapes")`), besides the variant's own changes and the number of epochs:
     the recipe has changed since some curves were measured."""
-    then = {**ADDED_DEFAULTS, **record["settings"]["model"], **record["settings"]["train"]}
+    then = settings_of(record)
     own = ("epochs", "encoder_weights") + (("fine_tune",) if "starts_from" in record else ())
     return {k: v for k, v in then.items()
             if k in today and k not in changes and k not in own and v != today[k]}
@@ -526,6 +536,11 @@ for file_name, record in curves.items():
 
 # %% tags=["hide-input"]
 # NBVAL_IGNORE_OUTPUT
+def seed_of(name: str) -> int:
+    """The training seed of the curve in file `name`."""
+    return curves[name]["settings"]["train"]["seed"]
+
+
 def seed_groups(curves: dict) -> list[list[str]]:
     """Curves whose settings differ in the training seed alone (and the epochs asked
     for), two or more seeds per group, each group ordered by seed."""
@@ -533,17 +548,10 @@ def seed_groups(curves: dict) -> list[list[str]]:
     for name, record in curves.items():
         if not record.get("epochs") or "starts_from" in record:
             continue
-        both = {**ADDED_DEFAULTS, **record["settings"]["model"], **record["settings"]["train"]}
-        key = json.dumps({k: v for k, v in both.items() if k not in ("seed", "epochs")},
-                         sort_keys=True, default=str)
+        key = json.dumps({k: v for k, v in settings_of(record).items()
+                          if k not in ("seed", "epochs")}, sort_keys=True, default=str)
         groups.setdefault(key, []).append(name)
-    def seed(name: str) -> int:
-        return curves[name]["settings"]["train"]["seed"]
-    return [sorted(g, key=seed) for g in groups.values() if len({seed(n) for n in g}) > 1]
-
-
-def f1_of(e: dict) -> float:
-    return e.get("val_semantic_f1_all", e.get("val_semantic_f1"))
+    return [sorted(g, key=seed_of) for g in groups.values() if len({seed_of(n) for n in g}) > 1]
 
 
 def spread(values: list[float]) -> float:
@@ -552,7 +560,7 @@ def spread(values: list[float]) -> float:
 
 seed_spread = []  # (files, largest F1 spread, largest grounding spread) per group
 for group in seed_groups(curves):
-    seeds = [curves[n]["settings"]["train"]["seed"] for n in group]
+    seeds = [seed_of(n) for n in group]
     epochs = list(zip(*(curves[n]["epochs"] for n in group)))  # the epochs all seeds have
     f1 = [[f1_of(e) for e in row] for row in epochs]
     ground = [[e["val_grounding_mass"] for e in row] for row in epochs]
@@ -597,7 +605,7 @@ def f1_within(record: dict, budget: float) -> str:
         spent += e["cpu_seconds"]
         if spent > budget:
             return value
-        value = f"{e.get('val_semantic_f1_all', e.get('val_semantic_f1')):.3f}"
+        value = f"{f1_of(e):.3f}"
     return ""  # the curve stopped before the budget was spent
 
 
@@ -611,10 +619,10 @@ def budget_reading(timed: list, budgets: list) -> str:
                          f"{scores[0][0] - scores[1][0]:+.3f} over `{scores[1][1]}`")
     if not parts:
         return "Too few curves with CPU seconds to compare."
-    spread = (f" (the recipe's F1 spread by up to {max(g[1] for g in seed_spread):.3f} across "
-              "seeds after the same epoch, above)" if seed_spread else "")
+    by_seed = (f" (the recipe's F1 spread by up to {max(g[1] for g in seed_spread):.3f} across "
+               "seeds after the same epoch, above)" if seed_spread else "")
     return ("At equal CPU time: " + "; ".join(parts) + ". Each curve is one run from one "
-            f"seed, so a lead smaller than what the seed alone moves a curve{spread} is not "
+            f"seed, so a lead smaller than what the seed alone moves a curve{by_seed} is not "
             "evidence that one variant learns faster.")
 
 
