@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -25,11 +26,18 @@ from caption_lib.model import Captioner
 from caption_lib.train import recipe
 from caption_lib.vocab import Vocabulary
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _gemm import cpu  # benchmarks/ is a folder of scripts, not a package
+
+RESULTS = Path(__file__).resolve().parent / "results" / "train.json"
+
 
 def main() -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=RESULTS,
+                        help="where to write the JSON (e.g. results/train__<cpu>.json)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -65,14 +73,14 @@ def main() -> dict:
         "benchmark": "training step of the offline recipe, fp32 vs bf16",
         "fine_tune": model_config.fine_tune,
         "threads": torch.get_num_threads(),
+        "cpu": cpu(),
         "batch_captions": B,
         "ms_per_step_median": {p: round(1000 * s, 1) for p, s in median.items()},
         "captions_per_s": {p: round(B / s, 1) for p, s in median.items()},
         "speedup_bf16_over_fp32": round(median["fp32"] / median["bf16"], 2),
     }
-    out = Path(__file__).resolve().parent / "results" / "train.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result))
     return result
 

@@ -25,6 +25,7 @@ wall and CPU time, ratios that stay meaningful on a shared machine.
     python benchmarks/recipe_experiments.py today --epochs 14 --tag xeon-amx   # another machine
     python benchmarks/recipe_experiments.py --step-ratio today layer4.1 layer4.2
     python benchmarks/recipe_experiments.py decoder-on-today --epochs 6   # after `make runs`
+    python benchmarks/recipe_experiments.py mix-on-today --epochs 6 --tag epyc   # its scene mix
     python benchmarks/recipe_experiments.py --list
 """
 
@@ -46,6 +47,7 @@ import torch
 import caption_lib.model  # the experiments replace some of their names in this process
 import caption_lib.train
 from caption_lib.data import load_dataset, split_records
+from caption_lib.decoder import DecoderWithAttention
 from caption_lib.encoder import EncoderCNN
 from caption_lib.evaluate import evaluate
 from caption_lib.features import cached_features, calibrate_frozen
@@ -60,6 +62,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _gemm import cpu  # benchmarks/ is a folder of scripts, not a package
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# what variants replace in this process (`run_variant`); `main` puts them back after each
+# variant, so that variants trained by one call do not inherit each other's changes
+REPLACED = ((caption_lib.model, "EncoderCNN"), (caption_lib.train, "_scheduler"),
+            (caption_lib.train, "_epoch_batches"), (caption_lib.train, "_optimizer"),
+            (caption_lib.train, "calibrate_frozen"), (caption_lib.train.CachedSplit, "batch"),
+            (DecoderWithAttention, "__init__"))
 
 # name -> (CaptionerConfig changes, TrainConfig changes) relative to recipe("shapes")
 VARIANTS: dict[str, tuple[dict, dict]] = {
@@ -122,6 +130,7 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     # random encoder, init_seed, and so the feature cache stay): the spread between seeds
     "seed-1": ({}, {"seed": 1}),
     "seed-2": ({}, {"seed": 2}),
+    "mix-by-objects": ({}, {}),  # epochs drawn by object count (MIX)
 }
 # name -> a decoder trained alone on the frozen encoder of the book's default run (today's
 # recipe, finished by `make runs`; `train.same_features_runs`): how far that run's
@@ -130,7 +139,9 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
 ON_DEFAULT_RUN = {"decoder-on-today": ("soft", {}),
                   # twice the recipe's decoder sizes: does the decoder's capacity limit F1?
                   "decoder512-on-today": ("soft", {"embed_dim": 512, "decoder_dim": 512,
-                                                   "attention_dim": 512})}
+                                                   "attention_dim": 512}),
+                  # the same fresh decoder, its epochs drawn by object count (MIX)
+                  "mix-on-today": ("soft", {})}
 # Training from a block ("layer4.1") calibrates the BatchNorm statistics of the stage's
 # frozen blocks on `bn_images` training images (`features.calibrate_frozen`, run by the
 # trainer). "-uncalibrated" switches that off (the frozen blocks keep their untrained
@@ -178,6 +189,14 @@ AUX_REGIONS = {"aux-regions": 1.0, "aux-regions-0.3": 0.3, "deep-output-aux": 1.
 # epoch), so the two agree from there on; early epochs of an "ema" curve run today are
 # higher than these.
 EMA = {"ema": (0.99, 0.995, 0.998), "ema-short": (0.97, 0.98), "batch-16": (0.995,)}
+# The mix of scene sizes: every split holds about a third each of one-, two- and
+# three-object scenes, and chapter 6's failures gather in the three-object ones (the
+# right attributes bound to the wrong object). A MIX variant draws each epoch's images
+# with replacement, with probability proportional to MIX[name][n - 1] for a scene of n
+# objects (1 : 2 : 3 gives, in expectation, a sixth single objects, a third pairs and half
+# triples), as many draws as the split has images, one caption each as the recipe does:
+# an epoch costs what the recipe's costs. Validation and test keep their own mix.
+MIX = {"mix-by-objects": (1, 2, 3), "mix-on-today": (1, 2, 3)}
 
 
 def configs(name: str, epochs: int, data: Path | None = None):
@@ -202,15 +221,19 @@ def _changes(name: str) -> tuple[dict, dict]:
     """What the variant changes, as the results page shows it (no machine's paths)."""
     if name in ON_DEFAULT_RUN:
         decoder, changes = ON_DEFAULT_RUN[name]
-        return {"encoder": "the default run's best.pt, frozen", "decoder": "a fresh "
-                f"{decoder}-attention decoder", **changes}, {}
-    model, train = VARIANTS[name]
+        model, train = {"encoder": "the default run's best.pt, frozen", "decoder": "a fresh "
+                        f"{decoder}-attention decoder", **changes}, {}
+    else:
+        model, train = VARIANTS[name]
     if name in CURRICULUM:
         train = {**train, "curriculum": f"epochs 1-{CURRICULUM[name]} on single-object scenes"}
     if name in ZERO_RESIDUAL:
         model = {**model, "layer4 bottlenecks' last BatchNorm scale (bn3.weight)": "0 at the start"}
     if name in AUX_REGIONS:
         train = {**train, "per-region object loss (not in the paper)": AUX_REGIONS[name]}
+    if name in MIX:
+        train = {**train, "epoch images drawn by object count (weights of 1, 2, 3 objects)":
+                 list(MIX[name])}
     if name in EMA:
         train = {**train, "weight averages (EMA, not in the paper), decays": list(EMA[name])}
     return model, train
@@ -337,6 +360,25 @@ def curriculum_batches(epochs: int):
     return batches
 
 
+def mixed_batches(weights: tuple[float, ...]):
+    """The trainer's `_epoch_batches` replaced: the epoch's images drawn with replacement,
+    an image of n objects with weight `weights[n - 1]`, as many as the split has, each
+    with one of its captions at random, in batches of `batch_size` draws (an image drawn
+    twice into one batch is one image with two captions there). Seeded by (seed, epoch)
+    as the trainer's order is."""
+    def batches(split, config, epoch):
+        g = torch.Generator().manual_seed(config.seed * 1000 + epoch)
+        w = torch.tensor([float(weights[len(r.objects) - 1]) for r in split.records])  # (N,)
+        drawn = torch.multinomial(w, len(w), replacement=True, generator=g).tolist()
+        pairs = [(i, int(torch.randint(len(split.encoded[i]), (1,), generator=g)))
+                 for i in drawn]
+        size = config.batch_size
+        return caption_lib.train._EpochBatches(
+            split, [pairs[k:k + size] for k in range(0, len(pairs), size)])
+
+    return batches
+
+
 def region_targets(objects: list[dict], grid: int = 7) -> torch.Tensor:
     """(grid * grid,) int64: per region, 1 + the class of the object whose box overlaps the
     cell (colour x shape x size; a later object wins a shared cell), 0 for background."""
@@ -357,7 +399,6 @@ def aux_region_loss(weight: float) -> None:
     loss while the model trains."""
     import torch.nn.functional as F
 
-    from caption_lib.decoder import DecoderWithAttention
     from caption_lib.shapes import COLOURS, SHAPES, SIZES
 
     classes = 1 + len(COLOURS) * len(SHAPES) * len(SIZES)
@@ -504,6 +545,8 @@ def run_variant(name: str, epochs: int, data: Path, extend: bool = False, tag: s
         caption_lib.train._scheduler = cosine_over(epochs)
     if name in CURRICULUM:  # the experiment's epoch batches replace the trainer's
         caption_lib.train._epoch_batches = curriculum_batches(CURRICULUM[name])
+    if name in MIX:  # the experiment's epoch batches replace the trainer's
+        caption_lib.train._epoch_batches = mixed_batches(MIX[name])
     if name in AUX_REGIONS:  # the experiment's loss replaces the trainer's in this process
         aux_region_loss(AUX_REGIONS[name])
     averages = None
@@ -655,7 +698,12 @@ def main() -> None:
         return
     data = ensure_shapes()
     for name in args.variants:
-        run_variant(name, args.epochs, data, extend=args.extend, tag=args.tag)
+        originals = [(owner, attr, getattr(owner, attr)) for owner, attr in REPLACED]
+        try:
+            run_variant(name, args.epochs, data, extend=args.extend, tag=args.tag)
+        finally:
+            for owner, attr, value in originals:
+                setattr(owner, attr, value)
 
 
 if __name__ == "__main__":

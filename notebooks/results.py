@@ -284,7 +284,11 @@ else:
 #
 # The figures the speed issue set goals for, as `make bench` ends by printing them
 # (`benchmarks/summary.py`), next to the goal the benchmark file records, and how far
-# each one is from it.
+# each one is from it. One column per CPU the benchmarks have run on: the main files, and
+# the same benchmarks written with `--out results/<name>__<cpu>.json` on another
+# machine. Both sides of every ratio ran in one process on one machine, but the ratios
+# themselves move from CPU to CPU (the tutorial-style code and the library's use the
+# matrix units differently), so a goal can be reached on one and not on the other.
 
 # %% tags=["hide-input"]
 # NBVAL_IGNORE_OUTPUT
@@ -333,20 +337,41 @@ def shown(value, unit: str) -> str:
     return f"{100 * value:.0f} %" if unit == "%" else f"{value:g}{unit}"
 
 
-records = {name: json.loads((folder / name).read_text()) if (folder / name).is_file() else {}
-           for name in {goal[0] for goal in GOALS}}  # file name -> its record ({} if absent)
-goal_rows, short = [], []
+def machines(name: str) -> dict[str, dict]:
+    """A goal's benchmark file and its runs on other CPUs (`decoder__<cpu>.json`, written
+    with the benchmark's `--out`): tag ("" for the file itself) -> record."""
+    stem = name.removesuffix(".json")
+    paths = [folder / name] + sorted(folder.glob(f"{stem}__*.json"))
+    return {p.stem.partition("__")[2]: json.loads(p.read_text()) for p in paths if p.is_file()}
+
+
+def cpu_label(tag: str) -> str:
+    """A column's heading: the CPU model the files of `tag` record, and their threads."""
+    found = [m[tag] for m in runs.values() if tag in m]
+    model = next((r["cpu"]["model"] for r in found if isinstance(r.get("cpu"), dict)), "CPU ?")
+    threads = sorted({str(r.get("threads", "?")) for r in found})
+    return f"{model}, {'/'.join(threads)} threads ({'`*__' + tag + '.json`' if tag else 'main files'})"
+
+
+runs = {name: machines(name) for name in dict.fromkeys(goal[0] for goal in GOALS)}
+records = {name: by_tag.get("", {}) for name, by_tag in runs.items()}  # the main files
+tags = list(dict.fromkeys(tag for by_tag in runs.values() for tag in by_tag))
+goal_rows, short = [], {tag: [] for tag in tags}
 for name, keys, what, unit, goal_keys in GOALS:
-    record = records[name]
-    value, goal = lookup(record, keys), lookup(record, goal_keys)
-    reached = "n/a" if value is None or goal is None else ("yes" if value >= goal else "no")
-    goal_rows.append([what, shown(value, unit), shown(goal, unit), reached,
-                      f"{name}, {record.get('threads', '?')} threads"])
-    if reached == "no":
-        short.append(f"{what} ({shown(value, unit)} of {shown(goal, unit)})")
-display(table(["figure", "measured", "goal", "reached", "file"], goal_rows))
-display(Markdown("Not reached: " + "; ".join(short) + "." if short else
-                 "Every goal with a recorded figure is reached."))
+    goal = lookup(records[name] or next(iter(runs[name].values()), {}), goal_keys)
+    cells = []
+    for tag in tags:
+        value = lookup(runs[name].get(tag, {}), keys)
+        reached = "" if value is None or goal is None else (" (yes)" if value >= goal else " (no)")
+        cells.append(shown(value, unit) + reached)
+        if reached == " (no)":
+            short[tag].append(f"{what} ({shown(value, unit)} of {shown(goal, unit)})")
+    goal_rows.append([what, shown(goal, unit), *cells, name])
+display(table(["figure", "goal", *(cpu_label(tag) for tag in tags), "file"], goal_rows))
+for tag in tags:
+    display(Markdown(f"On {cpu_label(tag)}: " + ("not reached: " + "; ".join(short[tag]) + "."
+                                                 if short[tag] else
+                                                 "every goal with a recorded figure is reached.")))
 if "ratio_no_greedy_over_batched" in records["beam.json"]:
     display(Markdown(
         "The rows without the greedy guard are `beam_search(..., keep_greedy=False)`, the "
