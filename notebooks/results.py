@@ -382,7 +382,10 @@ if "ratio_no_greedy_over_batched" in records["beam.json"]:
         "greedy caption; once the greedy prefix has left the beams, its row rides along "
         "with the beams' rows in every decoder step. On the benchmark's random decoder the "
         "search without it is "
-        f"{records['beam.json']['ratio_no_greedy_over_batched']}× as fast; what the guard "
+        + " and ".join(f"{r['ratio_no_greedy_over_batched']}× as fast on {r['cpu']['model']}"
+                       for r in runs["beam.json"].values()
+                       if "ratio_no_greedy_over_batched" in r and "cpu" in r)
+        + "; what the guard "
         "costs depends on how soon the greedy prefix leaves the beams."))
 if "bf16_same_captions" in records["beam.json"]:
     display(Markdown(
@@ -403,42 +406,50 @@ def needed_share(record: dict, gflop: float, baseline_seconds: float, factor: fl
     return "not recorded" if not peak else f"{100 * gflop * factor / baseline_seconds / peak:.0f} %"
 
 
-beam_record, decoder_record = records["beam.json"], records["decoder.json"]
-if beam_record and decoder_record:
+def demands(beam_record: dict, decoder_record: dict) -> str:
+    """What the goals ask of the CPU the two records ran on, in shares of its fp32 peak."""
     batch = beam_record["sizes"]["images"]
-    rows_per_step = (decoder_record["sizes"]["batch"], batch * beam_record["sizes"]["beam_size"])
     tutorial_s = batch / beam_record["images_per_s"]["tutorial"]  # seconds per batch
     beam_gflop = beam_record["gflop_per_batch"]["batched"]
     step_gflop = decoder_record["gflop_per_step"]["variable/caption_lib"]
     tutorial_step_s = decoder_record["ms_per_step_median"]["variable/tutorial"] / 1000
     cpu = beam_record.get("cpu", {})
+    product = (f" One product of a training step's shape alone ran at "
+               f"{100 * decoder_record['step_product_ratio_of_gemm_peak']:.0f} % of the square "
+               "product's rate." if "step_product_ratio_of_gemm_peak" in decoder_record else "")
+    return (f"On {cpu.get('model', 'an unrecorded CPU')}: 10× the tutorial-style beam search "
+            f"would need {needed_share(beam_record, beam_gflop, tutorial_s, 10)} of the fp32 "
+            f"GEMM peak, 100 images/s {needed_share(beam_record, beam_gflop, batch / 100, 1)} "
+            f"(the batched search reached "
+            f"{100 * beam_record['ratio_of_gemm_peak']['batched']:.0f} %, the tutorial-style "
+            f"one {100 * beam_record['ratio_of_gemm_peak']['tutorial']:.0f} %), and 3× the "
+            f"tutorial-style decoder step "
+            f"{needed_share(decoder_record, step_gflop, tutorial_step_s, 3)} (the step reached "
+            f"{100 * decoder_record['ratio_of_gemm_peak']['variable/caption_lib']:.0f} %)."
+            + product)
+
+
+beam_record, decoder_record = records["beam.json"], records["decoder.json"]
+if beam_record and decoder_record:
+    batch = beam_record["sizes"]["images"]
+    rows_per_step = (decoder_record["sizes"]["batch"], batch * beam_record["sizes"]["beam_size"])
+    beam_gflop = beam_record["gflop_per_batch"]["batched"]
+    step_gflop = decoder_record["gflop_per_step"]["variable/caption_lib"]
     display(Markdown(
         f"What the goals ask of the machine, from the FLOPs the benchmarks count: the batched "
-        f"beam search does {beam_gflop:g} GFLOP per batch of {batch} images, so being 10× the "
-        f"tutorial-style search would need "
-        f"{needed_share(beam_record, beam_gflop, tutorial_s, 10)} of the fp32 GEMM peak, and "
-        f"100 images/s would need {needed_share(beam_record, beam_gflop, batch / 100, 1)}. "
-        f"The tutorial-style search does "
-        f"{beam_record['gflop_per_batch']['tutorial'] / beam_gflop:.1f}× the FLOPs of the batched "
-        f"one (it recomputes the attention projection at every step, for one image at a time) "
-        f"and runs them at {100 * beam_record['ratio_of_gemm_peak']['tutorial']:.0f} % of the "
-        f"peak, the batched search at {100 * beam_record['ratio_of_gemm_peak']['batched']:.0f} %. "
-        f"The decoder step ({step_gflop:g} GFLOP) would need "
-        f"{needed_share(decoder_record, step_gflop, tutorial_step_s, 3)} of the peak for 3× the "
-        f"tutorial-style step. A goal that needs more than the share its step reaches in the "
-        f"table above is not met at this FLOP count. Raising the share means bigger products "
-        f"per step, and a step's products have only one batch of rows ({rows_per_step[0]} "
-        f"captions, or {rows_per_step[1]} beams): the recurrence must finish step t before step t + 1 can start. "
-        + (f"One product of a training step's shape by itself, {rows_per_step[0]} rows times a "
-           f"{decoder_record['sizes']['encoder_dim']} × {decoder_record['sizes']['encoder_dim']} "
-           f"weight, ran at {decoder_record['step_product_gflops_median']:g} GFLOP/s, "
-           f"{100 * decoder_record['step_product_ratio_of_gemm_peak']:.0f} % of the square "
-           f"product's rate in the same run: the loop's products run at about that share or "
-           f"less (as the running captions end, the later steps have fewer rows), and the "
-           f"elementwise work between them counts no FLOPs at all. "
-           if "step_product_ratio_of_gemm_peak" in decoder_record else "")
-        + f"Measured on: {cpu.get('model', 'an unrecorded CPU')}"
-        + (f" ({', '.join(cpu['flags'])})" if cpu.get("flags") else "") + "."))
+        f"beam search does {beam_gflop:g} GFLOP per batch of {batch} images, the tutorial-style "
+        f"search {beam_record['gflop_per_batch']['tutorial'] / beam_gflop:.1f}× as many (it "
+        f"recomputes the attention projection at every step, for one image at a time); the "
+        f"decoder step does {step_gflop:g} GFLOP. Below, for each CPU, the share of its fp32 "
+        f"GEMM peak each goal would need at these FLOP counts, and the share reached: a goal "
+        f"that needs more than its search or step reaches is not met. Raising the share means "
+        f"bigger products per step, and a step's products have only one batch of rows "
+        f"({rows_per_step[0]} captions, or {rows_per_step[1]} beams): the recurrence must "
+        f"finish step t before step t + 1 can start, and as the running captions end the later "
+        f"steps have fewer rows; the elementwise work between the products counts no FLOPs."))
+    for tag in tags:
+        if tag in runs["beam.json"] and tag in runs["decoder.json"]:
+            display(Markdown(demands(runs["beam.json"][tag], runs["decoder.json"][tag])))
 
 # %% [markdown]
 # ## Recipe experiments: what the offline recipe's settings rest on
