@@ -127,7 +127,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     model_config, config = recipe(name)
     overrides = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
                  "seed": args.seed, "restval": args.restval,
-                 "encoder_epochs": args.encoder_epochs, "ema_decay": args.ema_decay}
+                 "encoder_epochs": args.encoder_epochs, "ema_decay": args.ema_decay,
+                 "references": args.references}
     for key, value in overrides.items():
         if value is not None:
             setattr(config, key, value)
@@ -160,6 +161,9 @@ def _add_train(sub: Sub) -> None:
     p.add_argument("--ema-decay", type=float, metavar="D",
                    help="validate and save an exponential moving average of the weights "
                         "with decay D per step (0: off; the shapes recipe's is 0.99)")
+    p.add_argument("--references", choices=["random", "first"],
+                   help="captions trained on: drawn at random each epoch, or each image's "
+                        "first one only (the shapes recipe's: its canonical form)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -205,7 +205,7 @@ plt.show()
 # | sizes | boxes of 64 / 96 px a side (`HALF_SIZE` in `shapes.py`): 2–3 / 3–4 cells of the 7×7 grid a side, depending on where the box falls | a random-init ResNet recognises shape better on big objects |
 # | noise | shaded background, jittered colours, ±3 grey levels per pixel | no two images alike |
 # | references | 5 per image, ≤ 18 tokens, 32 words | a grammar small enough to learn |
-# | canonical caption | always reference 1: objects left to right, neighbours related | one most likely caption to learn |
+# | canonical caption | always reference 1: objects left to right, neighbours related | one most likely caption to learn: the offline recipe trains on it alone (`references = "first"`, chapter 5) and keeps the others as references to score against |
 # | variants | a list with *and*, *there are two shapes ...*, no sizes, *a picture of ...*, right to left | variety, as in real references |
 # | every reference | names each object as *a [size] colour shape* | the (colour, shape) pairs can be parsed back |
 #
@@ -358,9 +358,9 @@ assert vocab.decode(vocab.encode(train[0].captions[0])) == " ".join(tokenize(tra
 # lengths; the loss of chapter 4 ignores the padded positions. The book's trainer
 # (chapter 5) batches the same captions differently: it never loads an image, but reads
 # the encoder's cached output (chapter 2) and groups the captions by *image*, so a batch
-# of images brings some of their captions (`captions_per_image`) and the encoder runs
-# once per image; evaluation generates one caption per image and compares it with all
-# its references.
+# of images brings some of their captions (`captions_per_image`, or with
+# `references = "first"` the first one only) and the encoder runs once per image;
+# evaluation generates one caption per image and compares it with all its references.
 
 # %%
 # NBVAL_CHECK_OUTPUT

@@ -196,8 +196,9 @@ print("features:", tuple(features.shape), "= (B, P, E)")
 # %% [markdown]
 # ### A worked example: the first two steps of a beam of 3
 #
-# We pick a test image where greedy decoding and beam search disagree, and look at the
-# candidates the search weighs.
+# We pick a test image where greedy decoding and beam search disagree, if the first 100
+# have one (the cell's first line counts them; with none, it takes the first test image),
+# and look at the candidates the search weighs.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -277,12 +278,18 @@ for h in result.beams[0]:
           f"per word = {h.norm_score:.3f}   finished = {h.finished}")
 
 # %% [markdown]
+# Read the log-probabilities above: the further the best first word is ahead of the
+# others, the less the search has to weigh. When the second and third beams start far
+# below the first, every survivor of step 2 can be an extension of the first beam, and the
+# search ends where greedy decoding ends: then the two agree, as they do on every image
+# the first line counts as agreeing.
+#
 # Over the first 100 test images: how often does beam search find a *more probable*
 # caption than greedy decoding? To compare like with like we rank by the plain sum here
 # (`length_norm=False`); we also look at the length of the captions each choice gives.
 #
-# Beam search is a heuristic, not an exact search: it usually finds a more probable
-# caption, but it can also lose the greedy one. If at step 2 the extensions of *other*
+# Beam search is a heuristic, not an exact search: it can find a more probable caption,
+# but it can also lose the greedy one. If at step 2 the extensions of *other*
 # beams ("a big ...", "a small ...") all outrank the greedy prefix ("a yellow ..."), that
 # prefix falls out of the beam, even when the caption it would have become is the most
 # probable of all. A larger $k$ makes this rarer. The cell below runs plain beam search
@@ -439,15 +446,23 @@ print("mean caption length: " + ", ".join(f"k={k}: {n:.2f} words" for k, n in le
 f1 = {k: ev.scores.get("semantic_f1") for k, ev in evaluations.items()}  # None: no ground truth
 print(f"from k={low} to k={high}: BLEU-4 {evaluations[high].scores['bleu4'] - evaluations[low].scores['bleu4']:+.1f}, "
       "semantic F1 " + ("n/a" if f1[low] is None else f"{f1[high] - f1[low]:+.3f}"))
+unchanged = sum(a["caption"] == b["caption"]
+                for a, b in zip(evaluations[low].captions, evaluations[high].captions))
+print(f"captions the same word for word at k={low} and k={high}: {unchanged} of "
+      f"{len(evaluations[low].captions)}")
 if f1[low] is not None:  # the reading of that line, for this build
     moved = f1[high] - f1[low]
     print("semantic F1 " + ("rose with k too: the wider search also named the objects better"
                             if moved >= 0.01 else "fell with k" if moved <= -0.01 else
-                            "stayed within 0.01: the wider search changed the wording more "
-                            "than the objects named"))
+                            "stayed within 0.01: " + (
+                                "the wider search changed no caption"
+                                if unchanged == len(evaluations[low].captions) else
+                                "the wider search changed the wording more than the objects "
+                                "named")))
 
 # %% [markdown]
-# Why captions change length with $k$: the length-normalised score
+# Why captions can change length with $k$ (the first line above says whether they did in
+# this build, the third how many captions changed at all): the length-normalised score
 # {eq}`eq-length-norm` is a mean per word, so a longer caption made of very probable
 # filler words ("a picture of", "there are two shapes") can outrank a shorter one; greedy
 # decoding has no such choice. Longer captions meet more of the references' $n$-grams and
@@ -716,8 +731,9 @@ assert done.returncode == 2 and done.stdout.count("\n") == len(own_images)
 # ## Summary
 #
 # - A caption is decoded word by word; greedy decoding commits to each word, beam search
-#   keeps the $k$ most probable prefixes {eq}`eq-beam-step`: it usually finds a more
-#   probable caption, though as a heuristic it can lose the greedy one. Finished captions
+#   keeps the $k$ most probable prefixes {eq}`eq-beam-step`: it finds a more probable
+#   caption where the model hesitates between words, and as a heuristic it can lose the
+#   greedy one; a model sure of every word gives the same caption both ways. Finished captions
 #   are ranked per word {eq}`eq-length-norm`, since plain sums favour short captions.
 # - Beam search runs all beams of all images of a batch as one batch for the decoder.
 # - Scores come from real decoding over the whole test split: BLEU-1..4 {eq}`eq-bleu`,

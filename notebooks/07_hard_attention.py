@@ -497,8 +497,8 @@ for name, model in (("soft", soft_model), ("hard", hard_model)):
 # Compare the two rows of maps with the printed lines. A caption with semantic F1 below 1
 # is wrong for this image (a repeated object, a missed one, a colour on the wrong
 # shape; the lines under each caption name its wrong and its missing pairs): trained for
-# two epochs on the same features, neither decoder is finished, and the figure shows a
-# failure as it is rather than a chosen success. The attention mass says how much of
+# two epochs on the same features, neither decoder is finished, and the figure shows the
+# first test scene of several objects as it comes, success or failure, not a chosen one. The attention mass says how much of
 # each map sits on the objects the words name. It does not say the words are right: a
 # caption that names one object three times can look at that object three times and
 # score a high mass. Where the hard model's number is the lower one, its maps spread

@@ -275,12 +275,13 @@ def test_hard_needs_attention_and_soft_run_folders_stay():
     soft = dataclasses.replace(soft, deep_output=False)  # one output layer, as before
     # a soft run keeps the folder it had before the hard-attention fields and the deep
     # output existed (and before TrainConfig's restval, best_by and encoder_epochs, at
-    # their defaults; ema_decay, at 0, too)
+    # their defaults; ema_decay, at 0, and references, at "random", too)
     old = {k: v for k, v in dataclasses.asdict(soft).items()
            if k not in HARD_FIELDS and k != "deep_output"}
     key = json.dumps([str(Path("d").resolve()), {**old, "max_len": 20},
                       {k: v for k, v in dataclasses.asdict(config).items()
-                       if k not in ("restval", "best_by", "encoder_epochs", "ema_decay")}],
+                       if k not in ("restval", "best_by", "encoder_epochs", "ema_decay",
+                                    "references")}],
                      sort_keys=True)
     assert run_dir_for("d", soft, config).name == f"d-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
     hard = dataclasses.replace(soft, attention="hard")

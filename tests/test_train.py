@@ -260,3 +260,61 @@ def test_encoder_epochs_resume_exactly_and_need_a_trained_stage(tiny_shapes, tmp
     assert _losses(plain.history) == _losses(same.history)
     with pytest.raises(CaptionLibError, match="encoder_epochs"):
         TrainConfig(encoder_epochs=-1)
+
+
+def test_first_references_train_each_image_on_its_first_caption_in_the_same_order():
+    """references="first": every image once an epoch with caption 0, in the order the
+    random draw would have put the images (the generator's first draw is the order)."""
+    from caption_lib.train import CachedSplit
+
+    split = CachedSplit.__new__(CachedSplit)
+    split.encoded = [[[1, 2], [1, 3], [1, 4]] for _ in range(7)]  # 7 images, 3 captions each
+    drawn = split.epoch_batches(3, 1, torch.Generator().manual_seed(5))
+    first = split.epoch_batches(3, 1, torch.Generator().manual_seed(5), references="first")
+    assert [[i for i, _ in b] for b in first] == [[i for i, _ in b] for b in drawn]
+    assert all(j == 0 for b in first for _, j in b)
+    assert any(j != 0 for b in drawn for _, j in b), "the random draw picks other captions"
+
+
+def test_first_references_need_one_caption_per_image_and_a_known_name():
+    with pytest.raises(CaptionLibError, match=r"^TrainConfig.captions_per_image=0: "
+                                              r"references='first' trains on one"):
+        TrainConfig(references="first", captions_per_image=0)
+    with pytest.raises(CaptionLibError, match="unknown references 'last'"):
+        TrainConfig(references="last")
+    assert TrainConfig(references="first", captions_per_image=1).references == "first"
+
+
+def test_first_references_train_on_caption_zero_and_the_cli_sets_them(tiny_shapes, tmp_path,
+                                                                       monkeypatch):
+    """The trainer's batches hold caption 0 of every image; `--references` reaches the
+    config; the shapes recipe trains on the first (canonical) reference."""
+    import caption_lib.train as train_module
+    from caption_lib.train import recipe
+
+    seen = []
+    batch = train_module.CachedSplit.batch
+
+    def spy(self, pairs, weights=None):
+        seen.extend(pairs)
+        return batch(self, pairs, weights)
+
+    monkeypatch.setattr(train_module.CachedSplit, "batch", spy)
+    model_config, config = _configs(epochs=1)
+    config.captions_per_image, config.references = 1, "first"
+    train(tiny_shapes, tmp_path / "run", model_config, config, device="cpu", progress=False,
+          log=lambda *_: None)
+    assert seen and {j for _, j in seen} == {0}
+    assert len({i for i, _ in seen}) == 24  # every training image
+    assert recipe("shapes")[1].references == "first"
+    assert recipe("flickr8k")[1].references == "random"
+    got = {}
+
+    def fake_train(data, out, model_config, config, **kwargs):
+        got["config"] = config
+        raise SystemExit(0)
+
+    monkeypatch.setattr("caption_lib.train.train", fake_train)
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--data", str(tiny_shapes), "--references", "random"])
+    assert got["config"].references == "random"
