@@ -433,7 +433,8 @@ print("stored:", sorted(k for k in checkpoint.extra if k != "data_dir"))
 # %%
 # NBVAL_IGNORE_OUTPUT
 best = Captioner.load(result.out_dir / "best.pt", map_location=device)
-test = evaluate(best, data_dir, "test", beam_size=1, meteor=False, device=device)
+test = evaluate(best, data_dir, "test", beam_size=1, meteor=False, device=device,
+                progress=False)  # no bar in the published page
 for key in ["bleu1", "bleu4", "cider", "rougeL", "semantic_f1", "grounding"]:
     print(f"{key:12s} " + (f"{test.scores[key]:.3f}" if key in test.scores else "n/a"))
 

@@ -138,3 +138,13 @@ def test_the_instructors_tables_come_from_the_chapters(sites):
                 assert " ".join(ex.visible.split()) in text, ex.visible
     assert rows >= 12 and "by hand" in text
     assert text.count("autograded points") == 1
+
+
+def test_a_progress_bar_left_in_a_cell_output_is_one_problem():
+    """tqdm's bars written to a cell's stderr would be published with the page."""
+    bars = ("decoding test:   0%|          | 0/10 [00:00<?, ?batch/s]\n"
+            "decoding test: 100%|██████████| 10/10 [00:02<00:00,  4.87batch/s]\n")
+    problems = check_book.progress_problems("bleu4 94.7\n" + bars)
+    assert problems == ["progress bar in a cell's output: '0%|          | 0/10 ['"], problems
+    table = "| k | semantic_f1 |\n| 1 | 0.964 |\nthe guard costs 6%| of the time, 3/4 ["
+    assert check_book.progress_problems(table) == []

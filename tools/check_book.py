@@ -34,6 +34,7 @@ import contextlib
 import functools
 import http.server
 import itertools
+import re
 import shutil
 import sys
 import threading
@@ -254,6 +255,17 @@ def _problems(page: Page, seen: dict) -> list[str]:
     return out
 
 
+# a tqdm progress bar as a cell's stderr leaves it in the page: "epoch 1:  40%|####  | 4/10 ["
+PROGRESS_BAR = re.compile(r"\d{1,3}%\|[^|\n]{0,80}\|\s*\d+/\d+\s*\[")
+
+
+def progress_problems(cell_text: str) -> list[str]:
+    """One message per progress bar left in the cells' output (the published page should
+    show results, not the bars that led to them: pass `progress=False` in the chapter)."""
+    return [f"progress bar in a cell's output: {m.group(0)!r}"
+            for m in PROGRESS_BAR.finditer(cell_text)][:1]
+
+
 # textContent runs adjacent blocks together ("...C)Summary"), so the text of each block
 # element is added on lines of its own; collapsed blocks are included (textContent, not
 # innerText)
@@ -296,6 +308,7 @@ def check_site(site: Path, pages: list[Page], screenshots: Path | None,
                 problems += _problems(page_spec, seen)
                 text, cell_text = page.evaluate(TEXT_JS)
                 problems += answer_problems(text, cell_text, secrets.get(page_spec.path, []))
+                problems += progress_problems(cell_text)
                 nexts[page_spec.path] = seen["next"] and seen["next"].removeprefix(base)
                 if screenshots is not None:
                     shot = screenshots / Path(page_spec.path).with_suffix(".png")
