@@ -69,6 +69,23 @@ def tiny_hard_checkpoint(tiny_shapes, tmp_path_factory) -> Path:
     return out / "best.pt"
 
 
+def train_config_from_cli(argv: list[str], monkeypatch):
+    """The TrainConfig `caption-lib ARGV` hands to `train` (patched to stop there; the
+    patch stays for the rest of the test)."""
+    from caption_lib import cli
+
+    seen = {}
+
+    def fake_train(data, out, model_config, config, **kwargs):
+        seen["config"] = config
+        raise SystemExit(0)
+
+    monkeypatch.setattr("caption_lib.train.train", fake_train)
+    with pytest.raises(SystemExit):
+        cli.main(argv)
+    return seen["config"]
+
+
 def load_tool(name: str):
     """A script of tools/ imported as a module (registered, so its dataclasses work)."""
     import importlib.util

@@ -122,17 +122,11 @@ def test_a_stage_that_stops_training_freezes_as_its_average(tiny_shapes, tmp_pat
 def test_the_command_line_sets_the_decay_and_refuses_a_bad_one(tiny_shapes, monkeypatch,
                                                               capsys):
     from caption_lib import cli
+    from conftest import train_config_from_cli
 
-    seen = {}
-
-    def fake_train(data, out, model_config, config, **kwargs):
-        seen["config"] = config
-        raise SystemExit(0)
-
-    monkeypatch.setattr("caption_lib.train.train", fake_train)
-    with pytest.raises(SystemExit):
-        cli.main(["train", "--data", str(tiny_shapes), "--ema-decay", "0.95"])
-    assert seen["config"].ema_decay == 0.95
+    config = train_config_from_cli(["train", "--data", str(tiny_shapes), "--ema-decay", "0.95"],
+                                   monkeypatch)
+    assert config.ema_decay == 0.95
     assert cli.main(["train", "--data", str(tiny_shapes), "--ema-decay", "1.5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["caption-lib: error: TrainConfig.ema_decay=1.5: must be 0 (off) or in (0, 1)"], err
