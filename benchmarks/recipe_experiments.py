@@ -132,6 +132,16 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "seed-2": ({}, {"seed": 2}),
     "mix-by-objects": ({}, {}),  # epochs drawn by object count (MIX)
     "first-ref": ({}, {"references": "first"}),  # each image's first reference only
+    # the same, fine-tuning less of layer4 (its cache after layer4[0] or layer4[1]): the
+    # step's cost falls with the blocks trained (--step-ratio); does learning per epoch hold
+    # now that the captions are one form?
+    "first-ref-layer4.1": ({"fine_tune": "layer4.1"}, {"references": "first"}),
+    "first-ref-layer4.2": ({"fine_tune": "layer4.2"}, {"references": "first"}),
+    # twice both learning rates, with one form of caption (decoder-lr2x, with the random
+    # draw, learned far slower)
+    "first-ref-lr2x": ({}, {"references": "first", "lr": 8e-4, "encoder_lr": 4e-4}),
+    "first-ref-layer4.1-lr2x": ({"fine_tune": "layer4.1"},
+                                {"references": "first", "lr": 8e-4, "encoder_lr": 4e-4}),
 }
 # name -> a decoder trained alone on the frozen encoder of the book's default run (today's
 # recipe, finished by `make runs`; `train.same_features_runs`): how far that run's
