@@ -140,8 +140,6 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     # twice both learning rates, with one form of caption (decoder-lr2x, with the random
     # draw, learned far slower)
     "first-ref-lr2x": ({}, {"references": "first", "lr": 8e-4, "encoder_lr": 4e-4}),
-    "first-ref-layer4.1-lr2x": ({"fine_tune": "layer4.1"},
-                                {"references": "first", "lr": 8e-4, "encoder_lr": 4e-4}),
 }
 # name -> a decoder trained alone on the frozen encoder of the book's default run (today's
 # recipe, finished by `make runs`; `train.same_features_runs`): how far that run's
