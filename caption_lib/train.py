@@ -799,11 +799,15 @@ def _recipe(name: str) -> tuple[CaptionerConfig, TrainConfig]:
     # drawn at random (recipe_first-ref-on-today__epyc.json against
     # recipe_decoder-on-today__epyc.json), and so did the whole recipe
     # (recipe_first-ref__epyc.json against the three seeds of the previous recipe)
+    # epochs: 7; with the first reference, three seeds reached validation F1 0.964 / 0.974
+    # / 0.955 after epoch 7 and 0.966 / 0.974 / 0.963 after epoch 8 (recipe_first-ref__epyc
+    # .json, recipe_seed-1__epyc.json, recipe_seed-2__epyc.json): the eighth epoch, a
+    # ninth of the run's time on a 2-core CPU, added less than the seeds' spread
     if name == "shapes":
         return (CaptionerConfig(encoder_weights="DEFAULT", fine_tune="auto", embed_dim=256,
                                 decoder_dim=256, attention_dim=256, dropout=0.3,
                                 alpha_c=0.0, deep_output=True),
-                TrainConfig(epochs=8, batch_size=32, lr=4e-4, encoder_lr=2e-4, min_freq=1,
+                TrainConfig(epochs=7, batch_size=32, lr=4e-4, encoder_lr=2e-4, min_freq=1,
                             captions_per_image=1, references="first", val_images=150,
                             bn_images=256, ema_decay=0.99))
     if name == "flickr8k":
