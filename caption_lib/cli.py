@@ -128,7 +128,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     overrides = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
                  "seed": args.seed, "restval": args.restval,
                  "encoder_epochs": args.encoder_epochs, "ema_decay": args.ema_decay,
-                 "references": args.references}
+                 "references": args.references, "precision": args.precision}
     for key, value in overrides.items():
         if value is not None:
             setattr(config, key, value)
@@ -164,6 +164,10 @@ def _add_train(sub: Sub) -> None:
     p.add_argument("--references", choices=["random", "first"],
                    help="captions trained on: drawn at random each epoch, or each image's "
                         "first one only (the shapes recipe's: its canonical form)")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"],
+                   help="auto: the fine-tuned stage in bf16 autocast, the decoder too on "
+                        "CUDA; bf16: the decoder's training steps on a CPU too (the shapes "
+                        "recipe's); fp32: no autocast")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

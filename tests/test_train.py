@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -312,3 +314,37 @@ def test_first_references_train_on_caption_zero_and_the_cli_sets_them(tiny_shape
     config = train_config_from_cli(["train", "--data", str(tiny_shapes), "--references",
                                     "random"], monkeypatch)
     assert config.references == "random"
+
+
+def test_bf16_precision_puts_the_decoders_training_steps_under_cpu_autocast(tiny_shapes,
+                                                                            tmp_path,
+                                                                            monkeypatch):
+    """precision="bf16": the training loss (decoder included) runs under the CPU's bf16
+    autocast; "auto" keeps it in fp32 there. The CLI sets it; the shapes recipe uses it;
+    an unknown value is one clear line."""
+    from caption_lib.train import recipe
+
+    seen = []
+    loss = Captioner.cached_loss
+
+    def spy(self, *args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return loss(self, *args, **kwargs)
+
+    monkeypatch.setattr(Captioner, "cached_loss", spy)
+    model_config, config = _configs(epochs=1)
+    for precision, autocast_on in (("bf16", True), ("auto", False)):
+        seen.clear()
+        config.precision = precision
+        result = train(tiny_shapes, tmp_path / precision, model_config, config, device="cpu",
+                       progress=False, log=lambda *_: None)
+        assert seen and set(seen) == {autocast_on}, precision
+        assert math.isfinite(result.history[-1]["train_loss"])
+    assert recipe("shapes")[1].precision == "bf16"
+    assert recipe("flickr8k")[1].precision == "auto"
+    with pytest.raises(CaptionLibError, match=r"^unknown precision 'fp16' \(use auto or bf16 "
+                                              r"or fp32\)$"):
+        TrainConfig(precision="fp16")
+    config = train_config_from_cli(["train", "--data", str(tiny_shapes), "--precision", "fp32"],
+                                   monkeypatch)
+    assert config.precision == "fp32"
