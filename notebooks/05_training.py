@@ -132,67 +132,100 @@ for name, value in {**dataclasses.asdict(model_config), **dataclasses.asdict(con
 # | optimiser: Adam, `lr` for the decoder, a smaller `encoder_lr` for the fine-tuned stage | the usual choice for this model; the pretrained-or-random stage below the decoder should move more slowly than the decoder on top of it. Raising the stage's rate alone, to 3 or 5 times the recipe's, learned no faster from the same seed (`benchmarks/results/recipe_encoder-lr3x.json`, `recipe_encoder-lr5x.json`); doubling the decoder's rate alone learned far slower (`recipe_decoder-lr2x__xeon-amx.json`) |
 # | `ema_decay = 0.99` offline (0, off, on Flickr8k): validation, `best.pt` and everything the later chapters load use an average of the weights | not in the paper: Polyak averaging, in a bias-corrected exponential form (`caption_lib.averaging`). After every step, each trained weight's average moves a hundredth of the way towards it, so the average holds about the last hundred steps; training itself goes on from the weights it trained. One run of the recipe with the deep output, evaluated after every epoch both with its own weights and with their average, showed why: its own validation F1 swung from one epoch to the next while the loss fell, and the average's rose after every epoch up to the ninth, above the run's own from the fifth epoch on and clearly above it after the eighth (`recipe_ema__xeon-amx.json`, decays `0.99`, `0.995` and `0.998`; `0.97` and `0.98`, in `recipe_ema-short__xeon-amx.json`, ended the eighth epoch close to `0.99`; the results page shows every column). The Flickr8k recipe leaves it off: it is not measured there |
 # | `deep_output = True`: the paper's output layer (Eq. 7, chapter 4) | from the same seed, eight epochs with the deep output ended at a validation F1 a little higher than with one linear layer on $h_t$, by less than the seed alone moves it (the cell below the table), and at a far higher grounding, ahead after every epoch and, from the second on, by more than the largest grounding spread between seeds (`recipe_deep-output__xeon-amx.json` against `recipe_alpha-c-0__xeon-amx.json`; the results page shows both curves). With $\hat z_t$ in the output, a colour or shape word can be read off the region in view instead of only through the LSTM's memory of the words before it. The curves cited in the rows below were measured before the recipe had it, with one output layer, except where a row says otherwise |
+# | `precision = "bf16"` offline (`"auto"` on Flickr8k): the decoder's training steps run in bf16 on the CPU too | the fine-tuned stage runs under bf16 autocast in both (on a GPU the decoder too); offline the decoder's forward and loss join it on the CPU, where a CPU with bf16 instructions multiplies matrices faster in bf16 than in fp32; validation and decoding stay in fp32. From the same seed on the AMD EPYC, its epochs after the first were about a tenth shorter than those of three fp32 seeds, its F1 within a hundredth of their range after every epoch, and its grounding within their range or a little below it, by less than two hundredths (`recipe_decoder-bf16__epyc.json` against the three curves of the `epochs` row; the cell below the table prints the differences). The run's grounding is the score to watch if you change this. The paper trained in fp32; bf16 keeps fp32's exponent range, so the loss needs no scaling |
 # | `grad_clip` | LSTMs occasionally produce very large gradients; clipping the global norm keeps one bad batch from undoing the run |
 # | $\lambda$ (`alpha_c`): 0 offline; 0.02, close to 1/49, on Flickr8k | the regulariser's minimum, for a caption of about ten words over 49 regions, is attention spread evenly (every region at about ten forty-ninths of a step), and a shapes caption names a few small objects: from the same seed, $\lambda = 0$ grounded better after every epoch than $\lambda = 0.005$ and $0.02$, and its F1 after the eighth was no lower (`recipe_alpha-c-0__xeon-amx.json`, `recipe_alpha-c-0.005__xeon-amx.json`, and `recipe_today__xeon-amx.json`, measured when the recipe had 0.02; the results page shows the curves), though by less than other seeds moved the grounding of the recipe before `references` (the cell below the table): these runs favour $\lambda = 0$ without settling it. So the offline book differs from the paper here. On Flickr8k the paper credits the regulariser with better captions (Sec. 4.2.1); the sum over regions with $\lambda = 1$ is many times the cross-entropy at 49 regions, so the Colab recipe weighs it 0.02, which is 1 on the *mean* over regions, sgrvinod's tutorial's choice |
 # | `dropout` below the paper's | a small model on a simple language needs less of it. With none at all, from the same seed, F1 rose faster in the middle epochs but ended the eighth close to the recipe's, with no better grounding (`recipe_dropout-0__xeon-amx.json`, run at 1 thread beside `decoder-lr2x`), so the recipe keeps its dropout |
 # | `schedule = "plateau"`, `early_stop` | both count epochs without *progress*: a better validation BLEU-4 (from real decoding, the quantity we care about) or a lower validation loss. On a small data set BLEU-4 stays 0 for the first epochs (no caption has a right 4-gram yet) while the loss falls, and BLEU-4 alone stopped such runs before they learned. The rates are lowered when progress stalls and the run stops when it stops; a short run that keeps improving keeps its rate. A cosine decay of the rates over the whole run (`schedule = "cosine"`), tried over ten epochs from the same seed, ended no higher than the plateau schedule's eight (`recipe_cosine__xeon-amx.json`, `recipe_today__xeon-amx.json`) |
 # | `best_by = "bleu4"` | `best.pt` is the epoch with the best validation BLEU-4, the score the book reports. `"loss"` (the lowest validation loss) is for validation sets too small for BLEU-4 to be steady; the Colab check's small stand-in for Flickr8k uses it |
 # | `bn_images` for the BatchNorm statistics | a few hundred images give every channel tens of thousands of positions, plenty for a mean and a variance, at a cost of seconds per epoch |
-# | `fine_tune = "auto"`: all of `layer4` | fine-tuning only its last block, or its last two, on cached outputs of the blocks before, costs less per epoch. From the same seed, the last-block run kept up per CPU second at first and then levelled off lower (`benchmarks/results/recipe_layer4.2-bn.json`); the two-block run was stopped after three epochs (`recipe_layer4.1-bn.json`). One block more instead, the last block of `layer3` trained as well (`fine_tune = "layer3.5"`, on cached outputs of `layer3[4]`, where the objects are still twice as many regions apart), costs more per epoch and, from the same seed, ended the eighth epoch lower in F1 than the recipe from any of three seeds, with a grounding within theirs (`recipe_layer3.5__xeon-amx.json` against `recipe_today__xeon-amx-ema.json`, `recipe_seed-1__xeon-amx.json` and `recipe_seed-2__xeon-amx.json`). The results page shows every curve and compares them at equal CPU time |
+# | `fine_tune = "auto"`: all of `layer4` | fine-tuning only its last block, or its last two, on cached outputs of the blocks before, costs less per epoch. From the same seed, the last-block run kept up per CPU second at first and then levelled off lower (`benchmarks/results/recipe_layer4.2-bn.json`); the two-block run was stopped after three epochs (`recipe_layer4.1-bn.json`). With today's first reference, from the same seed, the two-block run (`fine_tune = "layer4.1"`) took about two thirds of the recipe's seconds per epoch and stayed level with it at equal seconds, within the seed spread, but it ended its eighth epoch, in less time than the recipe's seven, below the F1 that every seed of the recipe reached after its seventh; the last-block run levelled off far lower (`recipe_first-ref-layer4.1__epyc.json`, `recipe_first-ref-layer4.2__epyc.json` against `recipe_first-ref__epyc.json`). One block more instead, the last block of `layer3` trained as well (`fine_tune = "layer3.5"`, on cached outputs of `layer3[4]`, where the objects are still twice as many regions apart), costs more per epoch and, from the same seed, ended the eighth epoch lower in F1 than the recipe from any of three seeds, with a grounding within theirs (`recipe_layer3.5__xeon-amx.json` against `recipe_today__xeon-amx-ema.json`, `recipe_seed-1__xeon-amx.json` and `recipe_seed-2__xeon-amx.json`). The results page shows every curve and compares them at equal CPU time |
 # | `encoder_epochs = 0`: the fine-tuned stage trains in every epoch | with `encoder_epochs = N` the stage is frozen after epoch N, its output is cached once, and the later epochs train the decoder alone, each in a fraction of a fine-tuning epoch's time. From the same seed with N = 4 those epochs added little F1 each, about what fine-tuning adds in the same seconds, and the curve flattened: after four epochs the features, not the decoder, limit the model (`recipe_enc4.json`); a fresh decoder trained alone on the features of the finished run levels off too (`recipe_decoder-on-today.json`; on today's run, `recipe_decoder-on-today__xeon-amx.json`, it passed the run's own validation F1 within three epochs and then fell back while its validation loss stayed low, and one of twice the recipe's sizes learned faster at first but peaked lower, `recipe_decoder512-on-today__xeon-amx.json`: a bigger decoder is not the lever), and two decoder-only epochs after the recipe's eight did not raise F1 beyond its epoch-to-epoch noise (`recipe_enc8.json`). The option (`caption-lib train --encoder-epochs N`) is for runs whose stage has already learned enough |
-# | `epochs = 8` | what the book's build can afford on a 2-core CPU. The recipe with the deep output and without the average, continued to sixteen epochs from the same seed, did not pass the eighth epoch's validation F1: the later epochs swing below it while the validation loss goes on falling, unsteadily, and the grounding stays about where it is (`recipe_today__xeon-amx-deep-output.json`). The recipe with the average and a random reference per image, given sixteen epochs from the same seed: its validation F1 was highest after the eighth epoch and stayed near it for three more, fell back in the twelfth as the validation loss rose, and the trainer stopped early after the fourteenth (`recipe_today__xeon-amx-ema.json`). The recipe before the deep output went on improving, but unsteadily: its validation F1 climbed above its eighth epoch's, swung by several points from one epoch to the next, and its last epoch ended below its best one (`recipe_alpha-c-0__xeon-amx.json` to sixteen epochs; `recipe_today__xeon-amx.json`, with $\lambda = 0.02$, to twenty; the results page shows the curves). Starting with two epochs on the single-object scenes alone (a curriculum; those epochs are shorter) learned no faster per second (`recipe_curriculum2__xeon-amx.json`). With the first reference only, the recipe's validation F1 rose after every one of its eight epochs, by little in the last (`recipe_first-ref__epyc.json`) |
+# | `epochs = 7` | what the book's build can afford on a 2-core CPU, and what today's recipe needs there: trained for eight epochs from three training seeds, its validation F1 after the eighth epoch was level with the seventh's or a little above it, in every seed by less than the seeds lay apart after the seventh; its grounding moved by less than the seeds' grounding spread after the seventh in two seeds, by a little more in the third (`recipe_first-ref__epyc.json`, `recipe_seed-1__epyc.json`, `recipe_seed-2__epyc.json`, all on the AMD EPYC; the cell below the table prints both). An eighth epoch costs as much as any other, for a gain the seed alone can undo. The longer curves were measured on earlier recipes, each with a reference drawn at random: the recipe with the deep output and without the average, continued to sixteen epochs from the same seed, did not pass the eighth epoch's validation F1: the later epochs swing below it while the validation loss goes on falling, unsteadily, and the grounding stays about where it is (`recipe_today__xeon-amx-deep-output.json`). The recipe with the average and a random reference per image, given sixteen epochs from the same seed: its validation F1 was highest after the eighth epoch and stayed near it for three more, fell back in the twelfth as the validation loss rose, and the trainer stopped early after the fourteenth (`recipe_today__xeon-amx-ema.json`). The recipe before the deep output went on improving, but unsteadily: its validation F1 climbed above its eighth epoch's, swung by several points from one epoch to the next, and its last epoch ended below its best one (`recipe_alpha-c-0__xeon-amx.json` to sixteen epochs; `recipe_today__xeon-amx.json`, with $\lambda = 0.02$, to twenty; the results page shows the curves). Starting with two epochs on the single-object scenes alone (a curriculum; those epochs are shorter) learned no faster per second (`recipe_curriculum2__xeon-amx.json`). |
 # | `batch_size` images per step, `captions_per_image = 1` | an epoch sees every image once with one caption (which one: the next row). The encoder stage runs once per image however many of its references a batch uses, so more references cost decoder time only. From the same seed, two or all references per image learned more per epoch, but not clearly more per CPU second (`recipe_today.json`, `recipe_caps2.json`, `recipe_caps-all.json`). Half the batch, 16 images, with the averaged weights: every epoch took longer (smaller products use the cores less well), its validation F1 after six epochs matched the recipe's after eight in about the same time, and it fell back in the next two (`recipe_batch-16__xeon-amx.json`; the recipe's averaged curve is the `0.99` column of `recipe_ema__xeon-amx.json`). The scenes are drawn as the data set holds them, about a third each of one, two and three objects. Drawing each epoch's images in proportion to their number of objects instead (half of them three-object scenes, where chapter 6 finds the failures) taught a fresh decoder on the default run's frozen encoder no more: from the same seed its F1 and grounding stayed within the seed spread below of the usual draw's after every epoch (`recipe_mix-on-today__epyc.json` against `recipe_decoder-on-today__epyc.json`, both run on an AMD EPYC CPU, the `__xeon-amx` curves on an Intel Xeon) |
-# | `references = "first"` offline (`"random"` on Flickr8k): every epoch, each image trains on its first reference, the canonical caption of chapter 1 | not in the paper, which trains on every reference. A shapes image's five references say one scene in several forms (a chain with sizes and relations, a list, no sizes, right to left), and greedy decoding must commit to one form at the first word; trained on a reference drawn at random, the model learns all the forms and spreads its probability over them. On the canonical form alone, a fresh decoder on the frozen encoder of a default run of the previous recipe, from the same seed, reached a higher F1 and grounded better after every epoch than with the random draw (`recipe_first-ref-on-today__epyc.json` against `recipe_decoder-on-today__epyc.json`), The whole recipe with it, from the same seed, was ahead of all three seeds of the previous recipe in F1 after every epoch and in grounding from the second on: by more than the seeds' largest spread in both from the second epoch to the seventh, and after the eighth in grounding only, where the previous recipe's F1 has come within the spread of it (`recipe_first-ref__epyc.json`, run on the AMD EPYC, the seeds on the Intel Xeon; the cell below the table prints the lead after every epoch). The other references stay in the data set: validation and test score BLEU against all five. Flickr8k's first caption is one annotator's among five, no more canonical than the others, so that recipe draws at random |
+# | `references = "first"` offline (`"random"` on Flickr8k): every epoch, each image trains on its first reference, the canonical caption of chapter 1 | not in the paper, which trains on every reference. A shapes image's five references say one scene in several forms (a chain with sizes and relations, a list, no sizes, right to left), and greedy decoding must commit to one form at the first word; trained on a reference drawn at random, the model learns all the forms and spreads its probability over them. On the canonical form alone, a fresh decoder on the frozen encoder of a default run of the previous recipe, from the same seed, reached a higher F1 and grounded better after every epoch than with the random draw (`recipe_first-ref-on-today__epyc.json` against `recipe_decoder-on-today__epyc.json`). The whole recipe with it, from the same seed, was ahead of all three seeds of the previous recipe in F1 after every epoch and in grounding from the second on: by more than the seeds' largest spread in both from the second epoch to the seventh, and after the eighth in grounding only, where the previous recipe's F1 has come within the spread of it (`recipe_first-ref__epyc.json`, run on the AMD EPYC, the seeds on the Intel Xeon; the cell below the table prints the lead after every epoch). The other references stay in the data set: validation and test score BLEU against all five. Flickr8k's first caption is one annotator's among five, no more canonical than the others, so that recipe draws at random |
 #
 # Each curve cited in the table is one run from one seed, and the seed alone moves a curve.
-# The recipe as it was before `references = "first"` was also trained from other training
-# seeds (another decoder initialisation, data order and dropout; the same random encoder),
-# and every row above except the last compares with that recipe. The cell below prints
-# how far apart the seeds' curves lay after the same epoch (the highest minus the lowest):
-# a difference between two settings smaller than that is not evidence for either.
+# Today's recipe and the recipe as it was before `references = "first"` were each trained
+# from two more training seeds (another decoder initialisation, data order and dropout;
+# the same random encoder); the rows above compare with the recipe before, except the
+# `epochs` and `references` rows. The cell below prints how far apart the seeds' curves
+# lay after the same epoch (the highest minus the lowest): a difference between two
+# settings smaller than that is not evidence for either.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-seed_files = [BENCHMARKS / name for name in ("recipe_today__xeon-amx-ema.json",
-                                              "recipe_seed-1__xeon-amx.json",
-                                              "recipe_seed-2__xeon-amx.json")]
-seed_records = [json.loads(f.read_text()) for f in seed_files if f.is_file()]
-if len(seed_records) > 1:
-    seeds = [r["settings"]["train"]["seed"] for r in seed_records]
-    rows = list(zip(*(r["epochs"] for r in seed_records)))  # the epochs every seed has
-    f1_rows = [[e["val_semantic_f1_all"] for e in row] for row in rows]
-    ground_rows = [[e["val_grounding_mass"] for e in row] for row in rows]
-    f1_spread = max(max(v) - min(v) for v in f1_rows)
-    ground_spread = max(max(v) - min(v) for v in ground_rows)
-    # pairs of seeds whose grounding kept the same order after every epoch
-    steady = [f"{seeds[i]} over {seeds[j]}" for i in range(len(seeds)) for j in range(len(seeds))
-              if i != j and all(v[i] > v[j] for v in ground_rows)]
-    print(f"seeds {seeds}, epochs 1-{len(rows)}: F1 spread up to {f1_spread:.3f}, grounding "
-          f"(mass) up to {ground_spread:.3f}; after epoch {len(rows)} F1 "
-          f"{min(f1_rows[-1]):.3f}-{max(f1_rows[-1]):.3f}, grounding "
-          f"{min(ground_rows[-1]):.3f}-{max(ground_rows[-1]):.3f}")
-    print("grounding higher after every epoch, seed over seed: " + (", ".join(steady) or "none"))
-    first = BENCHMARKS / "recipe_first-ref__epyc.json"  # the recipe with references="first"
-    if first.is_file():
-        curve = json.loads(first.read_text())["epochs"][:len(rows)]
-        f1_lead = [e["val_semantic_f1_all"] - max(v) for e, v in zip(curve, f1_rows)]
-        ground_lead = [e["val_grounding_mass"] - max(v) for e, v in zip(curve, ground_rows)]
-        print(f"references='first' ({first.name}) minus the best seed, epochs 1-{len(curve)}: "
-              f"F1 {', '.join(f'{d:+.3f}' for d in f1_lead)}; "
-              f"grounding {', '.join(f'{d:+.3f}' for d in ground_lead)}")
-        beyond = [i + 1 for i, (a, b) in enumerate(zip(f1_lead, ground_lead))
-                  if a > f1_spread and b > ground_spread]
-        print("epochs where it leads by more than the seeds' largest spread in both: "
-              f"{beyond or 'none'}")
+def seed_curves(names: list[str]) -> tuple[list[int], list[list[float]], list[list[float]]]:
+    """The training seeds of the curves `names` (in benchmarks/results/) and their
+    validation F1 and grounding (mass): one row per epoch that every seed has."""
+    records = [json.loads((BENCHMARKS / n).read_text()) for n in names
+               if (BENCHMARKS / n).is_file()]
+    rows = list(zip(*(r["epochs"] for r in records)))
+    return ([r["settings"]["train"]["seed"] for r in records],
+            [[e["val_semantic_f1_all"] for e in row] for row in rows],
+            [[e["val_grounding_mass"] for e in row] for row in rows])
+
+
+def spreads(rows: list[list[float]]) -> list[float]:
+    """Per epoch: the highest minus the lowest seed."""
+    return [max(v) - min(v) for v in rows]
+
+
+def seed_line(label: str, seeds: list[int], f1: list, ground: list) -> str:
+    return (f"{label}: seeds {seeds}, epochs 1-{len(f1)}: F1 spread up to "
+            f"{max(spreads(f1)):.3f}, grounding (mass) up to {max(spreads(ground)):.3f}; after "
+            f"epoch {len(f1)} F1 {min(f1[-1]):.3f}-{max(f1[-1]):.3f}, grounding "
+            f"{min(ground[-1]):.3f}-{max(ground[-1]):.3f}")
+
+
+today = seed_curves(["recipe_first-ref__epyc.json", "recipe_seed-1__epyc.json",
+                     "recipe_seed-2__epyc.json"])  # references="first", fp32 decoder, 8 epochs
+before = seed_curves(["recipe_today__xeon-amx-ema.json", "recipe_seed-1__xeon-amx.json",
+                      "recipe_seed-2__xeon-amx.json"])  # before references="first"
+if len(today[0]) > 1 and len(before[0]) > 1:
+    print(seed_line("references='first', decoder in fp32 (AMD EPYC)", *today))
+    print(seed_line("the recipe before references='first' (Intel Xeon)", *before))
+    seeds, f1, ground = today
+    e = recipe("shapes")[1].epochs  # the epochs the recipe trains
+    print(f"those seeds after epoch {e}, the recipe's last: F1 {min(f1[e - 1]):.3f}-{max(f1[e - 1]):.3f}"
+          f" (spread {spreads(f1)[e - 1]:.3f}), grounding {min(ground[e - 1]):.3f}-"
+          f"{max(ground[e - 1]):.3f} (spread {spreads(ground)[e - 1]:.3f}); epoch {e + 1} minus epoch {e}, per seed: F1 "
+          + ", ".join(f"{b - a:+.3f}" for a, b in zip(f1[e - 1], f1[e])) + "; grounding "
+          + ", ".join(f"{b - a:+.3f}" for a, b in zip(ground[e - 1], ground[e])))
+    bf16 = json.loads((BENCHMARKS / "recipe_decoder-bf16__epyc.json").read_text())["epochs"]
+    outside = {name: [v - max(row) if v > max(row) else v - min(row) if v < min(row) else 0.0
+                      for v, row in zip((ep[key] for ep in bf16), rows)]
+               for name, key, rows in (("F1", "val_semantic_f1_all", f1),
+                                       ("grounding", "val_grounding_mass", ground))}
+    print("today's recipe (decoder in bf16, seed 0) outside those seeds' range after each "
+          "epoch (0: inside): " + "; ".join(f"{n} " + ", ".join(f"{d:+.3f}" for d in v)
+                                            for n, v in outside.items()))
+    seconds = [[ep["seconds"] for ep in json.loads((BENCHMARKS / n).read_text())["epochs"][1:]]
+               for n in ("recipe_decoder-bf16__epyc.json", "recipe_first-ref__epyc.json",
+                         "recipe_seed-1__epyc.json", "recipe_seed-2__epyc.json")]
+    print(f"seconds per epoch after the first: bf16 decoder {sum(seconds[0]) / len(seconds[0]):.1f}"
+          f", fp32 seeds {sum(map(sum, seconds[1:])) / sum(map(len, seconds[1:])):.1f}")
+    _, f1_before, ground_before = before  # the first reference's lead, seed 0 of each
+    f1_lead = [v[0] - max(w) for v, w in zip(f1, f1_before)]
+    ground_lead = [v[0] - max(w) for v, w in zip(ground, ground_before)]
+    print(f"references='first', seed 0, minus the best seed of the recipe before it, epochs "
+          f"1-{len(f1_lead)}: F1 {', '.join(f'{d:+.3f}' for d in f1_lead)}; "
+          f"grounding {', '.join(f'{d:+.3f}' for d in ground_lead)}")
+    beyond = [i + 1 for i, (a, b) in enumerate(zip(f1_lead, ground_lead))
+              if a > max(spreads(f1_before)) and b > max(spreads(ground_before))]
+    print("epochs where it leads by more than those seeds' largest spread in both: "
+          f"{beyond or 'none'}")
 else:
     print("the seed curves are not here (on Colab): they live in the repository's benchmarks/results/")
 
 # %% [markdown]
 # So F1 differences of a few hundredths and grounding differences of several hundredths,
 # even when they hold after every epoch, can be the seed's doing; the rows above that rest
-# on such differences say so. The first reference's lead (the last line) is of another
-# size: larger than the seeds' spread in both scores for most of the run, and in
-# grounding to the end.
+# on such differences say so. The first-reference recipe varies with the seed as much
+# early in the run and less at its end: after the seventh epoch its three seeds lay within two
+# hundredths of one another in F1 and about one in grounding. The first reference's lead
+# (the last two lines) is of another size: larger than the previous recipe's seed spread
+# in both scores for most of the run, and in grounding to the end.
 #
 # ## The training loop
 #
@@ -218,8 +251,9 @@ display(Code(inspect.getsource(train_one_epoch), language="python"))
 # - `scaler` matters only for fp16 on older GPUs (it scales the loss so small gradients
 #   survive fp16); here it does nothing. `params` are the weights the optimiser updates:
 #   the decoder and the fine-tuned encoder stage.
-# - `autocast(..., cpu=False)` runs the decoder in bf16 on a GPU; on the CPU it does
-#   nothing (the encoder stage has its own bf16 autocast inside `cached_loss`).
+# - `autocast(...)` runs the decoder in bf16 on a GPU; on the CPU only with
+#   `precision = "bf16"` (the offline recipe's; see the table above), otherwise it does
+#   nothing there (the encoder stage has its own bf16 autocast inside `cached_loss`).
 # - A loss that is not finite stops the run with one clear line instead of training on.
 # - `zero_grad`, `backward()`: the gradient of the loss with respect to every weight.
 # - `clip_grad_norm_` rescales the gradient when its norm exceeds `grad_clip`:
