@@ -50,13 +50,12 @@ def test_run_folders_of_todays_recipes_keep_their_names(tmp_path, monkeypatch):
     flickr8k and coco renamed on purpose when their `alpha_c` went from 1.0 to 0.02, issue 18;
     shapes when its `alpha_c` went from 0.02 to 0, and all three when they took the paper's
     deep output layer, issue 19; shapes again when it took averaged weights, `ema_decay`,
-    and when it took its first reference only, `references`, seven epochs instead of
-    eight and its decoder's training steps in bf16, `precision`, issue 19; a config
-    without them keeps its folder)."""
+    and when it took its first reference only, `references`, and its decoder's training
+    steps in bf16, `precision`, issue 19; a config without them keeps its folder)."""
     monkeypatch.setenv("CAPTION_LIB_HOME", str(tmp_path))
     names = {name: run_dir_for("/data/shapes", *recipe(name)).name
              for name in ("shapes", "flickr8k", "coco")}
-    assert names == {"shapes": "shapes-b6a36b9a6c", "flickr8k": "shapes-e0bc755ee5",
+    assert names == {"shapes": "shapes-a769b6890f", "flickr8k": "shapes-e0bc755ee5",
                      "coco": "shapes-17cd6f5ea7"}
     model_config, config = recipe("shapes")
     config.epochs = 2
@@ -66,8 +65,6 @@ def test_run_folders_of_todays_recipes_keep_their_names(tmp_path, monkeypatch):
     assert run_dir_for("/data/shapes", model_config, config).name == "shapes-d9fd6a9142"
     model_config, config = recipe("shapes")
     config.precision = "auto"  # the recipe before the decoder's bf16 steps: its old folder
-    assert run_dir_for("/data/shapes", model_config, config).name == "shapes-238c0d11b0"
-    config.epochs = 8  # and before seven epochs
     assert run_dir_for("/data/shapes", model_config, config).name == "shapes-906a6e5415"
     config.references = "random"  # the recipe before the first reference: its old folder
     assert run_dir_for("/data/shapes", model_config, config).name == "shapes-ac79c5d5f8"
