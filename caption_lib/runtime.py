@@ -73,9 +73,10 @@ def set_rng_state(state: dict | torch.Tensor) -> None:
 def autocast(device: torch.device, precision: str = "auto", cpu: bool = True):
     """The mixed-precision context the library uses on `device`.
 
-    precision "auto": bf16 autocast (on a CUDA GPU without bf16: fp16, which needs a
-    `GradScaler` when training); "fp32": no autocast. `cpu=False`: no autocast on the CPU
-    either (the trainer keeps the decoder in fp32 there; see `TrainConfig.precision`).
+    precision "auto" or "bf16": bf16 autocast (on a CUDA GPU without bf16: fp16, which
+    needs a `GradScaler` when training); "fp32": no autocast. `cpu=False`: no autocast on
+    the CPU either (the trainer passes it for its decoder steps unless precision is
+    "bf16"; see `TrainConfig.precision`).
     """
     if precision == "fp32" or device.type not in ("cpu", "cuda") or (
             device.type == "cpu" and not cpu):

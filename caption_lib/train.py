@@ -99,7 +99,7 @@ class TrainConfig:
     and the decoder in fp32 on a CPU; on CUDA both under autocast (bf16, or fp16 with a
     gradient scaler on GPUs without bf16). "bf16": as "auto", and on a CPU the decoder's
     training steps (forward and loss) under bf16 autocast too; validation and decoding
-    stay fp32 (the shapes recipe's: an epoch about an eighth shorter on a CPU with
+    stay fp32 (the shapes recipe's: an epoch about a tenth shorter on a CPU with
     avx512_bf16, benchmarks/results/recipe_decoder-bf16__epyc.json). "fp32": no autocast
     anywhere. Checked when
     built (`check`, also run by `train`); `from_dict` refuses unknown keys as

@@ -155,13 +155,20 @@ for name, value in {**dataclasses.asdict(model_config), **dataclasses.asdict(con
 
 # %%
 # NBVAL_IGNORE_OUTPUT
+TODAY = ["recipe_first-ref__epyc.json", "recipe_seed-1__epyc.json",
+         "recipe_seed-2__epyc.json"]  # references="first", decoder in fp32, 8 epochs
+BEFORE = ["recipe_today__xeon-amx-ema.json", "recipe_seed-1__xeon-amx.json",
+          "recipe_seed-2__xeon-amx.json"]  # the recipe before references="first"
+BF16 = "recipe_decoder-bf16__epyc.json"  # today's recipe: the decoder's steps in bf16
+records = {n: json.loads((BENCHMARKS / n).read_text()) for n in TODAY + BEFORE + [BF16]
+           if (BENCHMARKS / n).is_file()}  # each curve read once
+
+
 def seed_curves(names: list[str]) -> tuple[list[int], list[list[float]], list[list[float]]]:
-    """The training seeds of the curves `names` (in benchmarks/results/) and their
-    validation F1 and grounding (mass): one row per epoch that every seed has."""
-    records = [json.loads((BENCHMARKS / n).read_text()) for n in names
-               if (BENCHMARKS / n).is_file()]
-    rows = list(zip(*(r["epochs"] for r in records)))
-    return ([r["settings"]["train"]["seed"] for r in records],
+    """The training seeds of the curves `names` (from `records`) and their validation F1
+    and grounding (mass): one row per epoch that every seed has."""
+    rows = list(zip(*(records[n]["epochs"] for n in names)))
+    return ([records[n]["settings"]["train"]["seed"] for n in names],
             [[e["val_semantic_f1_all"] for e in row] for row in rows],
             [[e["val_grounding_mass"] for e in row] for row in rows])
 
@@ -178,21 +185,19 @@ def seed_line(label: str, seeds: list[int], f1: list, ground: list) -> str:
             f"{min(ground[-1]):.3f}-{max(ground[-1]):.3f}")
 
 
-today = seed_curves(["recipe_first-ref__epyc.json", "recipe_seed-1__epyc.json",
-                     "recipe_seed-2__epyc.json"])  # references="first", fp32 decoder, 8 epochs
-before = seed_curves(["recipe_today__xeon-amx-ema.json", "recipe_seed-1__xeon-amx.json",
-                      "recipe_seed-2__xeon-amx.json"])  # before references="first"
-if len(today[0]) > 1 and len(before[0]) > 1:
+if len(records) == len(TODAY + BEFORE + [BF16]):
+    today, before = seed_curves(TODAY), seed_curves(BEFORE)
     print(seed_line("references='first', decoder in fp32 (AMD EPYC)", *today))
     print(seed_line("the recipe before references='first' (Intel Xeon)", *before))
     seeds, f1, ground = today
     e = len(f1) - 1  # the last epoch but one
     print(f"those seeds after epoch {e}: F1 {min(f1[e - 1]):.3f}-{max(f1[e - 1]):.3f}"
           f" (spread {spreads(f1)[e - 1]:.3f}), grounding {min(ground[e - 1]):.3f}-"
-          f"{max(ground[e - 1]):.3f} (spread {spreads(ground)[e - 1]:.3f}); epoch {e + 1} minus epoch {e}, per seed: F1 "
+          f"{max(ground[e - 1]):.3f} (spread {spreads(ground)[e - 1]:.3f}); "
+          f"epoch {e + 1} minus epoch {e}, per seed: F1 "
           + ", ".join(f"{b - a:+.3f}" for a, b in zip(f1[e - 1], f1[e])) + "; grounding "
           + ", ".join(f"{b - a:+.3f}" for a, b in zip(ground[e - 1], ground[e])))
-    bf16 = json.loads((BENCHMARKS / "recipe_decoder-bf16__epyc.json").read_text())["epochs"]
+    bf16 = records[BF16]["epochs"]
     outside = {name: [v - max(row) if v > max(row) else v - min(row) if v < min(row) else 0.0
                       for v, row in zip((ep[key] for ep in bf16), rows)]
                for name, key, rows in (("F1", "val_semantic_f1_all", f1),
@@ -200,9 +205,7 @@ if len(today[0]) > 1 and len(before[0]) > 1:
     print("today's recipe (decoder in bf16, seed 0) outside those seeds' range after each "
           "epoch (0: inside): " + "; ".join(f"{n} " + ", ".join(f"{d:+.3f}" for d in v)
                                             for n, v in outside.items()))
-    seconds = [[ep["seconds"] for ep in json.loads((BENCHMARKS / n).read_text())["epochs"][1:]]
-               for n in ("recipe_decoder-bf16__epyc.json", "recipe_first-ref__epyc.json",
-                         "recipe_seed-1__epyc.json", "recipe_seed-2__epyc.json")]
+    seconds = [[ep["seconds"] for ep in records[n]["epochs"][1:]] for n in [BF16] + TODAY]
     print(f"seconds per epoch after the first: bf16 decoder {sum(seconds[0]) / len(seconds[0]):.1f}"
           f", fp32 seeds {sum(map(sum, seconds[1:])) / sum(map(len, seconds[1:])):.1f}")
     _, f1_before, ground_before = before  # the first reference's lead, seed 0 of each

@@ -498,10 +498,10 @@ for name, model in (("soft", soft_model), ("hard", hard_model)):
 # is wrong for this image (a repeated object, a missed one, a colour on the wrong
 # shape; the lines under each caption name its wrong and its missing pairs): trained for
 # two epochs on the same features, neither decoder is finished, and the figure shows the
-# first test scene of several objects as it comes, success or failure, not a chosen one. The attention mass says how much of
-# each map sits on the objects the words name. It does not say the words are right: a
-# caption that names one object three times can look at that object three times and
-# score a high mass. Where the hard model's number is the lower one, its maps spread
+# first test scene of several objects as it comes, success or failure, not a chosen one.
+# The attention mass says how much of each map sits on the objects the words name. It
+# does not say the words are right: a caption that names one object three times can look
+# at that object three times and score a high mass. Where the hard model's number is the lower one, its maps spread
 # over the background instead of following the objects: the REINFORCE gradient has not
 # yet taught it where to look as exactly as back-propagation taught the soft model. The grounding rows of the table are the same measure over the whole test set:
 # the share of attention on the object a shape word names (mass), and how often the most

@@ -262,8 +262,8 @@ PROGRESS_BAR = re.compile(r"\d{1,3}%\|[^|\n]{0,80}\|\s*\d+/\d+\s*\[")
 def progress_problems(cell_text: str) -> list[str]:
     """One message for the first progress bar left in the cells' output (the published page should
     show results, not the bars that led to them: pass `progress=False` in the chapter)."""
-    return [f"progress bar in a cell's output: {m.group(0)!r}"
-            for m in PROGRESS_BAR.finditer(cell_text)][:1]
+    bar = PROGRESS_BAR.search(cell_text)
+    return [f"progress bar in a cell's output: {bar.group(0)!r}"] if bar else []
 
 
 # textContent runs adjacent blocks together ("...C)Summary"), so the text of each block
