@@ -130,6 +130,36 @@ def test_step_input_without_gradient_and_under_autocast():
     torch.testing.assert_close(mine, plain, atol=0.1, rtol=0.05)
 
 
+def test_step_input_under_autocast_casts_once_to_the_same_values_and_gradients():
+    """Under autocast the mixes read one low-precision copy of x, made when the StepInput
+    is: the contexts and the scores' gradients are bit for bit those of autocast casting
+    each step's prefix (the plain loop), and x's gradient stays in x's dtype."""
+    x, scores = _region_inputs(torch.float32)
+    results = []
+    for shared in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if shared:
+                reads = StepInput(x)
+                assert reads.low.dtype == torch.bfloat16 and not reads.low.requires_grad
+                assert torch.equal(reads.low, x.detach().to(torch.bfloat16))
+            contexts = [(StepInput(x).mix if shared else
+                         lambda a: torch.bmm(a.unsqueeze(1), x[:a.size(0)]).squeeze(1))(
+                             torch.softmax(s, dim=1)) for s in scores]  # (b, E) each
+        loss = sum((c.float() ** 2).sum() for c in contexts)
+        results.append([torch.cat([c.flatten() for c in contexts]),
+                        *torch.autograd.grad(loss, [x, *scores])])
+    (plain_values, plain_dx, *plain_ds), (values, dx, *ds) = results
+    assert values.dtype == torch.bfloat16 and torch.equal(values, plain_values)
+    for once, plain in zip(ds, plain_ds):  # the attention scores' gradients
+        assert torch.equal(once, plain)
+    # x's gradient: one fp32 product over the steps (not autocast's per-step bf16 ones)
+    assert dx.dtype == torch.float32
+    torch.testing.assert_close(dx, plain_dx, atol=0.02, rtol=0.02)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert StepInput(x).low is None  # no gradient: plain slices, no copy
+    assert StepInput(x).low is None  # no autocast: nothing to cast
+
+
 def test_repeated_rows_read_like_the_repeated_tensor():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, 5, 7, generator=gen)  # (B, P, E): 3 images
