@@ -38,7 +38,10 @@ How close to the machine's peak: the FLOPs of the batched search's matrix produc
 counted (`_gemm.count_gflop`) and a 2048 x 2048 fp32 matrix product is timed in the same
 interleaved loop, in fp32 and in bf16; `ratio_of_gemm_peak` is each search's GFLOP/s over
 the GEMM's in the precision it runs (the issue's goal: >= 10x the tutorial and >= 100
-images/s).
+images/s). A search step's products have only its B*k beam rows (96 here):
+`step_product_gflops_median` times one such product alone, a (96, 2048) input times a
+2048 x 2048 fp32 weight, and `images_per_s_at_step_product_rate` is the ceiling that rate
+puts on the batched search (all its FLOPs at that rate, nothing else).
 
 Noise: with 2 threads on a 2-core machine that other processes share, every parallel
 op waits for a descheduled thread and the timings swing 10x between repetitions (small
@@ -153,7 +156,9 @@ def main() -> None:
              "batched_no_greedy": run_batched_no_greedy, "batched_bf16": run_batched_bf16}
     times: dict[str, list[float]] = {name: [] for name in impls}
     gflop = {name: count_gflop(fn) for name, fn in impls.items()}
-    gemms = {dtype: (Gemm(2048, dtype), []) for dtype in (torch.float32, torch.bfloat16)}
+    gemms = {torch.float32: (Gemm(2048, torch.float32), []),
+             torch.bfloat16: (Gemm(2048, torch.bfloat16), []),
+             "fp32_rows": (Gemm(2048, torch.float32, rows=B * k), [])}  # one step's rows
     outputs = {}
     for rep in range(args.warmup + args.reps):
         for name, fn in impls.items():
@@ -163,8 +168,8 @@ def main() -> None:
                 times[name].append(time.perf_counter() - start)
         for gemm, seconds in gemms.values():  # the peak, same load
             seconds.append(min(gemm.seconds() for _ in range(3)))
-    peak = {dtype: gemm.gflop / statistics.median(seconds)
-            for dtype, (gemm, seconds) in gemms.items()}  # GFLOP/s
+    peak = {name: gemm.gflop / statistics.median(seconds)
+            for name, (gemm, seconds) in gemms.items()}  # GFLOP/s
     same = outputs["tutorial"] == outputs["per_image"] == outputs["batched"]
     agree = sum(a == b for a, b in zip(outputs["batched"], outputs["batched_bf16"]))
     lengths = sorted({len(t) for t in outputs["batched"]})
@@ -199,6 +204,12 @@ def main() -> None:
             name: round(gflop[name] * ips[name] / B / peak[
                 torch.bfloat16 if name.endswith("bf16") else torch.float32], 2)
             for name in impls},
+        # a product of one search step's shape alone, (B*k, 2048) x (2048, 2048)^T in
+        # fp32, and the images/s the batched search would reach if all its products ran
+        # at that rate and nothing else took time
+        "step_product_gflops_median": round(peak["fp32_rows"], 1),
+        "step_product_ratio_of_gemm_peak": round(peak["fp32_rows"] / peak[torch.float32], 2),
+        "images_per_s_at_step_product_rate": round(B * peak["fp32_rows"] / gflop["batched"], 1),
         "issue_goal": {"ratio_batched_over_tutorial": 10.0, "images_per_s_batched": 100.0},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

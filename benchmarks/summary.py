@@ -7,7 +7,10 @@ there (a benchmark not run yet, or run before it recorded that figure) is said s
 guessed. "Tutorial-style" is the algorithm of sgrvinod's PyTorch captioning tutorial,
 written out in the benchmark (not its code).
 
-    python benchmarks/summary.py [--results benchmarks/results]
+    python benchmarks/summary.py [--results benchmarks/results] [--tag epyc]
+
+`--tag T` reads the files a benchmark wrote with `--out results/<name>__T.json` on
+another machine instead of the main ones.
 """
 
 from __future__ import annotations
@@ -35,6 +38,11 @@ ROWS = [
     ("beam.json", ("images_per_s", "batched"), "batched beam search", "img/s"),
     ("beam.json", ("ratio_of_gemm_peak", "batched"),
      "batched beam search: share of the fp32 GEMM peak", "%"),
+    ("beam.json", ("images_per_s_at_step_product_rate",),
+     "batched beam search's ceiling: all its FLOPs at the rate of one step's product alone",
+     "img/s"),
+    ("decoder.json", ("step_product_ratio_of_gemm_peak",),
+     "one product of a decoder step's shape alone: share of the fp32 GEMM peak", "%"),
     ("beam.json", ("ratio_batched_no_greedy_over_tutorial",),
      "batched beam search, keep_greedy=False (the tutorial's algorithm) vs tutorial-style", "x"),
     ("beam.json", ("images_per_s", "batched_no_greedy"),
@@ -59,9 +67,11 @@ def lookup(record: dict, keys: tuple[str, ...]):
     return record
 
 
-def lines(results: Path = RESULTS) -> list[str]:
+def lines(results: Path = RESULTS, tag: str = "") -> list[str]:
     out = []
     for name, keys, what, unit in ROWS:
+        if tag:
+            name = f"{name.removesuffix('.json')}__{tag}.json"
         path = results / name
         if not path.is_file():
             out.append(f"{what}: {name} not found (run its benchmark)")
@@ -83,9 +93,10 @@ def lines(results: Path = RESULTS) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--tag", default="", help="read <name>__TAG.json (another machine's)")
     args = parser.parse_args(argv)
-    print("== the issue's ratios (benchmarks/results/)")
-    for line in lines(args.results):
+    print(f"== the issue's ratios ({args.results}{', files __' + args.tag if args.tag else ''})")
+    for line in lines(args.results, args.tag):
         print(line)
     return 0
 
