@@ -144,7 +144,19 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     # since, so this is today's recipe, and the fp32 curves above (seed-1, seed-2 and
     # first-ref, __epyc) are the control. The curve was recorded by replacing the
     # trainer's autocast in this process, before the library had the option (its note).
-    "decoder-bf16": ({}, {"precision": "bf16"}),
+    "decoder-bf16": ({}, {"precision": "bf16", "encoder_epochs": 0}),
+    # the recipe with bf16 decoder steps and the fine-tuned stage frozen after epoch 5 or
+    # 6 (`encoder_epochs`): its output is cached once and the later epochs train the
+    # decoder alone, at about a quarter of a fine-tuning epoch's seconds. "enc4" and "enc8"
+    # measured this on the recipe with a random reference per image. The recipe took
+    # encoder_epochs 6 after these (and bf16-enc6-seed-1, bf16-seed-1).
+    "bf16-enc5": ({}, {"encoder_epochs": 5}),
+    "bf16-enc6": ({}, {"encoder_epochs": 6}),
+    # decoder-bf16 from another training seed (layer4 in all eight epochs): with it, the
+    # bf16 steps' seed spread beside the fp32 seeds' (seed-1, seed-2 __epyc), and the
+    # control of bf16-enc6-seed-1
+    "bf16-seed-1": ({}, {"precision": "bf16", "seed": 1, "encoder_epochs": 0}),
+    "bf16-enc6-seed-1": ({}, {"encoder_epochs": 6, "seed": 1}),  # bf16-enc6 from seed 1
 }
 # name -> a decoder trained alone on the frozen encoder of the book's default run (today's
 # recipe, finished by `make runs`; `train.same_features_runs`): how far that run's

@@ -186,6 +186,9 @@ NAMES = {  # a benchmark key -> what it compares
     "extract_speedup_folded_pieces_over_bf16": "feature extraction as the cache runs it (BatchNorm folded, a few images a pass) vs bf16 + channels_last on the whole batch",
     "epoch_speedup": "an epoch from the feature cache vs running the CNN at every step",
     "speedup_bf16_over_fp32": "fine-tuned training step, bf16 autocast vs fp32",
+    "speedup_auto_over_fp32": "recipe training step, precision 'auto' (the fine-tuned stage in bf16 autocast, the decoder in fp32) vs fp32",
+    "speedup_recipe_bf16_over_fp32": "recipe training step, precision 'bf16' (the recipe's: stage and decoder in bf16 autocast) vs fp32",
+    "speedup_recipe_bf16_over_auto": "recipe training step, precision 'bf16' vs 'auto' (what the decoder in bf16 adds)",
     "speedup_bf16_autocast_over_fp32_median": "decoder training step, bf16 autocast vs fp32 (median)",
     "speedup_bf16_autocast_vs_tutorial_median.variable": "decoder training step in bf16 autocast vs the tutorial's in fp32, lengths 10-20 (median)",
     "ratio_hard_over_soft": "hard-attention step time over soft (wall clock; above 1: hard is slower)",
@@ -417,6 +420,13 @@ def demands(beam_record: dict, decoder_record: dict) -> str:
     product = (f" One product of a training step's shape alone ran at "
                f"{100 * decoder_record['step_product_ratio_of_gemm_peak']:.0f} % of the square "
                "product's rate." if "step_product_ratio_of_gemm_peak" in decoder_record else "")
+    if "images_per_s_at_step_product_rate" in beam_record:
+        rows = batch * beam_record["sizes"]["beam_size"]
+        product += (f" One product of a search step's shape ({rows} beam rows) alone ran at "
+                    f"{100 * beam_record['step_product_ratio_of_gemm_peak']:.0f} % of it: if "
+                    f"every product of the search ran at that rate and nothing else took "
+                    f"time, the batched search would caption "
+                    f"{beam_record['images_per_s_at_step_product_rate']:g} images/s.")
     return (f"On {cpu.get('model', 'an unrecorded CPU')}: 10× the tutorial-style beam search "
             f"would need {needed_share(beam_record, beam_gflop, tutorial_s, 10)} of the fp32 "
             f"GEMM peak, 100 images/s {needed_share(beam_record, beam_gflop, batch / 100, 1)} "
@@ -450,6 +460,31 @@ if beam_record and decoder_record:
     for tag in tags:
         if tag in runs["beam.json"] and tag in runs["decoder.json"]:
             display(Markdown(demands(runs["beam.json"][tag], runs["decoder.json"][tag])))
+
+
+def stage_reading(record: dict) -> str:
+    """What `bench_train.py` says limits the default run: the fine-tuned stage's share of
+    the recipe's step and of the bf16 GEMM peak ("" for files written before it measured
+    the stage)."""
+    if "stage_share_of_bf16_gemm_peak" not in record:
+        return ""
+    step = record["ms_per_step_median"]["bf16"]
+    return (f"On {record['cpu']['model']}, the default run's training step (the recipe's "
+            f"precision, {record['batch_captions']} captions) took {step:g} ms; the fine-tuned "
+            f"stage's forward and backward alone took {record['stage_ms_median']:g} ms, "
+            f"{100 * record['stage_share_of_recipe_step']:.0f} % of it, for "
+            f"{record['stage_gflop']:g} GFLOP: "
+            f"{100 * record['stage_share_of_bf16_gemm_peak']:.0f} % of the bf16 GEMM peak "
+            f"measured beside it. A fine-tuning epoch of the default run is mostly that stage's work, "
+            f"done at about the rate the machine's matrix products allow; a shorter run has to "
+            f"do less of it (fewer epochs, fewer blocks fine-tuned, or epochs that train the "
+            f"decoder alone once the stage stops: `encoder_epochs`), which is what the recipe "
+            f"experiments below weigh against the F1 it costs.")
+
+
+for tag, record in machines("train.json").items():
+    if stage_reading(record):
+        display(Markdown(stage_reading(record)))
 
 # %% [markdown]
 # ## Recipe experiments: what the offline recipe's settings rest on
