@@ -156,7 +156,13 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     # bf16 steps' seed spread beside the fp32 seeds' (seed-1, seed-2 __epyc), and the
     # control of bf16-enc6-seed-1
     "bf16-seed-1": ({}, {"precision": "bf16", "seed": 1, "encoder_epochs": 0}),
+    # the recipe itself from seed 0, by the library's own bf16 path: the book's default run,
+    # scored after every epoch (decoder-bf16 was recorded by a replaced autocast)
+    "bf16-seed-0": ({}, {"precision": "bf16", "seed": 0, "encoder_epochs": 0}),
     "bf16-enc6-seed-1": ({}, {"encoder_epochs": 6, "seed": 1}),  # bf16-enc6 from seed 1
+    # frozen after epoch 7: only the eighth epoch trains the decoder alone
+    "bf16-enc7": ({}, {"encoder_epochs": 7}),
+    "bf16-enc7-seed-1": ({}, {"encoder_epochs": 7, "seed": 1}),
 }
 # name -> a decoder trained alone on the frozen encoder of the book's default run (today's
 # recipe, finished by `make runs`; `train.same_features_runs`): how far that run's
