@@ -157,7 +157,7 @@ class _Mix(torch.autograd.Function):
         device = x.device.type
         ctx.cast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         ctx.dtype, ctx.records = x.dtype, records  # x's gradient is recorded in x's dtype
-        x = x if low is None else low  # `_autocast_copy(x)`: the values autocast would make
+        x = x if low is None else low  # `StepInput.low`: the values autocast would make
         ctx.save_for_backward(alpha, x)
         return torch.bmm(alpha.unsqueeze(1), x[:alpha.size(0)]).squeeze(1)  # (b, E)
 
@@ -171,17 +171,14 @@ class _Mix(torch.autograd.Function):
         return dalpha.to(alpha.dtype), None, None, None
 
 
-def _autocast_copy(x: torch.Tensor) -> torch.Tensor | None:
-    """x (B, ...) in the dtype autocast runs products in, made once for all the steps:
-    autocast would cast each step's prefix again, forward and backward. The same values,
-    so the same results, bit for bit; a decoder training step under CPU bf16 autocast
-    (B 32, lengths 8-20, 512 dims, vocabulary 300, 2 threads) took 16-17 ms (7 %) less.
-    None outside autocast or when x is in that dtype already."""
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast runs products in on x's device, if that is not x's own (None
+    outside autocast)."""
     device = x.device.type
     if not torch.is_autocast_enabled(device) or not x.is_floating_point():
         return None
     dtype = torch.get_autocast_dtype(device)
-    return None if x.dtype == dtype else x.detach().to(dtype)
+    return None if x.dtype == dtype else dtype
 
 
 class StepInput:
@@ -197,7 +194,20 @@ class StepInput:
         self.tracked = torch.is_grad_enabled() and x.requires_grad
         self.records: dict = {}
         self.x = _Shared.apply(x, self.records) if self.tracked else x  # (B, ...)
-        self.low = _autocast_copy(x) if self.tracked else None  # (B, ...) or None
+        self._source, self._low = x, None  # `low`, made by the first mix that needs it
+        self._cast = _autocast_dtype(x) if self.tracked else None
+
+    @property
+    def low(self) -> torch.Tensor | None:
+        """x (B, ...) in the dtype autocast ran products in when this was made, for the
+        mixes (`_Mix`), made once: autocast would cast each step's prefix again, forward
+        and backward. The same values, so the same results, bit for bit; a decoder
+        training step under CPU bf16 autocast (B 32, lengths 8-20, 512 dims, vocabulary
+        300, 2 threads) took 16-17 ms (7 %) less. None without gradient, outside autocast
+        or when x is in that dtype already. Readers of prefixes alone never make it."""
+        if self._low is None and self._cast is not None:
+            self._low = self._source.detach().to(self._cast)
+        return self._low
 
     def _tracking(self) -> bool:
         return self.tracked and torch.is_grad_enabled()

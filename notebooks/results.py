@@ -482,9 +482,9 @@ def stage_reading(record: dict) -> str:
             f"experiments below weigh against the F1 it costs.")
 
 
-for tag, record in machines("train.json").items():
-    if stage_reading(record):
-        display(Markdown(stage_reading(record)))
+for record in machines("train.json").values():
+    if text := stage_reading(record):
+        display(Markdown(text))
 
 # %% [markdown]
 # ## Recipe experiments: what the offline recipe's settings rest on
