@@ -157,7 +157,8 @@ def _add_train(sub: Sub) -> None:
                    help="COCO Karpathy split: fold the restval images into train (default) or drop them")
     p.add_argument("--encoder-epochs", type=int, metavar="N",
                    help="a fine-tuned encoder stage trains for the first N epochs only, the "
-                        "decoder alone after them (0: every epoch)")
+                        "decoder alone after them (0: every epoch; default: the recipe's, 7 "
+                        "of 8 for shapes: with more --epochs, raise it too)")
     p.add_argument("--ema-decay", type=float, metavar="D",
                    help="validate and save an exponential moving average of the weights "
                         "with decay D per step (0: off; the shapes recipe's is 0.99)")

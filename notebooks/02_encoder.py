@@ -224,7 +224,7 @@ plt.show()
 # | weights | what trains | cached tensor per image | where |
 # |---|---|---|---|
 # | ImageNet (`IMAGENET1K_V2`) | nothing: frozen, as in the paper | `layer4` output, 2048×7×7 | Colab |
-# | random (seed 0) | `layer4` only | `layer3` output, 1024×14×14 | offline default |
+# | random (seed 0) | `layer4` only, then frozen for the last epoch (chapter 5's `encoder_epochs`) | `layer3` output, 1024×14×14 | offline default |
 # | random (seed 0) | nothing | `layer4` output, 2048×7×7 | comparison only |
 #
 # **BatchNorm when fine-tuning.** `layer4` has BatchNorm layers. Frozen at their

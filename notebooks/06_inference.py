@@ -315,8 +315,8 @@ for k in (K, 2 * K):
                            keep_greedy=False)
     gain = plain[k].scores - greedy_first.scores  # (100,) sum log p, beam minus greedy
     better, worse = int((gain > 1e-4).sum()), int((gain < -1e-4).sum())
-    print(f"k={k:2d}: more probable than greedy on {better:3d} images, less probable on "
-          f"{worse} (mean gain in log p {gain.mean():+.3f})")
+    print(f"k={k:2d}: more probable than greedy on {better:3d} of {len(gain)} images, less "
+          f"probable on {worse} (mean gain in log p {gain.mean():+.3f})")
     if worse:
         i = int(gain.argmin())
         print(f"      lost the greedy caption: {vocab.decode(greedy_first.tokens[i])!r} "
@@ -351,7 +351,9 @@ if beam_bench.is_file():
 
 # %% [markdown]
 # What the guard costs depends on how soon the greedy prefix leaves the beams: only then
-# does its row ride along. The second line is the results page's beam-search benchmark,
+# does its row ride along. On a trained model it rarely leaves them (the count above), so
+# the guard has little to do, and the first line's two timings differ by about what
+# timing on a shared machine varies from run to run, in either direction. The second line is the results page's beam-search benchmark,
 # run on an untrained decoder, whose word probabilities are nearly flat, so that other
 # beams can outrank the greedy prefix from the first steps on; read it as the cost when
 # the guard has much to do.
@@ -457,8 +459,8 @@ if f1[low] is not None:  # the reading of that line, for this build
                             "stayed within 0.01: " + (
                                 "the wider search changed no caption"
                                 if unchanged == len(evaluations[low].captions) else
-                                "the wider search changed the wording more than the objects "
-                                "named")))
+                                f"the {len(evaluations[low].captions) - unchanged} caption(s) "
+                                "the wider search changed moved it by less than that")))
 
 # %% [markdown]
 # Why captions can change length with $k$ (the first line above says whether they did in
@@ -693,7 +695,8 @@ if "google.colab" not in sys.modules:
     print(f"scene of the new image: {truth}")
     print(f"new image's caption: in the scene {right or 'none'}; not in it {wrong or 'none'}")
     print(f"grey copy's caption: colour words {named or 'none'}, shape words "
-          f"{shapes_named or 'none'}"
+          f"{shapes_named or 'none'} (the scene's shapes: "
+          f"{', '.join(sorted({o['shape'] for o in scene}))})"
           + ("; it ends on a size word, where a colour would come next"
              if grey_words and grey_words[-1] in caption_lib.shapes.SIZES else ""))
 
@@ -703,9 +706,10 @@ if "google.colab" not in sys.modules:
 # counts, such as the right colour on the wrong shape: the binding that three-object
 # scenes make hard (the failures above). The grey copy has no colour in it, and every
 # training caption names one right before each shape word. So the model either guesses a
-# colour, or, having never seen a caption go on without one, ends the sentence early
-# where the colour should come: a caption that stops after a size word names no object at
-# all. A model can only say what its training captions say.
+# colour, and then a shape to go with it that need not be in the scene (the last line
+# lists the scene's shapes), or, having never seen a caption go on without a colour, ends
+# the sentence early where the colour should come: a caption that stops after a size word
+# names no object at all. A model can only say what its training captions say.
 #
 # The same from the command line. `caption-lib caption` prints `IMAGE<TAB>caption` per
 # image; a file that is not a readable image (empty, truncated, another format, or a

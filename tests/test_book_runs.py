@@ -52,7 +52,7 @@ def test_the_tool_trains_the_run_folders_the_chapter_loads(tmp_path, monkeypatch
     assert len(chapter) == 2 and _folders(tool.book_runs().values()) == chapter
     # the default run is today's recipe, its folder the name pinned in test_layout
     assert run_dir_for("/data/shapes", *tool.book_runs()[next(iter(tool.book_runs()))]).name \
-        == "shapes-a769b6890f"
+        == "shapes-0652a01b78"
 
 
 def test_a_different_budget_is_another_folder(tmp_path, monkeypatch):

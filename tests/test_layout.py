@@ -51,11 +51,13 @@ def test_run_folders_of_todays_recipes_keep_their_names(tmp_path, monkeypatch):
     shapes when its `alpha_c` went from 0.02 to 0, and all three when they took the paper's
     deep output layer, issue 19; shapes again when it took averaged weights, `ema_decay`,
     and when it took its first reference only, `references`, and its decoder's training
-    steps in bf16, `precision`, issue 19; a config without them keeps its folder)."""
+    steps in bf16, `precision`, and when its `layer4` stopped training after epoch 7,
+    `encoder_epochs`, issue 19; a config without them keeps its folder, and so does one
+    where `encoder_epochs` cannot act)."""
     monkeypatch.setenv("CAPTION_LIB_HOME", str(tmp_path))
     names = {name: run_dir_for("/data/shapes", *recipe(name)).name
              for name in ("shapes", "flickr8k", "coco")}
-    assert names == {"shapes": "shapes-a769b6890f", "flickr8k": "shapes-e0bc755ee5",
+    assert names == {"shapes": "shapes-0652a01b78", "flickr8k": "shapes-e0bc755ee5",
                      "coco": "shapes-17cd6f5ea7"}
     model_config, config = recipe("shapes")
     config.epochs = 2
@@ -63,7 +65,13 @@ def test_run_folders_of_todays_recipes_keep_their_names(tmp_path, monkeypatch):
     assert run_dir_for("/data/shapes", model_config, config).name == "shapes-f9c4e0ad01"
     config.precision = "auto"  # before the decoder's bf16 steps
     assert run_dir_for("/data/shapes", model_config, config).name == "shapes-d9fd6a9142"
+    config.encoder_epochs = 0  # no fine-tuned stage: the setting cannot act, same folder
+    assert run_dir_for("/data/shapes", model_config, config).name == "shapes-d9fd6a9142"
     model_config, config = recipe("shapes")
+    config.encoder_epochs = 8  # not before the last epoch: it cannot act either
+    assert run_dir_for("/data/shapes", model_config, config).name == "shapes-a769b6890f"
+    config.encoder_epochs = 0  # the recipe before layer4 stopped after epoch 7: old folder
+    assert run_dir_for("/data/shapes", model_config, config).name == "shapes-a769b6890f"
     config.precision = "auto"  # the recipe before the decoder's bf16 steps: its old folder
     assert run_dir_for("/data/shapes", model_config, config).name == "shapes-906a6e5415"
     config.references = "random"  # the recipe before the first reference: its old folder

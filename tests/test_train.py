@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -261,6 +262,13 @@ def test_encoder_epochs_resume_exactly_and_need_a_trained_stage(tiny_shapes, tmp
     same = train(tiny_shapes, tmp_path / "d", model_config, config, progress=False,
                  log=lambda *_: None)
     assert _losses(plain.history) == _losses(same.history)
+    from caption_lib.train import recipe, run_dir_for
+
+    assert run_dir_for(tiny_shapes, model_config, config) == run_dir_for(
+        tiny_shapes, model_config, replace(config, encoder_epochs=0)), "same training, one folder"
+    shapes = recipe("shapes")[1]  # layer4 stops after epoch 7 of 8 (recipe_bf16-enc7*)
+    assert (shapes.encoder_epochs, shapes.epochs) == (7, 8)
+    assert recipe("flickr8k")[1].encoder_epochs == 0
     with pytest.raises(CaptionLibError, match="encoder_epochs"):
         TrainConfig(encoder_epochs=-1)
 
