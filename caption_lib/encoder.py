@@ -138,6 +138,7 @@ class EncoderCNN(nn.Module):
                  grid: int | None = None, strict: bool | None = None, init_seed: int = 0):
         super().__init__()
         resnet, self.weights_used = load_resnet50(weights, strict, init_seed)
+        self.cache_name = self.weights_used  # what the feature cache is keyed by (`freeze`)
         self.pretrained = not self.weights_used.startswith("random")
         self.trained_stages = _stages_to_train(fine_tune, self.pretrained)
         self.fine_tune = self.trained_stages[0] if self.trained_stages else False
@@ -242,21 +243,23 @@ class EncoderCNN(nn.Module):
                                   f"{self.fine_tune!r} (unexpected: {unexpected[:3]})")
         self.frozen_calibrated = True
 
-    def freeze(self, weights_used: str) -> EncoderCNN:
+    def freeze(self, weights_used: str, cache_name: str | None = None) -> EncoderCNN:
         """Freeze the trained stages too (a fine-tuned encoder reused under a new decoder).
 
         The whole network becomes the frozen, cached part, named `weights_used`. Its old
         frozen part stays reachable as `prefix`, so that the feature cache can finish its
         already cached output instead of running the images again (`caption_lib.features`).
+        `cache_name` (default `weights_used`) keys its feature cache: a name of the weights'
+        content lets every copy of the same weights share one cache.
         """
-        self.prefix = _Prefix(self.frozen, self.weights_used, self.cached_stage,
+        self.prefix = _Prefix(self.frozen, self.cache_name, self.cached_stage,
                               self.frozen_fingerprint())
         self.frozen = nn.Sequential(*self.frozen, *self.trainable)
         self.trainable = nn.Sequential()
         self.trained_stages, self.fine_tune = (), False
         self.frozen.requires_grad_(False)
         self.frozen.eval()  # BatchNorm: the statistics the stage was evaluated with
-        self.weights_used = weights_used
+        self.weights_used, self.cache_name = weights_used, cache_name or weights_used
         return self
 
 
@@ -271,12 +274,12 @@ class _Prefix(nn.Module):
     encoder's stem .. layer3): the cache can finish that output instead of running the
     images again (`caption_lib.features`)."""
 
-    def __init__(self, frozen: nn.Sequential, weights_used: str, cached_stage: str,
+    def __init__(self, frozen: nn.Sequential, cache_name: str, cached_stage: str,
                  fingerprint: float, optional: bool = False) -> None:
         super().__init__()
         self.optional = optional  # used only when its cache exists already
         self.frozen = frozen  # the same modules, not a copy
-        self.weights_used, self.cached_stage = weights_used, cached_stage
+        self.cache_name, self.cached_stage = cache_name, cached_stage  # its cache's key
         self.size = len(frozen)  # children of the full network it covers
         self.fingerprint = fingerprint
 

@@ -142,7 +142,7 @@ def cache_key(encoder: EncoderCNN, paths: Sequence[Path], image_size: int,
     return {
         "version": CACHE_VERSION,
         "backbone": "resnet50",
-        "weights": encoder.weights_used,
+        "weights": encoder.cache_name,  # weights_used, or the content of frozen weights
         "stage": encoder.cached_stage,
         "image_size": image_size,
         "frozen_fingerprint": round(encoder.frozen_fingerprint(), 3),

@@ -27,6 +27,7 @@ Shapes: B batch, P regions (49), E encoder dim (2048), L caption length incl.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -386,11 +387,29 @@ def build_encoder(config: CaptionerConfig) -> EncoderCNN:
 
 def freeze_named(encoder: EncoderCNN, source: str) -> EncoderCNN:
     """`encoder.freeze` (in place), named after its weights, its trained stages, `source`
-    (where they were trained) and a checksum of the stages' weights and statistics: other
-    weights, another name, hence another feature cache."""
+    (where they were trained) and a checksum of the stages' weights and statistics. Its
+    feature cache is keyed by the stages' content (a SHA-256 of their tensors), not by
+    `source`: the same weights reached from two places (the stage a run froze after its
+    `encoder_epochs`, and that run's `best.pt`) share one cache; other weights get
+    another."""
     stages = "+".join(encoder.trained_stages) or "frozen"
-    checksum = _tensor_checksum(encoder.trainable.state_dict())
-    return encoder.freeze(f"{encoder.weights_used}+{stages} of {source} ({checksum:.10g})")
+    state = encoder.trainable.state_dict()
+    checksum = _tensor_checksum(state)
+    return encoder.freeze(f"{encoder.weights_used}+{stages} of {source} ({checksum:.10g})",
+                          cache_name=f"{encoder.weights_used}+{stages} sha256:"
+                                     f"{_tensor_digest(state)}")
+
+
+def _tensor_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the names, dtypes, shapes and bytes of the tensors of `state`."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        value = state[name]
+        if torch.is_tensor(value):
+            value = value.detach().cpu().contiguous()
+            digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
+            digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _line(err: BaseException, limit: int = 160) -> str:

@@ -201,3 +201,25 @@ def test_pieces_and_folding_change_nothing_but_rounding(encoder):
     assert feat.inference_copy(encoder.frozen, fast=False) is encoder.frozen
     cos = F.cosine_similarity(feat.extract_frozen(folded, x).flatten(1), whole.flatten(1))
     assert bool((cos > 0.999).all()), cos
+
+
+def test_frozen_copies_of_the_same_weights_share_one_cache_key(images):
+    """`freeze_named`: the stage a run froze and the same weights loaded from elsewhere
+    (another `source`) key one cache; one changed value, or another stage, keys another.
+    The names the logs print still say where the weights came from."""
+    from caption_lib.model import freeze_named
+
+    def frozen(source: str, nudge: float = 0.0) -> EncoderCNN:
+        encoder = EncoderCNN(weights=None, fine_tune="layer4").eval()
+        with torch.no_grad():
+            encoder.trainable[0][0].conv1.weight[0, 0, 0, 0] += nudge
+        return freeze_named(encoder, source)
+
+    a, b, other = frozen("run after epoch 7"), frozen("run/best.pt"), frozen("x", 1e-3)
+    assert a.weights_used != b.weights_used and "best.pt" in b.weights_used
+    keys = [feat.cache_key(e, images, 64) for e in (a, b, other)]
+    assert keys[0] == keys[1]
+    assert keys[0]["weights"] != keys[2]["weights"]
+    assert "sha256:" in keys[0]["weights"] and "best.pt" not in keys[0]["weights"]
+    plain = EncoderCNN(weights=None, fine_tune="layer4")
+    assert feat.cache_key(plain, images, 64)["weights"] == plain.weights_used == "random(seed=0)"

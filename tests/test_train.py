@@ -237,6 +237,13 @@ def test_encoder_epochs_freeze_the_stage_and_train_the_decoder_on_its_cache(tiny
     scores = score_split(loaded, records, store, max_len=config.max_decode_len,
                          references=refs, full=False).scores
     assert scores["loss"] == pytest.approx(resumed.history[-1]["val_loss"], rel=1e-2)
+    # a decoder on the run's frozen best.pt (chapters 5 and 7) reads that same cache
+    from caption_lib.train import same_features_runs
+
+    pair = same_features_runs(tmp_path / "run", model_config, config, 1, decoders=("soft",))
+    train(tiny_shapes, tmp_path / "soft", *pair["soft"], progress=False, log=lambda *_: None)
+    after_soft = sorted(p.parent.name for p in (workspace_dir() / "features").rglob("meta.json"))
+    assert after_soft == stored, "the same weights, one cache"
 
 
 def test_encoder_epochs_resume_exactly_and_need_a_trained_stage(tiny_shapes, tmp_path):
