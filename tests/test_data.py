@@ -267,6 +267,9 @@ def test_tokenize_is_offline_lowercase_without_punctuation():
     assert tokenize("A dog, running on the BEACH.") == ["a", "dog", "running", "on", "the", "beach"]
     assert tokenize("Ein Café — in Zürich!") == ["ein", "café", "in", "zürich"]
     assert tokenize("   ") == []
+    first = tokenize("A dog, running.")  # remembered: a second call is a new, equal list
+    first.append("changed")
+    assert tokenize("A dog, running.") == ["a", "dog", "running"]
 
 
 def test_vocabulary_build_encode_decode(tmp_path):
