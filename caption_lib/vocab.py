@@ -80,7 +80,7 @@ class Vocabulary:
 
     def encode(self, text: str | Sequence[str]) -> list[int]:
         """`<start> w1 ... wn <end>` as indices (L = n + 2); unknown words -> `<unk>`."""
-        tokens = tokenize(text) if isinstance(text, str) else list(text)
+        tokens = _tokens(text) if isinstance(text, str) else text
         return [self.start_id] + [self.stoi.get(t, self.unk_id) for t in tokens] + [self.end_id]
 
     def decode_tokens(self, ids: Iterable[int], strip: bool = True) -> list[str]:

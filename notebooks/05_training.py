@@ -377,8 +377,9 @@ if len(result.history) > 1:  # the last epoch against the one before
 display(plot_history(result.history, title=f"Training on {DATASET}"))
 
 # %% [markdown]
-# **Reading the curves.** The training loss falls over the run; it need not fall in
-# every epoch, for the reason the three steps above showed. The validation loss follows it
+# **Reading the curves.** The training loss falls over the run, though not necessarily
+# in every epoch: it is measured while the weights move, with dropout on. The validation
+# loss follows it
 # as long as the model learns things that hold for new images; when the model starts to
 # memorise its training captions, the validation loss turns up while the training loss
 # keeps falling — that is over-fitting, and the point where the validation curve bottoms

@@ -351,12 +351,13 @@ if beam_bench.is_file():
 
 # %% [markdown]
 # What the guard costs depends on how soon the greedy prefix leaves the beams: only then
-# does its row ride along. On a trained model it rarely leaves them (the count above), so
-# the guard has little to do, and the first line's two timings differ by about what
-# timing on a shared machine varies from run to run, in either direction. The second line is the results page's beam-search benchmark,
-# run on an untrained decoder, whose word probabilities are nearly flat, so that other
-# beams can outrank the greedy prefix from the first steps on; read it as the cost when
-# the guard has much to do.
+# does its row ride along. This trained model's plain search seldom lost the greedy
+# caption (the "less probable" counts above), so here the guard has little to do, and the
+# first line's two timings differ by about what timing on a shared machine varies from
+# run to run, in either direction. The second line is the results page's beam-search
+# benchmark, run on an untrained decoder, whose word probabilities are nearly flat, so
+# that other beams can outrank the greedy prefix from the first steps on; read it as the
+# cost when the guard has much to do.
 
 # %% [markdown]
 # ## Attention you can see
@@ -535,8 +536,9 @@ display(Markdown(
     + f"in bf16), and bf16 took {1 / speed:.2f} times the time of fp32 here ({device.type}). "
     + ("The seconds include what bf16 does not change (reading the cached features through "
        "the encoder's trained stage, and the scoring), and this model's products are small "
-       f"({model.decoder.decoder_dim}-wide states, {len(vocab)} words), so bf16 gains little "
-       "here. " if speed < 1.3 and device.type == "cpu" else "")
+       f"({model.decoder.decoder_dim}-wide states, {len(vocab)} words), so bf16 gains "
+       f"{'nothing' if speed <= 1 else 'little'} here. "
+       if speed < 1.3 and device.type == "cpu" else "")
     + (f"At the Colab recipe's sizes the batched search ran {bench_ratio:g}× faster in bf16 "
        "on the CPU of `benchmarks/results/beam.json` (see the results page). "
        if bench_ratio else "")

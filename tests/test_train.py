@@ -11,7 +11,14 @@ import torch
 from caption_lib import cli
 from caption_lib.errors import CaptionLibError
 from caption_lib.model import Captioner
-from caption_lib.train import TrainConfig, ensure_trained, train
+from caption_lib.train import (
+    TrainConfig,
+    ensure_trained,
+    recipe,
+    run_dir_for,
+    same_features_runs,
+    train,
+)
 from conftest import tiny_configs as _configs
 from conftest import train_config_from_cli
 
@@ -238,8 +245,6 @@ def test_encoder_epochs_freeze_the_stage_and_train_the_decoder_on_its_cache(tiny
                          references=refs, full=False).scores
     assert scores["loss"] == pytest.approx(resumed.history[-1]["val_loss"], rel=1e-2)
     # a decoder on the run's frozen best.pt (chapters 5 and 7) reads that same cache
-    from caption_lib.train import same_features_runs
-
     pair = same_features_runs(tmp_path / "run", model_config, config, 1, decoders=("soft",))
     train(tiny_shapes, tmp_path / "soft", *pair["soft"], progress=False, log=lambda *_: None)
     after_soft = sorted(p.parent.name for p in (workspace_dir() / "features").rglob("meta.json"))
@@ -269,8 +274,6 @@ def test_encoder_epochs_resume_exactly_and_need_a_trained_stage(tiny_shapes, tmp
     same = train(tiny_shapes, tmp_path / "d", model_config, config, progress=False,
                  log=lambda *_: None)
     assert _losses(plain.history) == _losses(same.history)
-    from caption_lib.train import recipe, run_dir_for
-
     assert run_dir_for(tiny_shapes, model_config, config) == run_dir_for(
         tiny_shapes, model_config, replace(config, encoder_epochs=0)), "same training, one folder"
     shapes = recipe("shapes")[1]  # layer4 stops after epoch 7 of 8 (recipe_bf16-enc7*)
@@ -308,8 +311,6 @@ def test_first_references_train_on_caption_zero_and_the_cli_sets_them(tiny_shape
     """The trainer's batches hold caption 0 of every image; `--references` reaches the
     config; the shapes recipe trains on the first (canonical) reference."""
     import caption_lib.train as train_module
-    from caption_lib.train import recipe
-
     seen = []
     batch = train_module.CachedSplit.batch
 
@@ -337,8 +338,6 @@ def test_bf16_precision_puts_the_decoders_training_steps_under_cpu_autocast(tiny
     """precision="bf16": the training loss (decoder included) runs under the CPU's bf16
     autocast; "auto" keeps it in fp32 there. The CLI sets it; the shapes recipe uses it;
     an unknown value is one clear line."""
-    from caption_lib.train import recipe
-
     seen = []
     loss = Captioner.cached_loss
 
