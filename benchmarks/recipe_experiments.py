@@ -166,6 +166,11 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     # since, so bf16-enc7 is the book's default run scored after every epoch
     "bf16-enc7": ({}, {"encoder_epochs": 7}),
     "bf16-enc7-seed-1": ({}, {"encoder_epochs": 7, "seed": 1}),
+    # the bf16 recipe fine-tuning layer4's last two blocks only (on the cache after
+    # layer4[0]), frozen after epoch 9 of 10: first-ref-layer4.1 (fp32 decoder steps,
+    # stage in all epochs) took about 44 s an epoch against 58-63 for the whole stage and
+    # trailed it by about an epoch; does a longer run of the cheaper step fit in the time?
+    "bf16-layer4.1-enc9": ({"fine_tune": "layer4.1"}, {"encoder_epochs": 9}),  # --epochs 10
 }
 # name -> a decoder trained alone on the frozen encoder of the book's default run (today's
 # recipe, finished by `make runs`; `train.same_features_runs`): how far that run's

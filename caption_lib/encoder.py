@@ -178,6 +178,14 @@ class EncoderCNN(nn.Module):
         return STAGES[index - 1] if index else "image"
 
     @property
+    def reads_cache_in_convolutions(self) -> bool:
+        """Whether the trained part starts at a stage's first block, which reads its input
+        only in convolutions (conv1 and the downsampling shortcut): under autocast those
+        cast it to the autocast dtype, so it may be handed over in that dtype at once
+        (`Captioner.encode_cached`). A later block adds its input to its output too."""
+        return bool(self.trained_stages) and "." not in self.cached_stage
+
+    @property
     def cached_channels(self) -> int:
         """Channels C of the cached tensor (B, C, h, w)."""
         return _CHANNELS.get(self.cached_stage.partition(".")[0], 3)

@@ -118,7 +118,7 @@ def test_scores_without_autograd_come_in_chunks_and_equal_the_one_piece_formula(
             alpha = att.weights(query, projected, mask)
         torch.testing.assert_close(
             alpha, torch.softmax(expected.masked_fill(~mask, float("-inf")), dim=1))
-    # bf16 inputs (the bf16 search): scores in fp32 (the sum rounded to bf16 at most),
+    # bf16 inputs (the bf16 search): scores in fp32 (the sum too),
     # alpha back in bf16 for the context product with bf16 features
     low = Attention(E, H, A).to(torch.bfloat16)
     projected, query = projected.to(torch.bfloat16), query.to(torch.bfloat16)
@@ -145,3 +145,24 @@ def test_scores_with_autograd_keep_their_gradients():
     assert att.full_att.weight.grad.abs().sum() > 0
     with torch.no_grad():
         torch.testing.assert_close(att.weights(query, projected), alpha.detach())
+
+
+def test_decoding_scores_from_sigmoids_equal_the_papers_tanh_form_when_saturated():
+    """Decoding's chunks compute w^T tanh(x) + b as (2w)^T sigma(2x) + b - sum(w)
+    (`sigmoid_form`; tanh(x) = 2 sigma(2x) - 1): the same scores, also where the tanh
+    saturates (|x| up to ~30)."""
+    from caption_lib.attention import sigmoid_form
+
+    att = Attention(E, H, A)
+    gen = torch.Generator().manual_seed(3)
+    projected = torch.randn(5, P, A, generator=gen) * 8  # (R, P, A)
+    query = torch.randn(5, A, generator=gen) * 8  # (R, A)
+    with torch.no_grad():
+        torch.testing.assert_close(att._scores_in_chunks(query, projected),
+                                   _scores_in_one_piece(att, query, projected),
+                                   atol=1e-5, rtol=1e-5)
+    w, b = torch.randn(1, A, generator=gen), torch.randn(1, generator=gen)
+    x = torch.linspace(-30, 30, A)  # (A,)
+    w2, b2 = sigmoid_form(w, b)
+    torch.testing.assert_close(w2 @ torch.sigmoid(2 * x) + b2, w @ torch.tanh(x) + b,
+                               atol=1e-4, rtol=1e-5)

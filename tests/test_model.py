@@ -191,3 +191,40 @@ def test_deep_output_round_trips_and_old_configs_read_as_the_single_layer(vocab,
     with pytest.raises(CaptionLibError) as info:
         CaptionerConfig(deep_output="yes")
     assert "deep_output='yes'" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_trained_stage_reads_its_cache_in_the_autocast_dtype_with_the_same_result(vocab):
+    """Under bf16 autocast, a stage trained from its first block gets the cached input in
+    bf16 at once (its convolutions would cast it so): the features, the loss and every
+    gradient equal those of the fp32 input that autocast casts; a stage trained from a
+    later block (its input also joins the residual sum) keeps fp32 input."""
+    cached, captions, lengths = _inputs(vocab)
+    cached = cached.half()  # the cache's dtype
+    torch.manual_seed(0)
+    model = Captioner(vocab, CONFIG).train()
+    assert model.encoder.reads_cache_in_convolutions
+    seen = []
+    hook = model.encoder.trainable.register_forward_pre_hook(lambda m, a: seen.append(a[0].dtype))
+
+    def run(features_of):
+        model.zero_grad()
+        features = features_of()  # (2, 49, 2048)
+        loss, _ = model.loss(features, captions, lengths)
+        loss.backward()
+        return features.detach(), [p.grad.clone() for p in model.encoder.trainable.parameters()]
+
+    def from_fp32():  # what encode_cached did before: fp32 input, cast by the convolutions
+        x = cached.float().contiguous(memory_format=torch.channels_last)  # (2, 1024, 14, 14)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model.encoder.forward_cached(x).float()
+
+    fp32_features, fp32_grads = run(from_fp32)
+    features, grads = run(lambda: model.encode_cached(cached, "bf16"))
+    hook.remove()
+    assert seen == [torch.float32, torch.bfloat16]
+    assert torch.equal(features, fp32_features)
+    assert all(torch.equal(a, b) for a, b in zip(grads, fp32_grads))
+    later = Captioner(vocab, dataclasses.replace(CONFIG, fine_tune="layer4.1"))
+    assert not later.encoder.reads_cache_in_convolutions
+    assert not Captioner(vocab, dataclasses.replace(CONFIG, fine_tune="none")
+                         ).encoder.reads_cache_in_convolutions
