@@ -141,7 +141,10 @@ for name, tensor in [("features a", features), ("hidden h", hidden),
 
 # %% [markdown]
 # The module does exactly this in `forward` (it computes the context with a batched matrix
-# product, $\alpha_t^\top a$, which is the same sum). The weights of each image sum to one:
+# product, $\alpha_t^\top a$, which is the same sum; without autograd, as when decoding,
+# it computes the scores a few rows at a time and the tanh as $2\sigma(2x) - 1$, the same
+# function, which is faster on some CPUs: `Attention._scores_in_chunks`). The weights of
+# each image sum to one:
 
 # %%
 # NBVAL_CHECK_OUTPUT

@@ -200,6 +200,10 @@ NAMES = {  # a benchmark key -> what it compares
     "speedup_chunks_over_one_piece.fp32_greedy": "attention scores of a greedy step (32 rows), in chunks vs in one piece, fp32",
     "speedup_chunks_over_one_piece.bf16_beam": "attention scores of a beam-search step (96 rows), in chunks vs in one piece, bf16",
     "speedup_chunks_over_one_piece.bf16_greedy": "attention scores of a greedy step (32 rows), in chunks vs in one piece, bf16",
+    "speedup_sigmoid_form.fp32_beam": "attention scores of a beam-search step (96 rows) in chunks, tanh from a sigmoid vs the tanh itself, fp32",
+    "speedup_sigmoid_form.fp32_greedy": "the same for a greedy step (32 rows), fp32",
+    "speedup_sigmoid_form.bf16_beam": "the same for a beam-search step (96 rows), bf16 inputs",
+    "speedup_sigmoid_form.bf16_greedy": "the same for a greedy step (32 rows), bf16 inputs",
     "speedup_compiled_over_eager": "fine-tuned layer4 forward + backward, torch.compile (inductor) vs eager",
     "speedup_over_first.today": "today's recipe step (the reference)",
     "speedup_over_first.layer4.1": "step fine-tuning layer4's last two blocks vs today's whole layer4",
@@ -231,7 +235,8 @@ def reading(record: dict, found: dict[str, float]) -> str:
 
 
 def attention_reading(record: dict) -> str:
-    """What the attention-score table says: where chunks pay in fp32, and why bf16 gains."""
+    """What an attention-score table says: where chunks pay in fp32, why bf16 gains, and
+    (records that time it) what computing the tanh from a sigmoid gains."""
     speedup = record["speedup_chunks_over_one_piece"]
     rows = max(case["rows"] for case in record["cases"])  # the beam search's
     size = (rows, record["shape"]["P"], record["shape"]["A"])
@@ -240,15 +245,33 @@ def attention_reading(record: dict) -> str:
     def verdict(ratio: float) -> str:  # within 5 %: this machine's repeat-to-repeat noise
         return "gain" if ratio > 1.05 else "lose" if ratio < 0.95 else "neither gain nor lose"
 
-    fp32 = (f"In fp32 the chunks {verdict(speedup['fp32_beam'])} at beam-search size "
+    text = (f"In fp32 the chunks {verdict(speedup['fp32_beam'])} at beam-search size "
             f"({speedup['fp32_beam']:g}×; the one-piece sum, {math.prod(size) * 4 / 1e6:.1f} MB "
             "of fp32, is a fresh allocation larger than a core's L2 cache) and "
             f"{verdict(speedup['fp32_greedy'])} at greedy size ({speedup['fp32_greedy']:g}×). ")
-    return fp32 + (f"For bf16 inputs ({speedup['bf16_beam']:g}× and "
-                   f"{speedup['bf16_greedy']:g}×) most of the gain is that the chunks compute "
-                   "the sum, the tanh and the product in fp32: on this CPU a bf16 tanh over "
-                   f"the beam search's {size} took {tanh['bfloat16']:g} ms against "
-                   f"{tanh['float32']:g} ms in fp32 (`tanh_ms_{rows}_rows`).")
+    bf16 = f"For bf16 inputs they {verdict(speedup['bf16_beam'])} ({speedup['bf16_beam']:g}× and " \
+           f"{speedup['bf16_greedy']:g}×)"
+    if tanh["bfloat16"] > 1.05 * tanh["float32"]:
+        text += (bf16 + ", most of it because the chunks compute the sum, the tanh and the "
+                 f"product in fp32: on this CPU a bf16 tanh over the beam search's {size} took "
+                 f"{tanh['bfloat16']:g} ms against {tanh['float32']:g} ms in fp32 "
+                 f"(`tanh_ms_{rows}_rows`).")
+    else:
+        than = "faster than" if tanh["bfloat16"] < 0.95 * tanh["float32"] else "no slower than"
+        text += (bf16 + f", although here a bf16 tanh over {size} was {than} an fp32 one "
+                 f"({tanh['bfloat16']:g} ms against {tanh['float32']:g} ms, "
+                 f"`tanh_ms_{rows}_rows`)" + (": the chunks replace the tanh (next sentence)."
+                                              if "speedup_sigmoid_form" in record else "."))
+    sigmoid = record.get(f"sigmoid_form_ms_{rows}_rows")
+    if sigmoid is None:
+        return text + " (This file was written before the chunks computed the tanh from a sigmoid.)"
+    form = record["speedup_sigmoid_form"]
+    return text + (" The chunks compute the tanh as 2σ(2x) − 1, its constants folded into the "
+                   f"score's weights (`attention.sigmoid_form`): on this CPU the fp32 tanh over "
+                   f"{size} took {tanh['float32']:g} ms and the doubling and sigmoid that "
+                   f"replace it {sigmoid:g} ms, so the chunks ran {form['fp32_beam']:g}× (fp32) "
+                   f"and {form['bf16_beam']:g}× (bf16) as fast as the same chunks with the tanh "
+                   "at beam-search size (`speedup_sigmoid_form`).")
 
 
 def ratios(record: dict, prefix: str = "") -> dict[str, float]:
@@ -277,7 +300,7 @@ if folder.is_dir():
         display(table(["what is compared", "ratio"],
                       [[NAMES.get(name, f"`{name}`"), f"{value:g}×"] for name, value in found.items()]))
         display(Markdown(reading(record, found)))
-        if path.name == "attention.json":
+        if path.name.startswith("attention"):
             display(Markdown(attention_reading(record)))
 else:
     print(f"{folder} is not here: the benchmark results live in the repository ({REPO_URL})")
