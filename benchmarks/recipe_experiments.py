@@ -67,6 +67,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 REPLACED = ((caption_lib.model, "EncoderCNN"), (caption_lib.train, "_scheduler"),
             (caption_lib.train, "_epoch_batches"), (caption_lib.train, "_optimizer"),
             (caption_lib.train, "calibrate_frozen"), (caption_lib.train.CachedSplit, "batch"),
+            (caption_lib.train, "train_one_epoch"),
             (DecoderWithAttention, "__init__"))
 
 # name -> (CaptionerConfig changes, TrainConfig changes) relative to recipe("shapes")
@@ -171,6 +172,9 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     # stage in all epochs) took about 44 s an epoch against 58-63 for the whole stage and
     # trailed it by about an epoch; does a longer run of the cheaper step fit in the time?
     "bf16-layer4.1-enc9": ({"fine_tune": "layer4.1"}, {"encoder_epochs": 9}),  # --epochs 10
+    # the recipe with layer4's first blocks frozen part-way (PROGRESSIVE)
+    "bf16-blocks2-after4": ({}, {}),
+    "bf16-blocks2-after5": ({}, {}),
 }
 # name -> a decoder trained alone on the frozen encoder of the book's default run (today's
 # recipe, finished by `make runs`; `train.same_features_runs`): how far that run's
@@ -184,6 +188,15 @@ ON_DEFAULT_RUN = {"decoder-on-today": ("soft", {}),
                   "mix-on-today": ("soft", {}),
                   # the same fresh decoder, trained on each image's first reference only
                   "first-ref-on-today": ("soft", {})}
+# Progressive freezing, not in the library: after epoch PROGRESSIVE[name][0], the first
+# PROGRESSIVE[name][1] blocks of the fine-tuned stage (layer4) stop training (their
+# parameters stop requiring gradients, so autograd runs no backward through them; they
+# still run forward from the layer3 cache, BatchNorm in train mode as before), and only
+# its later blocks and the decoder train until the recipe freezes the whole stage
+# (encoder_epochs). The question: do the late epochs need the early blocks to move, or
+# can they run at about half a fine-tuning step's cost (the last block alone measured 4.6x
+# the whole stage's images/s in isolation, issue 19)? `progressive_freeze` installs it.
+PROGRESSIVE = {"bf16-blocks2-after4": (4, 2), "bf16-blocks2-after5": (5, 2)}
 # Training from a block ("layer4.1") calibrates the BatchNorm statistics of the stage's
 # frozen blocks on `bn_images` training images (`features.calibrate_frozen`, run by the
 # trainer). "-uncalibrated" switches that off (the frozen blocks keep their untrained
@@ -283,6 +296,10 @@ def _changes(name: str) -> tuple[dict, dict]:
         train = {**train, "curriculum": f"epochs 1-{CURRICULUM[name]} on single-object scenes"}
     if name in ZERO_RESIDUAL:
         model = {**model, "layer4 bottlenecks' last BatchNorm scale (bn3.weight)": "0 at the start"}
+    if name in PROGRESSIVE:
+        after, blocks = PROGRESSIVE[name]
+        train = {**train, "progressive freezing (not in the library)":
+                 f"layer4[:{blocks}] stop training after epoch {after}"}
     if name in AUX_REGIONS:
         train = {**train, "per-region object loss (not in the paper)": AUX_REGIONS[name]}
     if name in FIRST_REFERENCE:
@@ -611,6 +628,8 @@ def run_variant(name: str, epochs: int, data: Path, extend: bool = False, tag: s
             raise SystemExit(f"--extend {name}: the averages live in one process; train "
                              "it again with the epochs wanted")
         averages = ema_weights(EMA[name])
+    if name in PROGRESSIVE:  # the experiment's epoch replaces the trainer's in this process
+        progressive_freeze(*PROGRESSIVE[name])
     if name in UNCALIBRATED:  # the trainer's calibration switched off in this process
         caption_lib.train.calibrate_frozen = lambda *args, **kwargs: 0
     result = {"variant": name, "data": str(data),
@@ -672,6 +691,22 @@ def run_variant(name: str, epochs: int, data: Path, extend: bool = False, tag: s
         RESULTS.mkdir(exist_ok=True)
         path.write_text(json.dumps(result, indent=1) + "\n")
     return result
+
+
+def progressive_freeze(after: int, blocks: int) -> None:
+    """From epoch `after` + 1 on, `train_one_epoch` first stops the gradients of the first
+    `blocks` blocks of the fine-tuned stage (`PROGRESSIVE`). `run_variant` trains epoch
+    `config.epochs` in each call (and a resumed model requires all gradients again)."""
+    original = caption_lib.train.train_one_epoch
+
+    def epoch(model, batches, optimizer, config, *args, **kwargs):
+        if config.epochs > after and model.encoder.trained_stages:
+            stage = model.encoder.trainable[0]  # layer4: its bottleneck blocks
+            for block in list(stage)[:blocks]:
+                block.requires_grad_(False)
+        return original(model, batches, optimizer, config, *args, **kwargs)
+
+    caption_lib.train.train_one_epoch = epoch
 
 
 def step_ratio(names: list[str], repeats: int) -> dict:
