@@ -211,8 +211,9 @@ class Captioner(nn.Module):
         fine-tuned stage runs on channels_last input under `runtime.autocast` (bf16;
         `precision="fp32"`: none); when a whole stage is trained its input goes straight
         to the autocast dtype (`EncoderCNN.reads_cache_in_convolutions`: the values its
-        convolutions would cast it to; on a 2-core AMD EPYC the recipe's layer4 step took
-        about 30 ms less than from fp32). `encoder`: the encoder whose frozen output
+        convolutions would cast it to, without the fp32 copy and its two casts; on a 2-core
+        AMD EPYC the recipe's layer4 forward and backward alone took about 30 ms less of
+        about 500, within the noise of a whole step). `encoder`: the encoder whose frozen output
         `cached` is, when not the model's own (the trainer's copy of a stage it stopped
         training)."""
         encoder = encoder or self.encoder
