@@ -144,8 +144,7 @@ def main() -> None:
     result = {"benchmark": "attention scores of one decoding step: one piece vs chunks",
               "speedup_chunks_over_one_piece": {labels[case["rows"], case["dtype"]]:
                                                 case["speedup_chunks"] for case in cases},
-              "command": f"python benchmarks/bench_attention.py --reps {args.reps}"
-                         + (f" --out results/{args.out.name}" if args.out != RESULTS else ""),
+              "command": "python benchmarks/bench_attention.py " + " ".join(sys.argv[1:]),
               f"tanh_ms_{ROWS['beam']}_rows": tanh,
               f"sigmoid_form_ms_{ROWS['beam']}_rows": sigmoid,
               "speedup_sigmoid_form": {labels[case["rows"], case["dtype"]]:

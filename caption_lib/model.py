@@ -207,10 +207,10 @@ class Captioner(nn.Module):
                       encoder: EncoderCNN | None = None) -> torch.Tensor:
         """The encoder's frozen-part output (from the feature cache) -> (B, P, E) in fp32.
 
-        `cached` (B, C, h, w), any dtype and device, goes to the model's device in fp32. A
-        fine-tuned stage runs on channels_last input under `runtime.autocast` (bf16;
-        `precision="fp32"`: none); when a whole stage is trained its input goes straight
-        to the autocast dtype (`EncoderCNN.reads_cache_in_convolutions`: the values its
+        `cached` (B, C, h, w), any dtype and device, goes to the model's device in fp32,
+        except as below. A fine-tuned stage runs on channels_last input under
+        `runtime.autocast` (bf16; `precision="fp32"`: none); when a whole stage is trained
+        its input goes straight to the autocast dtype (`EncoderCNN.reads_cache_in_convolutions`: the values its
         convolutions would cast it to, without the fp32 copy and its two casts; on a 2-core
         AMD EPYC the recipe's layer4 forward and backward alone took about 30 ms less of
         about 500, within the noise of a whole step). `encoder`: the encoder whose frozen output

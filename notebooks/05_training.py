@@ -249,14 +249,18 @@ if len(records) == len(set(CURVES)):
               f"the stage's output) and after: "
               + ", ".join(f"{e['seconds']:.0f}" for e in mine[after:]))
     two, whole = (records[n] for n in TWO_BLOCKS)
-    fine = {n: [e["seconds"] for e in r["epochs"][:r["settings"]["train"]["encoder_epochs"]]]
-            for n, r in zip(("two", "whole"), (two, whole))}  # the stage's epochs
+
+    def stage_epoch_seconds(record: dict) -> float:
+        """Mean seconds of the epochs that train the stage (before `encoder_epochs` ends)."""
+        epochs = record["epochs"][:record["settings"]["train"]["encoder_epochs"]]
+        return sum(e["seconds"] for e in epochs) / len(epochs)
+
     print("decoder in bf16, layer4's last two blocks trained (fine_tune='layer4.1'), frozen "
           "after epoch 9 of 10, against the recipe, seed 0: F1 "
           + ", ".join(f"{e['val_semantic_f1_all']:.3f}" for e in two["epochs"]) + " vs "
           + ", ".join(f"{e['val_semantic_f1_all']:.3f}" for e in whole["epochs"])
-          + f"; seconds per epoch that trains the stage {sum(fine['two']) / len(fine['two']):.1f}"
-          f" vs {sum(fine['whole']) / len(fine['whole']):.1f}; all epochs "
+          + f"; seconds per epoch that trains the stage {stage_epoch_seconds(two):.1f}"
+          f" vs {stage_epoch_seconds(whole):.1f}; all epochs "
           + " vs ".join(f"{sum(e['seconds'] for e in r['epochs']):.0f}" for r in (two, whole))
           + " s, plus making each one's cache "
           + " vs ".join(f"{r['cache']['extraction_seconds']:.0f}" for r in (two, whole)) + " s")

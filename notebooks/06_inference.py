@@ -500,11 +500,12 @@ print({k: round(v, 3) if isinstance(v, float) else v for k, v in chosen.scores.i
 # `caption-lib evaluate/caption --precision bf16`) runs them on a bfloat16 copy of the
 # decoder; the log-probabilities, the beams' scores and the attention's scores $e_{ti}$
 # (the sum, tanh and product with $w$ of the paper's eq. (4), a few rows at a time) stay
-# fp32: on the CPU the results page measured, a bfloat16 tanh was several times slower than
-# an fp32 one (`attention.json`). (Decoding in either precision computes that tanh as
-# $2\sigma(2x) - 1$, the same function, its constants folded into $w$ and the bias: on the
-# AMD EPYC of `attention__epyc.json`, PyTorch's fp32 tanh was several times slower than its
-# sigmoid.) bfloat16 keeps fp32's range but only 8 bits of mantissa,
+# fp32: on the Intel Xeon of the results page's `attention.json` a bfloat16 tanh was
+# several times slower than an fp32 one (on the AMD EPYC of its `attention__epyc.json` it
+# was not). Decoding in either precision computes that tanh as $2\sigma(2x) - 1$, the same
+# function, its constants folded into $w$ and the bias: on that AMD EPYC PyTorch's fp32
+# tanh was several times slower than the doubling and sigmoid that replace it (the
+# results page prints both). bfloat16 keeps fp32's range but only 8 bits of mantissa,
 # so where two words are nearly tied the search may pick the other one. The cell decodes the test split both ways with the same beam size.
 
 # %%
